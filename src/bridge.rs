@@ -1,0 +1,231 @@
+//! The messages that cross threads, and the handles that carry them. Loops never share state
+//! with each other or with the broker: they talk only through these bounded crossbeam queues,
+//! and a loop blocked in `poll` is woken by its `mio::Waker`.
+//!
+//! Direction loop → broker: [`Publish`] (a client's message) and [`Control`] (subscribe and
+//! unsubscribe), through a [`BrokerHandle`]. Direction broker → loop: [`ToLoop`] through a
+//! [`LoopHandle`]. Wakes merge: a sender only calls `wake()` when no wake is already pending, and
+//! the loop clears the flag before it drains its inbox with `try_recv`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+pub use crate::channels::Channel;
+use crate::frame::{self, Kind};
+
+/// Where a message sits in its channel's history: a gapless per-channel offset, and the epoch
+/// that names the history those offsets belong to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// 1-based, gapless, increasing per channel.
+    pub offset: u64,
+    /// Changes whenever the channel's history is lost and restarted.
+    pub epoch: Arc<str>,
+}
+
+/// A message on its way to clients, decoded and framed once, shared by all loops through `Arc`.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Channel name, without the Redis prefix.
+    pub channel: Channel,
+    /// Frame type the publisher used.
+    pub kind: Kind,
+    /// The payload exactly as published.
+    pub data: Bytes,
+    /// Offset and epoch when the channel keeps history.
+    pub position: Option<Position>,
+    /// The complete WebSocket frame raw-protocol clients receive.
+    pub raw_frame: Bytes,
+}
+
+impl Delivery {
+    /// Builds a delivery, encoding the raw frame once.
+    pub fn new(channel: Channel, kind: Kind, data: Bytes, position: Option<Position>) -> Arc<Self> {
+        let raw_frame = frame::encode(kind, &data);
+        Arc::new(Delivery {
+            channel,
+            kind,
+            data,
+            position,
+            raw_frame,
+        })
+    }
+}
+
+/// What the broker sends a loop.
+#[derive(Debug)]
+pub enum ToLoop {
+    /// Deliver to every local member of the channel.
+    Deliver(Arc<Delivery>),
+    /// The loop's subscription `generation` to `channel` is in effect upstream: anything
+    /// published from now on reaches this loop.
+    Live {
+        /// The channel.
+        channel: Channel,
+        /// The generation from the matching [`Control::Subscribe`].
+        generation: u64,
+    },
+}
+
+/// A client's message on its way to the broker.
+#[derive(Debug)]
+pub struct Publish {
+    /// Target channel, without prefix.
+    pub channel: Channel,
+    /// Frame type, kept end to end.
+    pub kind: Kind,
+    /// Payload.
+    pub data: Bytes,
+}
+
+/// Subscription changes from a loop. Sent only on a channel's first join and last leave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// The loop's first local member joined `channel`.
+    Subscribe {
+        /// The channel.
+        channel: Channel,
+        /// Which loop.
+        loop_id: usize,
+        /// Echoed back in [`ToLoop::Live`].
+        generation: u64,
+    },
+    /// The loop's last local member left `channel`.
+    Unsubscribe {
+        /// The channel.
+        channel: Channel,
+        /// Which loop.
+        loop_id: usize,
+    },
+}
+
+/// The loops' side of the broker, whichever broker it is.
+#[derive(Clone, Debug)]
+pub struct BrokerHandle {
+    /// Bounded: a full queue is a refused publish, never a blocked loop.
+    pub publish: Sender<Publish>,
+    /// Bounded; a loop that finds it full keeps the request and retries next turn.
+    pub control: Sender<Control>,
+}
+
+/// The broker's side of the loops' queues, handed to whichever broker runs.
+#[derive(Debug)]
+pub struct BrokerInbox {
+    /// Client publishes.
+    pub publish: Receiver<Publish>,
+    /// Subscription changes.
+    pub control: Receiver<Control>,
+}
+
+/// Creates the queues between the loops and a broker.
+pub fn broker_queues(publish_cap: usize, control_cap: usize) -> (BrokerHandle, BrokerInbox) {
+    let (ptx, prx) = crossbeam_channel::bounded(publish_cap);
+    let (ctx, crx) = crossbeam_channel::bounded(control_cap);
+    (
+        BrokerHandle {
+            publish: ptx,
+            control: ctx,
+        },
+        BrokerInbox {
+            publish: prx,
+            control: crx,
+        },
+    )
+}
+
+/// How other threads reach one loop: its inbox and its waker.
+#[derive(Clone, Debug)]
+pub struct LoopHandle {
+    /// Index of the loop, 0-based.
+    pub id: usize,
+    tx: Sender<ToLoop>,
+    waker: Arc<mio::Waker>,
+    wake_pending: Arc<AtomicBool>,
+}
+
+/// The loop's end of its inbox.
+#[derive(Debug)]
+pub struct LoopInbox {
+    rx: Receiver<ToLoop>,
+    wake_pending: Arc<AtomicBool>,
+}
+
+/// Creates a loop's inbox of `cap` messages, woken through `waker`.
+pub fn loop_queue(id: usize, cap: usize, waker: Arc<mio::Waker>) -> (LoopHandle, LoopInbox) {
+    let (tx, rx) = crossbeam_channel::bounded(cap);
+    let wake_pending = Arc::new(AtomicBool::new(false));
+    (
+        LoopHandle {
+            id,
+            tx,
+            waker,
+            wake_pending: wake_pending.clone(),
+        },
+        LoopInbox { rx, wake_pending },
+    )
+}
+
+impl LoopHandle {
+    /// Queues `msg` without blocking and wakes the loop. A full inbox hands the message back.
+    pub fn try_send(&self, msg: ToLoop) -> Result<(), ToLoop> {
+        match self.tx.try_send(msg) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => Err(m),
+        }
+    }
+
+    /// Wakes the loop unless a wake is already on its way.
+    pub fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            // A failed wake means the loop's poll is gone, i.e. the loop has exited.
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+impl LoopInbox {
+    /// Called on a wake event, before draining: a message sent after this point wakes again.
+    pub fn rearm(&self) {
+        self.wake_pending.store(false, Ordering::Release);
+    }
+
+    /// Next queued message, if any.
+    pub fn try_recv(&self) -> Option<ToLoop> {
+        self.rx.try_recv().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakes_merge_until_rearmed() {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let (h, inbox) = loop_queue(0, 2, waker);
+        let live = |g| ToLoop::Live {
+            channel: Arc::from("c"),
+            generation: g,
+        };
+        h.try_send(live(1)).unwrap();
+        assert!(h.wake_pending.load(Ordering::Acquire));
+        h.try_send(live(2)).unwrap();
+        // Bounded: the third is handed back.
+        assert!(matches!(
+            h.try_send(live(3)),
+            Err(ToLoop::Live { generation: 3, .. })
+        ));
+        inbox.rearm();
+        assert!(inbox.try_recv().is_some());
+        assert!(inbox.try_recv().is_some());
+        assert!(inbox.try_recv().is_none());
+        assert!(!h.wake_pending.load(Ordering::Acquire));
+    }
+}

@@ -1,0 +1,223 @@
+//! The broker: where publishes from every loop meet the subscriptions of every loop. Two
+//! implementations behind one interface ([`BrokerHandle`] in, [`LoopHandle`]s out):
+//!
+//! - `memory`: one thread inside the process. One process is a complete server.
+//! - `redis`: a subscriber thread (one blocking Pub/Sub connection) and a publisher thread (one
+//!   pipelined connection). Nodes share channels through Redis.
+//!
+//! Shared here: the routing table (channel → loops that have members), the fan-out of one
+//! delivery to those loops, and the retry of subscription confirmations to loops whose inbox
+//! was momentarily full (a confirmation is never dropped, or the loop would wait forever).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use log::warn;
+
+use crate::bridge::{BrokerHandle, BrokerInbox, Channel, Delivery, LoopHandle, ToLoop};
+use crate::metrics::{Metrics, inc};
+
+pub mod memory;
+pub mod redis;
+pub mod wire;
+
+/// A running broker: the handle loops publish through, and its threads.
+pub struct Broker {
+    /// Given to every loop.
+    pub handle: BrokerHandle,
+    /// Threads to join at shutdown; they exit once every `BrokerHandle` is dropped.
+    pub threads: Vec<JoinHandle<()>>,
+}
+
+/// Capacity of the control queue (subscribe/unsubscribe requests from loops). Requests are
+/// sent only on a channel's first join and last leave per loop, so this is rarely above a few.
+pub const CONTROL_QUEUE: usize = 65_536;
+
+/// Starts the broker the configuration asks for. Fails when Redis is configured and
+/// unreachable at start.
+pub fn start(
+    config: &crate::config::Config,
+    loops: Vec<LoopHandle>,
+    metrics: Arc<Metrics>,
+) -> Result<Broker, String> {
+    let (handle, inbox) = crate::bridge::broker_queues(config.publish_queue, CONTROL_QUEUE);
+    let threads = match &config.redis {
+        None => vec![memory::spawn(inbox, loops, metrics)],
+        Some(url) => redis::spawn(config, url, inbox, loops, metrics)?,
+    };
+    Ok(Broker { handle, threads })
+}
+
+/// Which loops have members on which channel.
+#[derive(Debug, Default)]
+pub struct Routes {
+    map: HashMap<Channel, Vec<usize>>,
+}
+
+impl Routes {
+    /// Adds `loop_id` to `channel`. True when the channel is new (subscribe upstream).
+    pub fn add(&mut self, channel: &Channel, loop_id: usize) -> bool {
+        let loops = self.map.entry(channel.clone()).or_default();
+        if !loops.contains(&loop_id) {
+            loops.push(loop_id);
+        }
+        loops.len() == 1
+    }
+
+    /// Removes `loop_id` from `channel`. True when no loop is left (unsubscribe upstream).
+    pub fn remove(&mut self, channel: &str, loop_id: usize) -> bool {
+        let Some(loops) = self.map.get_mut(channel) else {
+            return false;
+        };
+        loops.retain(|&l| l != loop_id);
+        if loops.is_empty() {
+            self.map.remove(channel);
+            return true;
+        }
+        false
+    }
+
+    /// The loops to deliver `channel`'s messages to.
+    pub fn loops(&self, channel: &str) -> &[usize] {
+        self.map.get(channel).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether any loop is on `channel`.
+    pub fn contains(&self, channel: &str) -> bool {
+        self.map.contains_key(channel)
+    }
+
+    /// Every routed channel.
+    pub fn channels(&self) -> impl Iterator<Item = &Channel> {
+        self.map.keys()
+    }
+
+    /// Number of routed channels.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when no channel is routed.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// Sends one delivery to each of `targets`. A full inbox drops the delivery for that loop only:
+/// counted, and logged at most once per second.
+pub fn fan_out(
+    loops: &[LoopHandle],
+    targets: &[usize],
+    d: &Arc<Delivery>,
+    metrics: &Metrics,
+    log: &mut RateLimit,
+) {
+    for &id in targets {
+        if loops[id].try_send(ToLoop::Deliver(d.clone())).is_err() {
+            inc(&metrics.broker.deliveries_dropped);
+            if log.allow() {
+                warn!(
+                    "loop {id} inbox full: dropping deliveries (raise --loop-queue, or the loop is overloaded)"
+                );
+            }
+        }
+    }
+}
+
+/// Subscription confirmations waiting for room in a loop's inbox.
+#[derive(Debug, Default)]
+pub struct Confirmations {
+    pending: Vec<(usize, Channel, u64)>,
+}
+
+impl Confirmations {
+    /// Confirms to `loop_id` that its subscription `generation` to `channel` is live.
+    pub fn confirm(
+        &mut self,
+        loops: &[LoopHandle],
+        loop_id: usize,
+        channel: Channel,
+        generation: u64,
+    ) {
+        if let Err(msg) = loops[loop_id].try_send(ToLoop::Live {
+            channel,
+            generation,
+        }) {
+            let ToLoop::Live {
+                channel,
+                generation,
+            } = msg
+            else {
+                unreachable!()
+            };
+            self.pending.push((loop_id, channel, generation));
+        }
+    }
+
+    /// Retries the confirmations that did not fit earlier.
+    pub fn retry(&mut self, loops: &[LoopHandle]) {
+        for (loop_id, channel, generation) in std::mem::take(&mut self.pending) {
+            self.confirm(loops, loop_id, channel, generation);
+        }
+    }
+
+    /// True when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
+
+/// Lets an event through at most once per second (for log lines about repeated conditions).
+#[derive(Debug, Default)]
+pub struct RateLimit {
+    last: Option<std::time::Instant>,
+}
+
+impl RateLimit {
+    /// True at most once per second.
+    pub fn allow(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t).as_secs() < 1)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+/// The bridge queues, for tests of broker internals.
+#[doc(hidden)]
+pub fn test_queues(cap: usize) -> (BrokerHandle, BrokerInbox) {
+    crate::bridge::broker_queues(cap, CONTROL_QUEUE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_refcount_over_loops() {
+        let mut r = Routes::default();
+        let a: Channel = Arc::from("a");
+        assert!(r.add(&a, 0));
+        assert!(!r.add(&a, 1));
+        assert!(!r.add(&a, 1), "duplicate add is idempotent");
+        assert_eq!(r.loops("a"), &[0, 1]);
+        assert!(!r.remove("a", 0));
+        assert!(r.remove("a", 1));
+        assert!(!r.contains("a"));
+        assert!(!r.remove("a", 1));
+        assert!(r.loops("a").is_empty());
+    }
+
+    #[test]
+    fn rate_limit_allows_once_per_second() {
+        let mut l = RateLimit::default();
+        assert!(l.allow());
+        assert!(!l.allow());
+    }
+}

@@ -1,0 +1,180 @@
+//! The server's configuration: one struct, every field documented with its unit, default and
+//! trade-off. The command line (`cli.rs`) parses into it; `tuning.md` explains the same fields
+//! with measured effects. Values live only in `impl Default`; `validate` rejects inconsistent
+//! combinations at start so a bad setting fails loudly instead of misbehaving under load.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything a running wsrelay process needs to know.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address every loop's listener binds (SO_REUSEPORT). Port 0 picks a free port once and
+    /// every loop then binds that same port. Default `127.0.0.1:9000`.
+    pub listen: SocketAddr,
+    /// Number of event-loop threads, each with its own listener, poll and connections.
+    /// Default: the number of cores. More loops than cores only adds context switches.
+    pub threads: usize,
+    /// Redis URL (`redis://host:port`, `redis+unix:///path`). `None` runs the in-process broker:
+    /// one process is then a complete server, but nodes do not share messages.
+    pub redis: Option<String>,
+    /// Prepended to every channel name to form the Redis channel. Default empty, so a backend's
+    /// `PUBLISH chat_channel hello` reaches clients of `chat_channel`.
+    pub redis_prefix: String,
+    /// The channel of a raw-protocol client that connects to `/`. Default `chat_channel`.
+    pub default_channel: String,
+    /// Longest accepted channel name in bytes. Default 256: channel names are keys in every
+    /// loop's index and in Redis, so they are kept short.
+    pub max_channel_len: usize,
+    /// Most connections one process holds (all loops together). Past it, new connections get
+    /// HTTP 503 and are closed. Default 1,000,000; the open-file limit usually binds first.
+    pub max_connections: usize,
+    /// Largest message a client may send, in bytes (frame and reassembled message). Larger:
+    /// close 1009. Default 64 KiB: enough for chat and dashboards, small enough that one client
+    /// cannot make the server buffer much.
+    pub max_message_size: usize,
+    /// Cap on one connection's unsent output, in bytes. A client whose backlog passes it is a
+    /// slow consumer: it is closed with 1008 and counted; nobody else waits for it. Default
+    /// 256 KiB: about 4,000 64-byte messages of burst before a stalled client is cut off. Worst
+    /// case memory is this times the number of connections.
+    pub max_output: usize,
+    /// Per-connection read buffer in bytes (tungstenite's `read_buffer_size`, allocated per
+    /// connection up front). Default 512: idle connections stay small; a large message costs a
+    /// few more read calls. tungstenite's own default (128 KiB) is never used.
+    pub read_buffer: usize,
+    /// Kernel send buffer (SO_SNDBUF) for accepted sockets, in bytes. `None` leaves the kernel's
+    /// auto-tuning. Smaller values make slow consumers show up sooner and bound kernel memory.
+    pub socket_send_buffer: Option<usize>,
+    /// Time a new connection has to send its complete HTTP request. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Interval between server pings to an open connection. Default 25 s: under the 30-60 s idle
+    /// cut-off of common load balancers and NATs.
+    pub ping_interval: Duration,
+    /// A connection silent (no frame, no pong) for this long is closed. Default 60 s: two pings
+    /// can go unanswered.
+    pub idle_timeout: Duration,
+    /// How long a closing connection may take to finish the close handshake. Default 5 s.
+    pub close_timeout: Duration,
+    /// Upper bound on a graceful shutdown (close 1001 to everyone, flush). Default 5 s.
+    pub shutdown_timeout: Duration,
+    /// Capacity, in messages, of each loop's inbox (deliveries from the broker). When a loop
+    /// falls this far behind, further deliveries to it are dropped and counted. Default 65,536.
+    pub loop_queue: usize,
+    /// Capacity, in messages, of the queue from the loops to the publisher. When full, a client's
+    /// publish is refused (v1: error reply; raw: close 1013) and counted. Default 65,536.
+    pub publish_queue: usize,
+    /// Most publishes pipelined to Redis in one round trip. Default 512: large enough that a
+    /// burst is one round trip, small enough that one slow batch does not hold the rest back.
+    pub publish_batch: usize,
+    /// Messages read from one connection per loop turn before the loop serves the others.
+    /// Default 64: one flooding client cannot starve the rest of its loop.
+    pub read_budget: usize,
+    /// Shortest wait before reconnecting to Redis; doubles up to `redis_backoff_max`, with full
+    /// jitter so a fleet of nodes does not reconnect in lock step. Default 100 ms.
+    pub redis_backoff_min: Duration,
+    /// Longest wait between Redis reconnect attempts. Default 5 s.
+    pub redis_backoff_max: Duration,
+    /// Log level.
+    pub log_level: log::LevelFilter,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:9000".parse().expect("literal address"),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            redis: None,
+            redis_prefix: String::new(),
+            default_channel: "chat_channel".into(),
+            max_channel_len: 256,
+            max_connections: 1_000_000,
+            max_message_size: 64 * 1024,
+            max_output: 256 * 1024,
+            read_buffer: 512,
+            socket_send_buffer: None,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            close_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(5),
+            loop_queue: 65_536,
+            publish_queue: 65_536,
+            publish_batch: 512,
+            read_budget: 64,
+            redis_backoff_min: Duration::from_millis(100),
+            redis_backoff_max: Duration::from_secs(5),
+            log_level: log::LevelFilter::Info,
+        }
+    }
+}
+
+impl Config {
+    /// Rejects settings that cannot work together. The message names the flag to change.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            (self.threads, "--threads"),
+            (self.max_channel_len, "--max-channel-len"),
+            (self.max_connections, "--max-connections"),
+            (self.max_message_size, "--max-message-size"),
+            (self.max_output, "--max-output"),
+            (self.loop_queue, "--loop-queue"),
+            (self.publish_queue, "--publish-queue"),
+            (self.publish_batch, "--publish-batch"),
+            (self.read_budget, "--read-budget"),
+        ];
+        if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
+            return Err(format!("{flag} must be at least 1"));
+        }
+        if self.threads > 1024 {
+            return Err("--threads must be at most 1024".into());
+        }
+        if self.read_buffer < 64 {
+            return Err("--read-buffer must be at least 64 bytes".into());
+        }
+        if self.default_channel.is_empty() || self.default_channel.len() > self.max_channel_len {
+            return Err("--default-channel must be 1 to --max-channel-len bytes".into());
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return Err("--idle-timeout must be longer than --ping-interval".into());
+        }
+        if self.redis_backoff_min.is_zero() || self.redis_backoff_min > self.redis_backoff_max {
+            return Err(
+                "--redis-backoff-min must be above 0 and at most --redis-backoff-max".into(),
+            );
+        }
+        if let Some(url) = &self.redis {
+            redis::parse_redis_url(url)
+                .ok_or_else(|| format!("--redis {url:?} is not a redis:// or redis+unix:// URL"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn inconsistent_settings_name_the_flag() {
+        let cfg = Config {
+            idle_timeout: Duration::from_secs(1),
+            ..Config::default()
+        };
+        assert!(cfg.validate().unwrap_err().contains("--idle-timeout"));
+        let cfg = Config {
+            max_output: 0,
+            ..Config::default()
+        };
+        assert!(cfg.validate().unwrap_err().contains("--max-output"));
+        let cfg = Config {
+            redis: Some("http://x".into()),
+            ..Config::default()
+        };
+        assert!(cfg.validate().unwrap_err().contains("--redis"));
+    }
+}

@@ -1,0 +1,245 @@
+//! One client connection: its socket, its unsent output, and the phase of its life.
+//!
+//! ```text
+//!  accept ──▶ Request(head bytes) ──upgrade──▶ Open(WebSocket) ──close──▶ Closing ──▶ dropped
+//!                   │                                                       ▲
+//!                   └──────── plain HTTP answered / bad request ───────────┘
+//! ```
+//!
+//! tungstenite parses incoming frames and writes its automatic replies (pong, close) through
+//! [`Io`], whose write side only appends to the connection's [`OutBuf`] and never blocks. Data
+//! frames to clients are pre-encoded once per message (`frame.rs`) and appended here as bytes.
+//! So every byte the server sends goes through `OutBuf`, whose size is the slow-consumer
+//! measure, and the socket is written once per loop turn by `OutBuf::write_to`.
+//! This file owns no policy: what to do on overflow, errors or timeouts is the loop's business.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use tungstenite::protocol::WebSocketContext;
+
+use crate::channels::Channel;
+
+/// Bytes queued for a socket and not yet accepted by the kernel.
+#[derive(Debug, Default)]
+pub struct OutBuf {
+    buf: Vec<u8>,
+    sent: usize,
+}
+
+/// What a write attempt achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Everything queued is now in the kernel.
+    All(usize),
+    /// The socket's send buffer is full; the rest waits for a writable event.
+    Blocked(usize),
+}
+
+impl OutBuf {
+    /// Unsent bytes.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    /// True when nothing waits to be sent.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Queues bytes.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Forgets everything queued (for a connection being dropped without a goodbye).
+    pub fn discard(&mut self) {
+        self.buf = Vec::new();
+        self.sent = 0;
+    }
+
+    /// Writes queued bytes until done or the socket would block. When done, the allocation is
+    /// released, so an idle connection holds no output memory.
+    pub fn write_to(&mut self, sock: &mut impl Write) -> io::Result<Written> {
+        let mut total = 0;
+        // Loop until WouldBlock or empty: the socket is edge-triggered.
+        while self.sent < self.buf.len() {
+            match sock.write(&self.buf[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.sent += n;
+                    total += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Keep the unsent tail at the front so the buffer does not creep.
+                    self.buf.drain(..self.sent);
+                    self.sent = 0;
+                    return Ok(Written::Blocked(total));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.discard();
+        Ok(Written::All(total))
+    }
+}
+
+/// The stream tungstenite sees: reads come from the socket, writes go to the output buffer.
+pub struct Io<'a> {
+    /// The socket.
+    pub sock: &'a mut TcpStream,
+    /// Where tungstenite's writes go.
+    pub out: &'a mut OutBuf,
+    /// Set when a read returned bytes (the peer is alive).
+    pub got_input: bool,
+}
+
+impl Read for Io<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.sock.read(buf)?;
+        self.got_input |= n > 0;
+        Ok(n)
+    }
+}
+
+impl Write for Io<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.push(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        // The loop writes the socket once per turn; nothing to do here.
+        Ok(())
+    }
+}
+
+/// Which wire protocol an open connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The path names the channel; frames are published and delivered as they are.
+    Raw,
+}
+
+/// An open WebSocket.
+#[derive(Debug)]
+pub struct Open {
+    /// tungstenite's protocol state (frame parser, close handshake).
+    pub ctx: WebSocketContext,
+    /// Wire protocol.
+    pub protocol: Protocol,
+    /// Channels this connection is a member of (a raw connection has exactly one).
+    pub channels: Vec<Channel>,
+    /// Last time a ping was queued to it.
+    pub last_ping: Instant,
+}
+
+/// The phases of a connection's life; each owns the data it needs.
+#[derive(Debug)]
+pub enum Phase {
+    /// Waiting for the complete HTTP request head; holds what arrived so far.
+    Request(Vec<u8>),
+    /// A WebSocket: frames in, deliveries out.
+    Open(Box<Open>),
+    /// The last bytes (HTTP response or close frame) are queued. Once they are written the
+    /// write side is shut; input is discarded until the peer closes or the deadline passes.
+    Closing,
+}
+
+/// One slab entry of a loop.
+#[derive(Debug)]
+pub struct Conn {
+    /// The socket, registered with the loop's poll under this entry's key.
+    pub sock: TcpStream,
+    /// Remote address.
+    pub peer: SocketAddr,
+    /// Unsent output.
+    pub out: OutBuf,
+    /// Where in its life the connection is.
+    pub phase: Phase,
+    /// Last time the peer sent anything.
+    pub last_seen: Instant,
+    /// When the current phase must be over (handshake or close); `None` while open.
+    pub deadline: Option<Instant>,
+    /// Already in this turn's flush list.
+    pub dirty: bool,
+    /// Input may be waiting that the loop has not read yet (read budget spent, or the
+    /// channel's subscription is not live yet).
+    pub read_pending: bool,
+    /// The write side has been shut down (Closing, after the last bytes went out).
+    pub write_shut: bool,
+    /// Scheduled for removal at the end of this turn; ignore further events.
+    pub dead: bool,
+}
+
+impl Conn {
+    /// A freshly accepted connection waiting for its request until `deadline`.
+    pub fn new(sock: TcpStream, peer: SocketAddr, now: Instant, deadline: Instant) -> Self {
+        Conn {
+            sock,
+            peer,
+            out: OutBuf::default(),
+            phase: Phase::Request(Vec::new()),
+            last_seen: now,
+            deadline: Some(deadline),
+            dirty: false,
+            read_pending: false,
+            write_shut: false,
+            dead: false,
+        }
+    }
+
+    /// The open WebSocket, if this connection is one.
+    pub fn open_mut(&mut self) -> Option<&mut Open> {
+        match &mut self.phase {
+            Phase::Open(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer that accepts `room` bytes, then blocks.
+    struct Limited {
+        got: Vec<u8>,
+        room: usize,
+    }
+    impl Write for Limited {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.room).min(3);
+            self.got.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn partial_writes_keep_order_and_free_memory_when_done() {
+        let mut out = OutBuf::default();
+        out.push(b"hello ");
+        out.push(b"world");
+        let mut w = Limited {
+            got: vec![],
+            room: 4,
+        };
+        assert_eq!(out.write_to(&mut w).unwrap(), Written::Blocked(4));
+        assert_eq!(out.len(), 7);
+        out.push(b"!");
+        w.room = 100;
+        assert_eq!(out.write_to(&mut w).unwrap(), Written::All(8));
+        assert_eq!(w.got, b"hello world!");
+        assert!(out.is_empty());
+        assert_eq!(out.buf.capacity(), 0);
+    }
+}

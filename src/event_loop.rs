@@ -1,0 +1,910 @@
+//! One per-core event loop: accept → handshake → read and publish → fan-out → flush → close.
+//!
+//! A loop owns its mio `Poll`, its SO_REUSEPORT listener, a slab of connections and its channel
+//! index; no other thread touches them. It hears from the broker through its inbox (woken by
+//! its `Waker`) and talks to the broker only with `try_send`, so it never blocks on anything
+//! but `poll`.
+//!
+//! One turn of the loop:
+//! 1. poll; handle accept, inbox (deliveries are appended to each member's output buffer) and
+//!    socket events (reads until WouldBlock or the read budget is spent);
+//! 2. continue reads that were deferred (budget spent, or waiting for a subscription);
+//! 3. flush every connection that got output this turn, once: a burst of k messages costs one
+//!    write per connection, not k;
+//! 4. remove connections that ended (deferred to the end of the turn so a reused slab key never
+//!    sees a stale event), and run timers (handshake, ping, idle, close deadlines).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
+use tungstenite::{Error as WsError, Message};
+
+use crate::bridge::{BrokerHandle, Channel, Control, Delivery, LoopInbox, Publish, ToLoop};
+use crate::broker::RateLimit;
+use crate::channels::{ChannelIndex, Joined};
+use crate::conn::{Conn, Io, Open, Phase, Protocol, Written};
+use crate::frame::{self, Kind};
+use crate::http::{self, Head, Parse, Status};
+use crate::metrics::{HandshakeFailure, LoopMetrics, add, dec, inc};
+use crate::server::Shared;
+
+/// Token of the loop's waker.
+pub const WAKER: Token = Token(usize::MAX - 1);
+/// Token of the loop's listener.
+const LISTENER: Token = Token(usize::MAX - 2);
+/// How long accepting pauses after the process ran out of descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Bytes read per call while discarding input of a closing connection.
+const SCRATCH: usize = 16 * 1024;
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+fn interrupted(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::Interrupted
+}
+
+/// A per-core event loop and everything it owns.
+pub struct EventLoop {
+    id: usize,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    accept_paused_until: Option<Instant>,
+    conns: Slab<Conn>,
+    index: ChannelIndex,
+    inbox: LoopInbox,
+    broker: BrokerHandle,
+    shared: Arc<Shared>,
+    ws_config: WebSocketConfig,
+    /// Subscription requests that did not fit in the control queue yet, in order.
+    pending_control: VecDeque<Control>,
+    /// Connections with output queued this turn.
+    dirty: Vec<usize>,
+    /// Connections to continue reading next turn.
+    read_backlog: Vec<usize>,
+    /// Connections to drop at the end of the turn.
+    dead: Vec<usize>,
+    /// Connections that passed `--max-output` during fan-out.
+    slow: Vec<usize>,
+    scratch: Box<[u8]>,
+    next_sweep: Instant,
+    sweep_every: Duration,
+    /// Set when shutting down: the time by which the loop exits regardless.
+    shutdown_deadline: Option<Instant>,
+    log_limit: RateLimit,
+}
+
+impl EventLoop {
+    /// Builds loop `id` around its poll and listener.
+    pub fn new(
+        id: usize,
+        poll: Poll,
+        mut listener: TcpListener,
+        inbox: LoopInbox,
+        broker: BrokerHandle,
+        shared: Arc<Shared>,
+    ) -> io::Result<Self> {
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let c = &shared.config;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(c.read_buffer)
+            // Io never blocks, so tungstenite's own buffer is handed over at once.
+            .write_buffer_size(0)
+            .max_write_buffer_size(usize::MAX)
+            .max_message_size(Some(c.max_message_size))
+            .max_frame_size(Some(c.max_message_size));
+        let shortest = c
+            .handshake_timeout
+            .min(c.ping_interval)
+            .min(c.close_timeout);
+        let sweep_every = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        Ok(EventLoop {
+            id,
+            poll,
+            listener: Some(listener),
+            accept_paused_until: None,
+            conns: Slab::with_capacity(1024),
+            index: ChannelIndex::default(),
+            inbox,
+            broker,
+            shared,
+            ws_config,
+            pending_control: VecDeque::new(),
+            dirty: Vec::new(),
+            read_backlog: Vec::new(),
+            dead: Vec::new(),
+            slow: Vec::new(),
+            scratch: vec![0; SCRATCH].into_boxed_slice(),
+            next_sweep: Instant::now() + sweep_every,
+            sweep_every,
+            shutdown_deadline: None,
+            log_limit: RateLimit::default(),
+        })
+    }
+
+    fn metrics(&self) -> &LoopMetrics {
+        &self.shared.metrics.loops[self.id]
+    }
+
+    /// Runs until shutdown completes. Logs and returns on a fatal poll error.
+    pub fn run(mut self) {
+        if let Err(e) = self.run_inner() {
+            log::error!("loop {} stopped: {e}", self.id);
+        }
+    }
+
+    fn run_inner(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if interrupted(&e) => continue,
+                Err(e) => return Err(e),
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(now),
+                    WAKER => self.drain_inbox(now),
+                    Token(key) => {
+                        if event.is_writable() {
+                            self.flush(key);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read(key, now);
+                        }
+                    }
+                }
+            }
+            for key in std::mem::take(&mut self.read_backlog) {
+                self.read(key, now);
+            }
+            self.close_slow_consumers(now);
+            for key in std::mem::take(&mut self.dirty) {
+                self.flush(key);
+            }
+            self.send_control();
+            self.remove_dead();
+            if now >= self.next_sweep {
+                self.sweep(now);
+                self.next_sweep = now + self.sweep_every;
+            }
+            if self.accept_paused_until.is_some_and(|t| now >= t) {
+                self.accept_paused_until = None;
+                self.accept(now);
+            }
+            if self.shutdown_deadline.is_none() && self.shared.shutdown.load(Ordering::Acquire) {
+                self.begin_shutdown(now);
+            }
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() || now >= deadline {
+                    debug!(
+                        "loop {} done, {} connections left",
+                        self.id,
+                        self.conns.len()
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Duration {
+        if !self.read_backlog.is_empty() {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        let mut until = self.next_sweep;
+        if let Some(t) = self.accept_paused_until {
+            until = until.min(t);
+        }
+        let mut timeout = until.saturating_duration_since(now);
+        if !self.pending_control.is_empty() {
+            timeout = timeout.min(Duration::from_millis(1));
+        }
+        timeout
+    }
+
+    // ---- accept ------------------------------------------------------------------------
+
+    /// Accepts until WouldBlock (the listener is edge-triggered).
+    fn accept(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
+                Ok((sock, peer)) => self.admit(sock, peer, now),
+                Err(e) if would_block(&e) => return,
+                Err(e) if interrupted(&e) => {}
+                Err(e) if crate::listener::is_resource_exhausted(&e) => {
+                    // Retrying now would spin: the pending connection stays in the backlog.
+                    inc(&self.metrics().accept_paused);
+                    if self.log_limit.allow() {
+                        warn!(
+                            "accept failed: {e}; pausing accepts for {ACCEPT_PAUSE:?} (raise the open-file limit)"
+                        );
+                    }
+                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
+                }
+                // The connection died in the backlog (ECONNABORTED and the like): next.
+                Err(e) => debug!("accept: {e}"),
+            }
+        }
+    }
+
+    fn admit(&mut self, mut sock: TcpStream, peer: std::net::SocketAddr, now: Instant) {
+        let cfg = &self.shared.config;
+        let _ = sock.set_nodelay(true);
+        if let Some(size) = cfg.socket_send_buffer {
+            let _ = socket2::SockRef::from(&sock).set_send_buffer_size(size);
+        }
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        // Readable and writable from the start: edge-triggered, so writable fires only when a
+        // full send buffer drains, and no interest change (syscall) is ever needed.
+        if let Err(e) = self.poll.registry().register(
+            &mut sock,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        let over = self.shared.connections.fetch_add(1, Ordering::Relaxed) >= cfg.max_connections;
+        let mut conn = Conn::new(sock, peer, now, now + cfg.handshake_timeout);
+        let m = &self.shared.metrics.loops[self.id];
+        inc(&m.accepted);
+        inc(&m.connections);
+        if over {
+            // Answered, not silently dropped: the client learns why.
+            m.handshake_failed(HandshakeFailure::OverCapacity);
+            conn.out.push(&http::error_response(Status::Unavailable));
+            conn.phase = Phase::Closing;
+            conn.deadline = Some(now + cfg.close_timeout);
+        }
+        entry.insert(conn);
+        if over {
+            self.mark_dirty(key);
+        }
+    }
+
+    // ---- reading -------------------------------------------------------------------------
+
+    /// Handles readable input according to the connection's phase.
+    fn read(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.dead {
+            return;
+        }
+        match conn.phase {
+            Phase::Request(_) => self.read_request(key, now),
+            Phase::Open(_) => self.read_frames(key, now),
+            Phase::Closing => self.discard_input(key),
+        }
+    }
+
+    /// Reads the HTTP request head until it is complete, invalid, too large or WouldBlock.
+    fn read_request(&mut self, key: usize, now: Instant) {
+        let conn = &mut self.conns[key];
+        let Phase::Request(head) = &mut conn.phase else {
+            return;
+        };
+        loop {
+            let start = head.len();
+            let want = (http::MAX_HEAD + 1).saturating_sub(start).max(1);
+            head.resize(start + want.min(4096), 0);
+            match io::Read::read(&mut conn.sock, &mut head[start..]) {
+                Ok(0) => {
+                    head.truncate(start);
+                    self.metrics()
+                        .handshake_failed(HandshakeFailure::Disconnected);
+                    self.kill(key);
+                    return;
+                }
+                Ok(n) => {
+                    head.truncate(start + n);
+                    conn.last_seen = now;
+                    match http::parse(head) {
+                        Parse::Partial => continue,
+                        Parse::Complete(parsed, len) => {
+                            let rest = head.split_off(len);
+                            self.serve(key, parsed, rest, now);
+                            return;
+                        }
+                        Parse::Invalid(status) => {
+                            let reason = if status == Status::HeadersTooLarge {
+                                HandshakeFailure::TooLarge
+                            } else {
+                                HandshakeFailure::BadRequest
+                            };
+                            debug!("bad request from {}: {status:?}", conn.peer);
+                            self.metrics().handshake_failed(reason);
+                            self.respond(key, http::error_response(status), now);
+                            return;
+                        }
+                    }
+                }
+                Err(e) if would_block(&e) => {
+                    head.truncate(start);
+                    return;
+                }
+                Err(e) if interrupted(&e) => head.truncate(start),
+                Err(_) => {
+                    head.truncate(start);
+                    self.metrics()
+                        .handshake_failed(HandshakeFailure::Disconnected);
+                    self.kill(key);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answers a complete request: a WebSocket upgrade, or a plain HTTP endpoint.
+    fn serve(&mut self, key: usize, head: Head, rest: Vec<u8>, now: Instant) {
+        let Some(upgrade) = &head.upgrade else {
+            inc(&self.metrics().http_requests);
+            let response = self.http_endpoint(&head);
+            self.respond(key, response, now);
+            return;
+        };
+        let cfg = &self.shared.config;
+        let name = head.path.strip_prefix('/').unwrap_or(&head.path);
+        let name = if name.is_empty() {
+            cfg.default_channel.as_str()
+        } else {
+            name
+        };
+        if name.len() > cfg.max_channel_len {
+            self.metrics()
+                .handshake_failed(HandshakeFailure::BadRequest);
+            self.respond(key, http::error_response(Status::BadRequest), now);
+            return;
+        }
+        let channel: Channel = Arc::from(name);
+        let ctx = if rest.is_empty() {
+            WebSocketContext::new(Role::Server, Some(self.ws_config))
+        } else {
+            WebSocketContext::from_partially_read(rest, Role::Server, Some(self.ws_config))
+        };
+        let conn = &mut self.conns[key];
+        conn.out.push(&http::upgrade_response(&upgrade.key, None));
+        conn.deadline = None;
+        conn.phase = Phase::Open(Box::new(Open {
+            ctx,
+            protocol: Protocol::Raw,
+            channels: vec![channel.clone()],
+            last_ping: now,
+        }));
+        inc(&self.metrics().websockets);
+        self.mark_dirty(key);
+        self.join(&channel, key);
+        // Bytes that arrived with the request may already hold frames.
+        self.conns[key].read_pending = true;
+        if self.index.is_live(&channel) {
+            self.read_backlog.push(key);
+        }
+    }
+
+    /// The response to a plain (non-WebSocket) HTTP request.
+    fn http_endpoint(&self, head: &Head) -> Vec<u8> {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        match (head.method.as_str(), head.path.as_str()) {
+            ("GET" | "HEAD", "/healthz") => {
+                if self
+                    .shared
+                    .metrics
+                    .broker
+                    .subscriber_up
+                    .load(Ordering::Relaxed)
+                {
+                    http::response(Status::Ok, TEXT, b"ok\n")
+                } else {
+                    http::response(Status::Unavailable, TEXT, b"redis subscriber down\n")
+                }
+            }
+            ("GET" | "HEAD", "/metrics") => http::response(
+                Status::Ok,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.shared.metrics.render().as_bytes(),
+            ),
+            ("GET" | "HEAD", "/") => http::response(
+                Status::Ok,
+                TEXT,
+                b"wsrelay: connect a WebSocket to ws://<host>/<channel>\n",
+            ),
+            ("GET" | "HEAD", _) => http::error_response(Status::NotFound),
+            _ => http::error_response(Status::MethodNotAllowed),
+        }
+    }
+
+    /// Reads WebSocket frames until WouldBlock or the read budget is spent, publishing data
+    /// messages. Reads wait while the connection's channel subscription is not live yet, so
+    /// a client's first message cannot overtake its own subscription.
+    fn read_frames(&mut self, key: usize, now: Instant) {
+        let budget = self.shared.config.read_budget;
+        let conn = &mut self.conns[key];
+        let Phase::Open(open) = &mut conn.phase else {
+            return;
+        };
+        if !open.channels.iter().all(|c| self.index.is_live(c)) {
+            conn.read_pending = true;
+            return;
+        }
+        conn.read_pending = false;
+        let mut io = Io {
+            sock: &mut conn.sock,
+            out: &mut conn.out,
+            got_input: false,
+        };
+        let mut published = 0;
+        let outcome = loop {
+            if published == budget {
+                break ReadEnd::BudgetSpent;
+            }
+            match open.ctx.read(&mut io) {
+                Ok(Message::Text(t)) => {
+                    published += 1;
+                    if let Err(e) =
+                        publish(&self.broker, &open.channels[0], Kind::Text, Bytes::from(t))
+                    {
+                        break e;
+                    }
+                }
+                Ok(Message::Binary(b)) => {
+                    published += 1;
+                    if let Err(e) = publish(&self.broker, &open.channels[0], Kind::Binary, b) {
+                        break e;
+                    }
+                }
+                // tungstenite queued the reply to our Io; flush it there and finish closing.
+                Ok(Message::Close(_)) => break ReadEnd::PeerClosed,
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                Err(WsError::Io(e)) if would_block(&e) => break ReadEnd::Drained,
+                Err(WsError::Io(e)) if interrupted(&e) => {}
+                Err(e) => break ReadEnd::Failed(e),
+            }
+        };
+        if io.got_input {
+            conn.last_seen = now;
+        }
+        let has_output = !conn.out.is_empty();
+        add(
+            &self.shared.metrics.loops[self.id].messages_in,
+            published as u64,
+        );
+        if has_output {
+            self.mark_dirty(key);
+        }
+        match outcome {
+            ReadEnd::Drained => {}
+            ReadEnd::BudgetSpent => {
+                self.conns[key].read_pending = true;
+                self.read_backlog.push(key);
+            }
+            ReadEnd::PeerClosed => {
+                let conn = &mut self.conns[key];
+                if let Phase::Open(open) = &mut conn.phase {
+                    let mut io = Io {
+                        sock: &mut conn.sock,
+                        out: &mut conn.out,
+                        got_input: false,
+                    };
+                    let _ = open.ctx.flush(&mut io);
+                }
+                self.enter_closing(key, now);
+            }
+            ReadEnd::QueueFull => {
+                inc(&self.metrics().publish_dropped);
+                if self.log_limit.allow() {
+                    warn!(
+                        "publish queue full: closing publisher with 1013 (raise --publish-queue, or the broker is behind)"
+                    );
+                }
+                self.close(key, CloseCode::Again, "publish queue full", now);
+            }
+            ReadEnd::Failed(e) => self.read_failed(key, e, now),
+        }
+    }
+
+    /// Maps a tungstenite read error to the connection's fate.
+    fn read_failed(&mut self, key: usize, e: WsError, now: Instant) {
+        use tungstenite::error::ProtocolError as P;
+        let m = &self.shared.metrics.loops[self.id];
+        let peer = self.conns[key].peer;
+        match e {
+            WsError::Capacity(e) => {
+                inc(&m.oversize);
+                debug!("{peer}: {e}; closing with 1009");
+                self.close(key, CloseCode::Size, "message too big", now);
+            }
+            WsError::Utf8(_) => {
+                inc(&m.protocol_errors);
+                self.close(key, CloseCode::Invalid, "invalid utf-8", now);
+            }
+            WsError::Protocol(P::ResetWithoutClosingHandshake)
+            | WsError::ConnectionClosed
+            | WsError::AlreadyClosed => self.kill(key),
+            WsError::Protocol(p) => {
+                inc(&m.protocol_errors);
+                debug!("{peer}: protocol error: {p}; closing with 1002");
+                self.close(key, CloseCode::Protocol, "protocol error", now);
+            }
+            e => {
+                debug!("{peer}: {e}; dropping");
+                self.kill(key);
+            }
+        }
+    }
+
+    /// Input on a closing connection is not parsed any more: read and drop it until EOF.
+    fn discard_input(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        loop {
+            match io::Read::read(&mut conn.sock, &mut self.scratch) {
+                Ok(0) => return self.kill(key),
+                Ok(_) => {}
+                Err(e) if would_block(&e) => return,
+                Err(e) if interrupted(&e) => {}
+                Err(_) => return self.kill(key),
+            }
+        }
+    }
+
+    // ---- channels and the broker ---------------------------------------------------------
+
+    fn join(&mut self, channel: &Channel, key: usize) {
+        if let Joined::First(generation) = self.index.join(channel, key) {
+            self.pending_control.push_back(Control::Subscribe {
+                channel: channel.clone(),
+                loop_id: self.id,
+                generation,
+            });
+        }
+    }
+
+    fn leave_all(&mut self, key: usize) {
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        let channels = std::mem::take(&mut open.channels);
+        for ch in channels {
+            if self.index.leave(&ch, key) {
+                self.pending_control.push_back(Control::Unsubscribe {
+                    channel: ch,
+                    loop_id: self.id,
+                });
+            }
+        }
+    }
+
+    /// Sends queued subscription requests in order; what does not fit waits for next turn.
+    fn send_control(&mut self) {
+        while let Some(c) = self.pending_control.pop_front() {
+            match self.broker.control.try_send(c) {
+                Ok(()) => {}
+                Err(crossbeam_channel::TrySendError::Full(c)) => {
+                    self.pending_control.push_front(c);
+                    return;
+                }
+                // The broker is gone: only happens during shutdown.
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                    self.pending_control.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes everything the broker sent. Wakes merge, so this drains until empty.
+    fn drain_inbox(&mut self, _now: Instant) {
+        self.inbox.rearm();
+        while let Some(msg) = self.inbox.try_recv() {
+            match msg {
+                ToLoop::Deliver(d) => self.deliver(&d),
+                ToLoop::Live {
+                    channel,
+                    generation,
+                } => {
+                    if let Some(members) = self.index.set_live(&channel, generation) {
+                        for &key in members {
+                            if self.conns[key].read_pending {
+                                self.read_backlog.push(key);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends one message to the output of every local member of its channel. The frame was
+    /// encoded once for all of them; the socket write happens once per connection at the end
+    /// of the turn.
+    fn deliver(&mut self, d: &Delivery) {
+        let Some(members) = self.index.members(&d.channel) else {
+            return;
+        };
+        let max_output = self.shared.config.max_output;
+        for &key in members {
+            let conn = &mut self.conns[key];
+            debug_assert!(
+                matches!(conn.phase, Phase::Open(_)),
+                "channel member {key} is not open"
+            );
+            conn.out.push(&d.raw_frame);
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(key);
+            }
+            if conn.out.len() > max_output && !conn.dead {
+                self.slow.push(key);
+            }
+        }
+        add(
+            &self.shared.metrics.loops[self.id].deliveries,
+            members.len() as u64,
+        );
+    }
+
+    fn close_slow_consumers(&mut self, now: Instant) {
+        for key in std::mem::take(&mut self.slow) {
+            let conn = &self.conns[key];
+            if !matches!(conn.phase, Phase::Open(_)) || conn.dead {
+                continue;
+            }
+            inc(&self.metrics().slow_consumers);
+            warn!(
+                "slow consumer {} closed: {} bytes unsent (--max-output {})",
+                conn.peer,
+                conn.out.len(),
+                self.shared.config.max_output
+            );
+            self.close(key, CloseCode::Policy, "slow consumer", now);
+        }
+    }
+
+    // ---- writing -------------------------------------------------------------------------
+
+    fn mark_dirty(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(key);
+        }
+    }
+
+    /// Writes the connection's output until done or WouldBlock; a closing connection whose
+    /// last bytes are out gets its write side shut.
+    fn flush(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.dirty = false;
+        if conn.dead {
+            return;
+        }
+        let written = match conn.out.write_to(&mut conn.sock) {
+            Ok(Written::All(n)) => {
+                if matches!(conn.phase, Phase::Closing) && !conn.write_shut {
+                    conn.write_shut = true;
+                    let _ = conn.sock.shutdown(std::net::Shutdown::Write);
+                }
+                n
+            }
+            Ok(Written::Blocked(n)) => n,
+            Err(e) => {
+                debug!("{}: write failed: {e}", conn.peer);
+                self.kill(key);
+                return;
+            }
+        };
+        add(
+            &self.shared.metrics.loops[self.id].bytes_out,
+            written as u64,
+        );
+    }
+
+    // ---- closing -------------------------------------------------------------------------
+
+    /// Queues an HTTP response and closes once it is written.
+    fn respond(&mut self, key: usize, response: Vec<u8>, now: Instant) {
+        self.conns[key].out.push(&response);
+        self.enter_closing(key, now);
+    }
+
+    /// Starts a WebSocket close with `code`: the close frame goes out after whatever is
+    /// already queued.
+    fn close(&mut self, key: usize, code: CloseCode, reason: &'static str, now: Instant) {
+        let conn = &mut self.conns[key];
+        if let Phase::Open(open) = &mut conn.phase {
+            let mut io = Io {
+                sock: &mut conn.sock,
+                out: &mut conn.out,
+                got_input: false,
+            };
+            let frame = CloseFrame {
+                code,
+                reason: reason.into(),
+            };
+            let _ = open.ctx.close(&mut io, Some(frame));
+        }
+        self.enter_closing(key, now);
+    }
+
+    /// Leaves every channel and waits for the last bytes to go out and the peer to hang up.
+    fn enter_closing(&mut self, key: usize, now: Instant) {
+        if matches!(self.conns[key].phase, Phase::Open(_)) {
+            self.leave_all(key);
+            dec(&self.metrics().websockets);
+        }
+        let close_timeout = self.shared.config.close_timeout;
+        let conn = &mut self.conns[key];
+        conn.phase = Phase::Closing;
+        conn.deadline = Some(now + close_timeout);
+        self.mark_dirty(key);
+    }
+
+    /// Drops the connection at the end of this turn, without a goodbye.
+    fn kill(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if !conn.dead {
+            conn.dead = true;
+            self.dead.push(key);
+        }
+    }
+
+    fn remove_dead(&mut self) {
+        for key in std::mem::take(&mut self.dead) {
+            if matches!(self.conns[key].phase, Phase::Open(_)) {
+                self.leave_all(key);
+                dec(&self.metrics().websockets);
+            }
+            let mut conn = self.conns.remove(key);
+            let _ = self.poll.registry().deregister(&mut conn.sock);
+            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+            dec(&self.metrics().connections);
+        }
+        // Unsubscribes from removals go out this turn rather than next.
+        self.send_control();
+    }
+
+    // ---- timers --------------------------------------------------------------------------
+
+    /// Handshake deadlines, pings, idle timeouts and close deadlines, in one pass.
+    fn sweep(&mut self, now: Instant) {
+        let cfg = &self.shared.config;
+        let (ping_interval, idle_timeout) = (cfg.ping_interval, cfg.idle_timeout);
+        let mut expired_requests = Vec::new();
+        let mut idle = Vec::new();
+        for (key, conn) in self.conns.iter_mut() {
+            if conn.dead {
+                continue;
+            }
+            match &mut conn.phase {
+                Phase::Request(_) if conn.deadline.is_some_and(|d| now >= d) => {
+                    expired_requests.push(key)
+                }
+                Phase::Closing if conn.deadline.is_some_and(|d| now >= d) => {
+                    conn.dead = true;
+                    self.dead.push(key);
+                }
+                Phase::Open(open) => {
+                    if now.duration_since(conn.last_seen) >= idle_timeout {
+                        idle.push(key);
+                    } else if now.duration_since(conn.last_seen.max(open.last_ping))
+                        >= ping_interval
+                    {
+                        open.last_ping = now;
+                        conn.out.push(&frame::ping(b""));
+                        if !conn.dirty {
+                            conn.dirty = true;
+                            self.dirty.push(key);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for key in expired_requests {
+            self.metrics().handshake_failed(HandshakeFailure::Timeout);
+            self.respond(key, http::error_response(Status::RequestTimeout), now);
+        }
+        for key in idle {
+            inc(&self.metrics().idle_closed);
+            debug!(
+                "{}: idle past {idle_timeout:?}; closing",
+                self.conns[key].peer
+            );
+            self.close(key, CloseCode::Away, "idle timeout", now);
+        }
+        for key in std::mem::take(&mut self.dirty) {
+            self.flush(key);
+        }
+        self.remove_dead();
+    }
+
+    // ---- shutdown ------------------------------------------------------------------------
+
+    /// Stops accepting and says goodbye (1001) to every open connection.
+    fn begin_shutdown(&mut self, now: Instant) {
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        let mut open = 0;
+        for key in keys {
+            match self.conns[key].phase {
+                Phase::Open(_) => {
+                    open += 1;
+                    self.close(key, CloseCode::Away, "server shutting down", now);
+                }
+                Phase::Request(_) => self.kill(key),
+                Phase::Closing => {}
+            }
+        }
+        for key in std::mem::take(&mut self.dirty) {
+            self.flush(key);
+        }
+        self.remove_dead();
+        info!(
+            "loop {}: shutting down, closing {open} connections",
+            self.id
+        );
+        self.shutdown_deadline = Some(now + self.shared.config.shutdown_timeout);
+    }
+}
+
+/// How a read pass over one connection ended.
+enum ReadEnd {
+    /// WouldBlock: everything available was read.
+    Drained,
+    /// The read budget is spent; more may be waiting.
+    BudgetSpent,
+    /// The peer sent a close frame.
+    PeerClosed,
+    /// The publish queue was full.
+    QueueFull,
+    /// A protocol, size or I/O error.
+    Failed(WsError),
+}
+
+/// Hands a client's message to the broker without blocking.
+fn publish(
+    broker: &BrokerHandle,
+    channel: &Channel,
+    kind: Kind,
+    data: Bytes,
+) -> Result<(), ReadEnd> {
+    let p = Publish {
+        channel: channel.clone(),
+        kind,
+        data,
+    };
+    match broker.publish.try_send(p) {
+        Ok(()) => Ok(()),
+        Err(crossbeam_channel::TrySendError::Full(_)) => Err(ReadEnd::QueueFull),
+        // Shutting down: the message has nowhere to go.
+        Err(crossbeam_channel::TrySendError::Disconnected(_)) => Ok(()),
+    }
+}

@@ -1,0 +1,22 @@
+//! wsrelay: a WebSocket pub/sub fan-out server.
+//!
+//! Modules are declared in the order data flows through them: flags and configuration, the
+//! listeners that accept, the HTTP handshake, frames, connections, the channel index, the
+//! bridge between loops and the broker, the brokers (in-process and Redis), the event loop that
+//! ties a core's connections together, and the server that starts it all.
+#![deny(missing_docs, rust_2018_idioms)]
+
+pub mod backoff;
+pub mod bridge;
+pub mod broker;
+pub mod channels;
+pub mod cli;
+pub mod config;
+pub mod conn;
+pub mod event_loop;
+pub mod frame;
+pub mod http;
+pub mod listener;
+pub mod metrics;
+pub mod server;
+pub mod client;

@@ -1,0 +1,60 @@
+//! The `wsrelay` binary: parse flags, start logging, run the server until SIGTERM or SIGINT.
+//! Every failure to start is one line on stderr and exit code 1; `--help` lists the flags.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use log::{error, info};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use wsrelay::cli::Cli;
+use wsrelay::server::Server;
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsrelay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let config = cli.into_config()?;
+    init_logging(config.log_level);
+    let mut signals = Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let server = Server::start(config)?;
+    let shutdown = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("wsrelay-signals".into())
+        .spawn(move || {
+            let mut forever = signals.forever();
+            if let Some(sig) = forever.next() {
+                info!("signal {sig}: shutting down");
+                shutdown.trigger();
+            }
+            // A second signal means "now": skip the graceful close.
+            if let Some(sig) = forever.next() {
+                error!("second signal {sig}: exiting immediately");
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| format!("cannot start signal thread: {e}"))?;
+    server.wait()
+}
+
+fn init_logging(level: log::LevelFilter) {
+    let config = simplelog::ConfigBuilder::new()
+        .set_target_level(log::LevelFilter::Off)
+        .set_thread_level(log::LevelFilter::Off)
+        .build();
+    let _ = simplelog::TermLogger::init(
+        level,
+        config,
+        simplelog::TerminalMode::Stderr,
+        simplelog::ColorChoice::Auto,
+    );
+}

@@ -1,0 +1,418 @@
+//! The core server end to end: real wsrelay processes, real redis-server processes, real
+//! sockets on 127.0.0.1.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn in_process_broker_delivers_across_loops_sender_included() {
+    let node = Node::start(&["--threads", "2"]);
+    // 16 clients: the kernel spreads them over both loops' listeners (checked below).
+    let mut clients: Vec<Client> = (0..16).map(|_| node.client("/")).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.sync(&format!("sync-{i}"), WAIT).unwrap();
+    }
+    let (_, metrics) = node.http_get("/metrics");
+    for l in 0..2 {
+        let line = format!("wsrelay_connections{{loop=\"{l}\"}} ");
+        let n: u64 = metrics
+            .lines()
+            .find_map(|x| x.strip_prefix(&line))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(n > 0, "loop {l} got no connections: {metrics}");
+    }
+    clients[0].send_text("Hello from Client!").unwrap();
+    for c in &mut clients {
+        recv_until(c, "Hello from Client!");
+    }
+}
+
+#[test]
+fn channels_are_separate() {
+    let node = Node::start(&[]);
+    let mut a = node.client("/room-a");
+    let mut b = node.client("/room-b");
+    a.sync("a0", WAIT).unwrap();
+    b.sync("b0", WAIT).unwrap();
+    a.send_text("for a").unwrap();
+    b.send_text("for b").unwrap();
+    assert_eq!(a.recv_text(WAIT).unwrap(), "for a");
+    assert_eq!(b.recv_text(WAIT).unwrap(), "for b");
+}
+
+#[test]
+fn cross_node_delivery_through_redis_keeps_frame_types() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let a = Node::start(&["--redis", &url]);
+    let b = Node::start(&["--redis", &url]);
+    let mut on_a = a.client("/");
+    let mut on_b = b.client("/");
+    on_a.sync("sync-a", WAIT).unwrap();
+    on_b.sync("sync-b", WAIT).unwrap();
+    on_a.send_text("Hello from Client!").unwrap();
+    recv_until(&mut on_b, "Hello from Client!");
+    let bytes = [0u8, 159, 146, 150, b'\n'];
+    on_a.send_binary(&bytes).unwrap();
+    assert_eq!(on_b.recv(WAIT).unwrap(), Received::Binary(bytes.to_vec()));
+    // Valid UTF-8 sent as binary stays binary.
+    on_b.send_binary(b"plain ascii").unwrap();
+    loop {
+        match on_a.recv(WAIT).unwrap() {
+            // Its own binary message comes back to the sender first.
+            Received::Binary(b) if b == bytes => {}
+            Received::Binary(b) => {
+                assert_eq!(b, b"plain ascii");
+                break;
+            }
+            Received::Text(t) => assert!(t.starts_with("Hello") || t == "sync-b", "{t}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn backend_publish_through_redis_reaches_clients() {
+    let redis = Redis::start();
+    let node = Node::start(&["--redis", &redis.url(), "--redis-prefix", "app:"]);
+    let mut c = node.client("/news");
+    c.sync("ready", WAIT).unwrap();
+    let mut con = redis.con();
+    let receivers: i64 = redis::cmd("PUBLISH").arg("app:news").arg("hello").query(&mut con).unwrap();
+    assert_eq!(receivers, 1, "exactly one node subscription");
+    assert_eq!(c.recv(WAIT).unwrap(), Received::Text("hello".into()));
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("app:news")
+        .arg(&[0xffu8, 0x00][..])
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(c.recv(WAIT).unwrap(), Received::Binary(vec![0xff, 0x00]));
+    // Unprefixed and other channels do not leak in.
+    let _: i64 = redis::cmd("PUBLISH").arg("news").arg("wrong").query(&mut con).unwrap();
+    let _: i64 = redis::cmd("PUBLISH").arg("app:other").arg("wrong").query(&mut con).unwrap();
+    c.sync("after", WAIT).unwrap();
+}
+
+#[test]
+fn subscriptions_follow_local_clients() {
+    let redis = Redis::start();
+    let node = Node::start(&["--redis", &redis.url(), "--threads", "2"]);
+    let mut con = redis.con();
+    let numsub = |con: &mut redis::Connection, ch: &str| -> i64 {
+        let v: Vec<(String, i64)> = redis::cmd("PUBSUB").arg("NUMSUB").arg(ch).query(con).unwrap();
+        v[0].1
+    };
+    let mut c1 = node.client("/watched");
+    let mut c2 = node.client("/watched");
+    c1.sync("s1", WAIT).unwrap();
+    c2.sync("s2", WAIT).unwrap();
+    // One Redis subscription for the node, however many local clients and loops.
+    assert_eq!(numsub(&mut con, "watched"), 1);
+    c1.close();
+    c2.sync("s3", WAIT).unwrap();
+    assert_eq!(numsub(&mut con, "watched"), 1);
+    c2.close();
+    wait_for("UNSUBSCRIBE after the last client", WAIT, || {
+        (numsub(&mut con, "watched") == 0).then_some(())
+    });
+}
+
+#[test]
+fn two_processes_share_one_port() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let mut first = Node::start(&["--redis", &url, "--threads", "1"]);
+    let second = Node::start_on(&first.addr.to_string(), &["--redis", &url, "--threads", "1"]);
+    assert_eq!(first.addr, second.addr);
+    let mut clients: Vec<Client> = (0..16).map(|_| first.client("/")).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.sync(&format!("sync-{i}"), WAIT).unwrap();
+    }
+    clients[0].send_text("to all").unwrap();
+    for c in &mut clients {
+        recv_until(c, "to all");
+    }
+    // Kill one process: its clients drop, the other's keep working. Both had some.
+    first.kill();
+    let mut alive = 0;
+    for (i, c) in clients.iter_mut().enumerate() {
+        if c.sync(&format!("after-{i}"), Duration::from_secs(3)).is_ok() {
+            alive += 1;
+        }
+    }
+    assert!(alive > 0 && alive < 16, "connections were not spread over both processes: {alive} of 16 survived");
+}
+
+#[test]
+fn slow_consumer_is_closed_while_fast_one_gets_everything() {
+    let node = Node::start(&[
+        "--threads",
+        "1",
+        "--max-output",
+        "65536",
+        "--socket-send-buffer",
+        "4096",
+        "--close-timeout",
+        "30s",
+    ]);
+    // The slow client has a tiny receive window and never reads until the end.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&node.addr.into()).unwrap();
+    let mut slow = Client::handshake(sock.into(), node.addr, "/", None).unwrap();
+    let mut fast = node.client("/");
+    fast.sync("ready", WAIT).unwrap();
+    let payload = "x".repeat(1000);
+    let n = 3000;
+    for i in 0..n {
+        let msg = format!("{i:05}{payload}");
+        fast.send_text(&msg).unwrap();
+        // The fast client reads each of its messages back, in order, none missing.
+        assert_eq!(fast.recv_text(WAIT).unwrap(), msg);
+    }
+    assert_eq!(node.metric("wsrelay_slow_consumer_closes_total"), 1);
+    assert!(node.log().iter().any(|l| l.contains("slow consumer")));
+    // The slow client finds a prefix of the stream, in order, then close 1008.
+    let mut next = 0;
+    loop {
+        match slow.recv(WAIT).unwrap() {
+            Received::Text(t) if t == "ready" => {}
+            Received::Text(t) => {
+                assert_eq!(t[..5].parse::<usize>().unwrap(), next);
+                next += 1;
+            }
+            Received::Closed(frame) => {
+                assert_eq!(frame.unwrap().0, 1008);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(next < n, "slow client was not cut off");
+}
+
+#[test]
+fn oversize_message_gets_1009_and_others_are_unaffected() {
+    let node = Node::start(&["--max-message-size", "1024"]);
+    let mut ok = node.client("/");
+    ok.sync("ok", WAIT).unwrap();
+    let mut big = node.client("/");
+    big.sync("big", WAIT).unwrap();
+    big.send_text(&"y".repeat(2000)).unwrap();
+    loop {
+        match big.recv(WAIT).unwrap() {
+            Received::Closed(f) => {
+                assert_eq!(f.unwrap().0, 1009);
+                break;
+            }
+            Received::Text(t) => assert_eq!(t, "ok-after"),
+            other => panic!("{other:?}"),
+        }
+    }
+    ok.sync("ok-after", WAIT).unwrap();
+    assert_eq!(node.metric("wsrelay_oversize_closes_total"), 1);
+}
+
+#[test]
+fn invalid_utf8_text_gets_1007() {
+    let node = Node::start(&[]);
+    let mut c = node.client("/");
+    c.sync("s", WAIT).unwrap();
+    let frame = tungstenite::protocol::frame::Frame::message(
+        vec![0xc3u8, 0x28],
+        tungstenite::protocol::frame::coding::OpCode::Data(tungstenite::protocol::frame::coding::Data::Text),
+        true,
+    );
+    c.inner().send(tungstenite::Message::Frame(frame)).unwrap();
+    assert_eq!(c.recv(WAIT).unwrap(), Received::Closed(Some((1007, "invalid utf-8".into()))));
+}
+
+#[test]
+fn http_endpoints_and_garbage_do_not_disturb_clients() {
+    let node = Node::start(&["--handshake-timeout", "500ms"]);
+    let mut c = node.client("/");
+    c.sync("before", WAIT).unwrap();
+
+    assert_eq!(node.http_get("/healthz"), (200, "ok\n".into()));
+    assert_eq!(node.http_get("/nope").0, 404);
+    assert_eq!(http_request(node.addr, "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").0, 405);
+    assert_eq!(http_request(node.addr, "\x16\x03\x01\x02\x00garbage\r\n\r\n").0, 400);
+    let too_big = format!("GET / HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(10_000));
+    assert_eq!(http_request(node.addr, &too_big).0, 431);
+    let bad_version = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 7\r\n\r\n";
+    assert_eq!(http_request(node.addr, bad_version).0, 426);
+
+    // Half-open handshakes: they hold nothing up and are answered 408 at the deadline.
+    let mut half: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(node.addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nUpgrade: webso").unwrap();
+            s
+        })
+        .collect();
+    c.sync("during", WAIT).unwrap();
+    for s in &mut half {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        assert_eq!(parse_response(&resp).0, 408);
+    }
+    // A connection that says nothing at all is closed too.
+    let mut silent = TcpStream::connect(node.addr).unwrap();
+    silent.set_read_timeout(Some(WAIT)).unwrap();
+    let mut resp = Vec::new();
+    silent.read_to_end(&mut resp).unwrap();
+    assert_eq!(parse_response(&resp).0, 408);
+    c.sync("after", WAIT).unwrap();
+    assert!(node.metric("wsrelay_handshake_failures_total") >= 21);
+}
+
+#[test]
+fn redis_killed_and_restarted_mid_stream() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let mut a = Node::start(&["--redis", &url, "--redis-backoff-max", "500ms"]);
+    let mut b = Node::start(&["--redis", &url, "--redis-backoff-max", "500ms"]);
+    let mut on_a = a.client("/");
+    let mut on_b = b.client("/");
+    on_a.sync("sa", WAIT).unwrap();
+    on_b.sync("sb", WAIT).unwrap();
+
+    redis.kill();
+    // Local delivery goes on without Redis; the clients stay connected.
+    for i in 0..20 {
+        on_a.sync(&format!("local-{i}"), WAIT).unwrap();
+    }
+    wait_for("healthz 503", WAIT, || (a.http_get("/healthz").0 == 503).then_some(()));
+    assert!(a.metric("wsrelay_publish_failed_total") > 0);
+
+    redis.restart();
+    wait_for("subscriber back", WAIT, || (b.http_get("/healthz").0 == 200).then_some(()));
+    // Cross-node delivery resumes by itself; no wsrelay restart.
+    let mut n = 0;
+    wait_for("cross-node delivery after restart", WAIT, || {
+        n += 1;
+        let token = format!("resume-{n}");
+        on_a.send_text(&token).ok()?;
+        loop {
+            match on_b.recv(Duration::from_millis(300)) {
+                Ok(Received::Text(t)) if t == token => return Some(()),
+                Ok(Received::Closed(f)) => panic!("client on b closed: {f:?}"),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    });
+    assert!(a.running() && b.running());
+    assert!(b.metric("wsrelay_redis_reconnects_total") >= 1);
+    assert!(a.log().iter().any(|l| l.contains("redis")));
+}
+
+#[test]
+fn sigterm_sends_1001_and_exits_zero() {
+    let mut node = Node::start(&["--threads", "2"]);
+    let mut clients: Vec<Client> = (0..4).map(|_| node.client("/")).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.sync(&format!("s{i}"), WAIT).unwrap();
+    }
+    node.signal(libc::SIGTERM);
+    for c in &mut clients {
+        loop {
+            match c.recv(WAIT).unwrap() {
+                Received::Closed(f) => {
+                    assert_eq!(f.unwrap().0, 1001);
+                    break;
+                }
+                Received::Text(_) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    drop(clients);
+    let status = node.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn startup_errors_are_one_line_and_nonzero() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["--listen", "127.0.0.1:0", "--redis", &format!("redis://127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("wsrelay: cannot reach Redis"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("wsrelay:")).count(), 1, "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["--threads", "zero"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["--threads", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads must be at least 1"));
+
+    // A port already taken by a non-reuseport socket.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["--listen", &taken.local_addr().unwrap().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen on"));
+}
+
+#[test]
+fn idle_peers_are_pinged_then_closed() {
+    let node = Node::start(&["--ping-interval", "200ms", "--idle-timeout", "600ms"]);
+    // A tungstenite client answers pings automatically when it reads: it stays.
+    let mut live = node.client("/");
+    live.sync("s", WAIT).unwrap();
+    // A raw TCP client that completed the handshake but never answers anything.
+    let mut mute = TcpStream::connect(node.addr).unwrap();
+    mute.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    mute.set_read_timeout(Some(WAIT)).unwrap();
+    let mute = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        mute.read_to_end(&mut got).unwrap();
+        got
+    });
+    // Meanwhile the live client keeps reading, which answers the server's pings.
+    while !mute.is_finished() {
+        match live.recv(Duration::from_millis(50)) {
+            Ok(Received::Closed(f)) => panic!("live client closed: {f:?}"),
+            _ => {}
+        }
+    }
+    let got = mute.join().unwrap();
+    // It saw the 101, at least one ping (0x89) and a close frame (0x88) with 1001.
+    assert!(got.starts_with(b"HTTP/1.1 101"));
+    let frames = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    assert!(frames.contains(&0x89), "no ping: {frames:?}");
+    let close = frames.windows(4).position(|w| w[0] == 0x88).expect("close frame");
+    assert_eq!(u16::from_be_bytes([frames[close + 2], frames[close + 3]]), 1001);
+    // The live client is still served.
+    for i in 0..3 {
+        live.sync(&format!("still-{i}"), WAIT).unwrap();
+    }
+    assert!(node.metric("wsrelay_idle_closes_total") >= 1);
+}
