@@ -33,6 +33,7 @@ use crate::bridge::{BrokerHandle, Channel, Control, Delivery, LoopInbox, Publish
 use crate::broker::RateLimit;
 use crate::channels::{ChannelIndex, Joined};
 use crate::conn::{Conn, Io, Open, Phase, Protocol, Written};
+use crate::fanout::{self, Turn};
 use crate::frame::{self, Kind};
 use crate::http::{self, Head, Parse, Status};
 use crate::metrics::{HandshakeFailure, LoopMetrics, add, dec, inc};
@@ -69,14 +70,12 @@ pub struct EventLoop {
     ws_config: WebSocketConfig,
     /// Subscription requests that did not fit in the control queue yet, in order.
     pending_control: VecDeque<Control>,
-    /// Connections with output queued this turn.
-    dirty: Vec<usize>,
+    /// Connections to flush and slow consumers to close, gathered during the turn.
+    turn: Turn,
     /// Connections to continue reading next turn.
     read_backlog: Vec<usize>,
     /// Connections to drop at the end of the turn.
     dead: Vec<usize>,
-    /// Connections that passed `--max-output` during fan-out.
-    slow: Vec<usize>,
     scratch: Box<[u8]>,
     next_sweep: Instant,
     sweep_every: Duration,
@@ -122,10 +121,9 @@ impl EventLoop {
             shared,
             ws_config,
             pending_control: VecDeque::new(),
-            dirty: Vec::new(),
+            turn: Turn::default(),
             read_backlog: Vec::new(),
             dead: Vec::new(),
-            slow: Vec::new(),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             next_sweep: Instant::now() + sweep_every,
             sweep_every,
@@ -173,7 +171,7 @@ impl EventLoop {
                 self.read(key, now);
             }
             self.close_slow_consumers(now);
-            for key in std::mem::take(&mut self.dirty) {
+            for key in std::mem::take(&mut self.turn.dirty) {
                 self.flush(key);
             }
             self.send_control();
@@ -638,37 +636,23 @@ impl EventLoop {
         }
     }
 
-    /// Appends one message to the output of every local member of its channel. The frame was
-    /// encoded once for all of them; the socket write happens once per connection at the end
-    /// of the turn.
+    /// Appends one message to every local member's output (see `fanout.rs`).
     fn deliver(&mut self, d: &Delivery) {
         let Some(members) = self.index.members(&d.channel) else {
             return;
         };
-        let max_output = self.shared.config.max_output;
-        for &key in members {
-            let conn = &mut self.conns[key];
-            debug_assert!(
-                matches!(conn.phase, Phase::Open(_)),
-                "channel member {key} is not open"
-            );
-            conn.out.push(&d.raw_frame);
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(key);
-            }
-            if conn.out.len() > max_output && !conn.dead {
-                self.slow.push(key);
-            }
-        }
-        add(
-            &self.shared.metrics.loops[self.id].deliveries,
-            members.len() as u64,
+        let n = fanout::deliver(
+            d,
+            members,
+            &mut self.conns,
+            self.shared.config.max_output,
+            &mut self.turn,
         );
+        add(&self.shared.metrics.loops[self.id].deliveries, n as u64);
     }
 
     fn close_slow_consumers(&mut self, now: Instant) {
-        for key in std::mem::take(&mut self.slow) {
+        for key in std::mem::take(&mut self.turn.slow) {
             let conn = &self.conns[key];
             if !matches!(conn.phase, Phase::Open(_)) || conn.dead {
                 continue;
@@ -687,11 +671,7 @@ impl EventLoop {
     // ---- writing -------------------------------------------------------------------------
 
     fn mark_dirty(&mut self, key: usize) {
-        let conn = &mut self.conns[key];
-        if !conn.dirty {
-            conn.dirty = true;
-            self.dirty.push(key);
-        }
+        self.turn.mark_dirty(key, &mut self.conns[key]);
     }
 
     /// Writes the connection's output until done or WouldBlock; a closing connection whose
@@ -817,10 +797,7 @@ impl EventLoop {
                     {
                         open.last_ping = now;
                         conn.out.push(&frame::ping(b""));
-                        if !conn.dirty {
-                            conn.dirty = true;
-                            self.dirty.push(key);
-                        }
+                        self.turn.mark_dirty(key, conn);
                     }
                 }
                 _ => {}
@@ -838,7 +815,7 @@ impl EventLoop {
             );
             self.close(key, CloseCode::Away, "idle timeout", now);
         }
-        for key in std::mem::take(&mut self.dirty) {
+        for key in std::mem::take(&mut self.turn.dirty) {
             self.flush(key);
         }
         self.remove_dead();
@@ -863,7 +840,7 @@ impl EventLoop {
                 Phase::Closing => {}
             }
         }
-        for key in std::mem::take(&mut self.dirty) {
+        for key in std::mem::take(&mut self.turn.dirty) {
             self.flush(key);
         }
         self.remove_dead();

@@ -85,7 +85,11 @@ fn backend_publish_through_redis_reaches_clients() {
     let mut c = node.client("/news");
     c.sync("ready", WAIT).unwrap();
     let mut con = redis.con();
-    let receivers: i64 = redis::cmd("PUBLISH").arg("app:news").arg("hello").query(&mut con).unwrap();
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg("app:news")
+        .arg("hello")
+        .query(&mut con)
+        .unwrap();
     assert_eq!(receivers, 1, "exactly one node subscription");
     assert_eq!(c.recv(WAIT).unwrap(), Received::Text("hello".into()));
     let _: i64 = redis::cmd("PUBLISH")
@@ -95,8 +99,16 @@ fn backend_publish_through_redis_reaches_clients() {
         .unwrap();
     assert_eq!(c.recv(WAIT).unwrap(), Received::Binary(vec![0xff, 0x00]));
     // Unprefixed and other channels do not leak in.
-    let _: i64 = redis::cmd("PUBLISH").arg("news").arg("wrong").query(&mut con).unwrap();
-    let _: i64 = redis::cmd("PUBLISH").arg("app:other").arg("wrong").query(&mut con).unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("news")
+        .arg("wrong")
+        .query(&mut con)
+        .unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("app:other")
+        .arg("wrong")
+        .query(&mut con)
+        .unwrap();
     c.sync("after", WAIT).unwrap();
 }
 
@@ -106,7 +118,11 @@ fn subscriptions_follow_local_clients() {
     let node = Node::start(&["--redis", &redis.url(), "--threads", "2"]);
     let mut con = redis.con();
     let numsub = |con: &mut redis::Connection, ch: &str| -> i64 {
-        let v: Vec<(String, i64)> = redis::cmd("PUBSUB").arg("NUMSUB").arg(ch).query(con).unwrap();
+        let v: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(ch)
+            .query(con)
+            .unwrap();
         v[0].1
     };
     let mut c1 = node.client("/watched");
@@ -129,7 +145,10 @@ fn two_processes_share_one_port() {
     let redis = Redis::start();
     let url = redis.url();
     let mut first = Node::start(&["--redis", &url, "--threads", "1"]);
-    let second = Node::start_on(&first.addr.to_string(), &["--redis", &url, "--threads", "1"]);
+    let second = Node::start_on(
+        &first.addr.to_string(),
+        &["--redis", &url, "--threads", "1"],
+    );
     assert_eq!(first.addr, second.addr);
     let mut clients: Vec<Client> = (0..16).map(|_| first.client("/")).collect();
     for (i, c) in clients.iter_mut().enumerate() {
@@ -143,11 +162,16 @@ fn two_processes_share_one_port() {
     first.kill();
     let mut alive = 0;
     for (i, c) in clients.iter_mut().enumerate() {
-        if c.sync(&format!("after-{i}"), Duration::from_secs(3)).is_ok() {
+        if c.sync(&format!("after-{i}"), Duration::from_secs(3))
+            .is_ok()
+        {
             alive += 1;
         }
     }
-    assert!(alive > 0 && alive < 16, "connections were not spread over both processes: {alive} of 16 survived");
+    assert!(
+        alive > 0 && alive < 16,
+        "connections were not spread over both processes: {alive} of 16 survived"
+    );
 }
 
 #[test]
@@ -227,11 +251,16 @@ fn invalid_utf8_text_gets_1007() {
     c.sync("s", WAIT).unwrap();
     let frame = tungstenite::protocol::frame::Frame::message(
         vec![0xc3u8, 0x28],
-        tungstenite::protocol::frame::coding::OpCode::Data(tungstenite::protocol::frame::coding::Data::Text),
+        tungstenite::protocol::frame::coding::OpCode::Data(
+            tungstenite::protocol::frame::coding::Data::Text,
+        ),
         true,
     );
     c.inner().send(tungstenite::Message::Frame(frame)).unwrap();
-    assert_eq!(c.recv(WAIT).unwrap(), Received::Closed(Some((1007, "invalid utf-8".into()))));
+    assert_eq!(
+        c.recv(WAIT).unwrap(),
+        Received::Closed(Some((1007, "invalid utf-8".into())))
+    );
 }
 
 #[test]
@@ -242,8 +271,18 @@ fn http_endpoints_and_garbage_do_not_disturb_clients() {
 
     assert_eq!(node.http_get("/healthz"), (200, "ok\n".into()));
     assert_eq!(node.http_get("/nope").0, 404);
-    assert_eq!(http_request(node.addr, "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").0, 405);
-    assert_eq!(http_request(node.addr, "\x16\x03\x01\x02\x00garbage\r\n\r\n").0, 400);
+    assert_eq!(
+        http_request(
+            node.addr,
+            "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        .0,
+        405
+    );
+    assert_eq!(
+        http_request(node.addr, "\x16\x03\x01\x02\x00garbage\r\n\r\n").0,
+        400
+    );
     let too_big = format!("GET / HTTP/1.1\r\nX-Pad: {}\r\n\r\n", "a".repeat(10_000));
     assert_eq!(http_request(node.addr, &too_big).0, 431);
     let bad_version = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -291,11 +330,15 @@ fn redis_killed_and_restarted_mid_stream() {
     for i in 0..20 {
         on_a.sync(&format!("local-{i}"), WAIT).unwrap();
     }
-    wait_for("healthz 503", WAIT, || (a.http_get("/healthz").0 == 503).then_some(()));
+    wait_for("healthz 503", WAIT, || {
+        (a.http_get("/healthz").0 == 503).then_some(())
+    });
     assert!(a.metric("wsrelay_publish_failed_total") > 0);
 
     redis.restart();
-    wait_for("subscriber back", WAIT, || (b.http_get("/healthz").0 == 200).then_some(()));
+    wait_for("subscriber back", WAIT, || {
+        (b.http_get("/healthz").0 == 200).then_some(())
+    });
     // Cross-node delivery resumes by itself; no wsrelay restart.
     let mut n = 0;
     wait_for("cross-node delivery after restart", WAIT, || {
@@ -344,14 +387,23 @@ fn sigterm_sends_1001_and_exits_zero() {
 #[test]
 fn startup_errors_are_one_line_and_nonzero() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["--listen", "127.0.0.1:0", "--redis", &format!("redis://127.0.0.1:{}", free_port())])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--redis",
+            &format!("redis://127.0.0.1:{}", free_port()),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("wsrelay: cannot reach Redis"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(err.lines().filter(|l| l.starts_with("wsrelay:")).count(), 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("wsrelay:")).count(),
+        1,
+        "{err}"
+    );
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
         .args(["--threads", "zero"])
@@ -398,9 +450,8 @@ fn idle_peers_are_pinged_then_closed() {
     });
     // Meanwhile the live client keeps reading, which answers the server's pings.
     while !mute.is_finished() {
-        match live.recv(Duration::from_millis(50)) {
-            Ok(Received::Closed(f)) => panic!("live client closed: {f:?}"),
-            _ => {}
+        if let Ok(Received::Closed(f)) = live.recv(Duration::from_millis(50)) {
+            panic!("live client closed: {f:?}");
         }
     }
     let got = mute.join().unwrap();
@@ -408,8 +459,14 @@ fn idle_peers_are_pinged_then_closed() {
     assert!(got.starts_with(b"HTTP/1.1 101"));
     let frames = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
     assert!(frames.contains(&0x89), "no ping: {frames:?}");
-    let close = frames.windows(4).position(|w| w[0] == 0x88).expect("close frame");
-    assert_eq!(u16::from_be_bytes([frames[close + 2], frames[close + 3]]), 1001);
+    let close = frames
+        .windows(4)
+        .position(|w| w[0] == 0x88)
+        .expect("close frame");
+    assert_eq!(
+        u16::from_be_bytes([frames[close + 2], frames[close + 3]]),
+        1001
+    );
     // The live client is still served.
     for i in 0..3 {
         live.sync(&format!("still-{i}"), WAIT).unwrap();

@@ -16,7 +16,11 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` every few milliseconds until it returns `Some`, or panics after `timeout`.
@@ -70,7 +74,9 @@ impl Redis {
 
     /// True when the server answers PING.
     pub fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else { return false };
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
         let Ok(mut con) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
             return false;
         };
@@ -79,7 +85,10 @@ impl Redis {
 
     /// A fresh connection for commands.
     pub fn con(&self) -> redis::Connection {
-        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
     }
 
     /// SIGKILLs the server (its data is gone: no persistence).
@@ -117,7 +126,11 @@ impl Node {
 
     /// Starts the binary listening on `listen` (e.g. another node's address, for SO_REUSEPORT).
     pub fn start_on(listen: &str, args: &[&str]) -> Node {
-        Self::spawn(Command::new(env!("CARGO_BIN_EXE_wsrelay")).args(["--listen", listen]).args(args))
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+                .args(["--listen", listen])
+                .args(args),
+        )
     }
 
     /// Starts a prepared command and waits for its "listening on" line.
@@ -168,7 +181,12 @@ impl Node {
     #[track_caller]
     pub fn wait_log(&self, needle: &str) -> String {
         wait_for(&format!("log line {needle:?}"), WAIT, || {
-            self.log.lock().unwrap().iter().find(|l| l.contains(needle)).cloned()
+            self.log
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned()
         })
     }
 
@@ -201,7 +219,10 @@ impl Node {
 
     /// `GET path` over plain HTTP; returns (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        http_request(self.addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+        http_request(
+            self.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
     }
 
     /// The value of a metric (summed over label sets) from `/metrics`.
@@ -245,7 +266,10 @@ pub fn parse_response(resp: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -253,7 +277,10 @@ pub fn parse_response(resp: &[u8]) -> (u16, String) {
 #[track_caller]
 pub fn recv_n(c: &mut Client, want: usize) -> Vec<Received> {
     (0..want)
-        .map(|i| c.recv(WAIT).unwrap_or_else(|e| panic!("message {i} of {want}: {e}")))
+        .map(|i| {
+            c.recv(WAIT)
+                .unwrap_or_else(|e| panic!("message {i} of {want}: {e}"))
+        })
         .collect()
 }
 
