@@ -160,8 +160,7 @@ mod tests {
 
     #[test]
     fn flags_override_defaults_only_where_given() {
-        let cli =
-            Cli::try_parse_from(["wsrelay", "--threads", "3", "--max-output", "1000"]).unwrap();
+        let cli = Cli::try_parse_from(["wsrelay", "--threads", "3", "--max-output", "1000"]).unwrap();
         let c = cli.into_config().unwrap();
         assert_eq!(c.threads, 3);
         assert_eq!(c.max_output, 1000);

@@ -38,11 +38,7 @@ impl Client {
     }
 
     /// Connects, offering `protocol` in `Sec-WebSocket-Protocol` if given.
-    pub fn connect_with(
-        addr: SocketAddr,
-        path: &str,
-        protocol: Option<&str>,
-    ) -> io::Result<Client> {
+    pub fn connect_with(addr: SocketAddr, path: &str, protocol: Option<&str>) -> io::Result<Client> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         Self::handshake(stream, addr, path, protocol)
     }
@@ -56,17 +52,13 @@ impl Client {
     ) -> io::Result<Client> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let mut req = url(addr, path)
-            .into_client_request()
-            .map_err(io::Error::other)?;
+        let mut req = url(addr, path).into_client_request().map_err(io::Error::other)?;
         if let Some(p) = protocol {
-            req.headers_mut().insert(
-                "Sec-WebSocket-Protocol",
-                p.parse().map_err(io::Error::other)?,
-            );
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", p.parse().map_err(io::Error::other)?);
         }
-        let (ws, _resp) = tungstenite::client::client(req, stream)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let (ws, _resp) =
+            tungstenite::client::client(req, stream).map_err(|e| io::Error::other(e.to_string()))?;
         Ok(Client { ws })
     }
 
@@ -92,26 +84,20 @@ impl Client {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no message in time",
-                ));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no message in time"));
             }
             self.ws.get_ref().set_read_timeout(Some(left))?;
             match self.ws.read() {
                 Ok(Message::Text(t)) => return Ok(Received::Text(t.to_string())),
                 Ok(Message::Binary(b)) => return Ok(Received::Binary(b.to_vec())),
                 Ok(Message::Close(f)) => {
-                    return Ok(Received::Closed(f.map(|CloseFrame { code, reason }| {
-                        (code.into(), reason.to_string())
-                    })));
+                    return Ok(Received::Closed(
+                        f.map(|CloseFrame { code, reason }| (code.into(), reason.to_string())),
+                    ));
                 }
                 Ok(_) => {}
                 Err(tungstenite::Error::Io(e))
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                     return Ok(Received::Closed(None));
                 }

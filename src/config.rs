@@ -138,9 +138,7 @@ impl Config {
             return Err("--idle-timeout must be longer than --ping-interval".into());
         }
         if self.redis_backoff_min.is_zero() || self.redis_backoff_min > self.redis_backoff_max {
-            return Err(
-                "--redis-backoff-min must be above 0 and at most --redis-backoff-max".into(),
-            );
+            return Err("--redis-backoff-min must be above 0 and at most --redis-backoff-max".into());
         }
         if let Some(url) = &self.redis {
             redis::parse_redis_url(url)

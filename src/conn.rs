@@ -229,10 +229,7 @@ mod tests {
         let mut out = OutBuf::default();
         out.push(b"hello ");
         out.push(b"world");
-        let mut w = Limited {
-            got: vec![],
-            room: 4,
-        };
+        let mut w = Limited { got: vec![], room: 4 };
         assert_eq!(out.write_to(&mut w).unwrap(), Written::Blocked(4));
         assert_eq!(out.len(), 7);
         out.push(b"!");

@@ -104,10 +104,7 @@ impl EventLoop {
             .max_write_buffer_size(usize::MAX)
             .max_message_size(Some(c.max_message_size))
             .max_frame_size(Some(c.max_message_size));
-        let shortest = c
-            .handshake_timeout
-            .min(c.ping_interval)
-            .min(c.close_timeout);
+        let shortest = c.handshake_timeout.min(c.ping_interval).min(c.close_timeout);
         let sweep_every = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         Ok(EventLoop {
             id,
@@ -189,11 +186,7 @@ impl EventLoop {
             }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() || now >= deadline {
-                    debug!(
-                        "loop {} done, {} connections left",
-                        self.id,
-                        self.conns.len()
-                    );
+                    debug!("loop {} done, {} connections left", self.id, self.conns.len());
                     return Ok(());
                 }
             }
@@ -258,11 +251,11 @@ impl EventLoop {
         let key = entry.key();
         // Readable and writable from the start: edge-triggered, so writable fires only when a
         // full send buffer drains, and no interest change (syscall) is ever needed.
-        if let Err(e) = self.poll.registry().register(
-            &mut sock,
-            Token(key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut sock, Token(key), Interest::READABLE | Interest::WRITABLE)
+        {
             warn!("cannot register connection from {peer}: {e}");
             return;
         }
@@ -314,8 +307,7 @@ impl EventLoop {
             match io::Read::read(&mut conn.sock, &mut head[start..]) {
                 Ok(0) => {
                     head.truncate(start);
-                    self.metrics()
-                        .handshake_failed(HandshakeFailure::Disconnected);
+                    self.metrics().handshake_failed(HandshakeFailure::Disconnected);
                     self.kill(key);
                     return;
                 }
@@ -349,8 +341,7 @@ impl EventLoop {
                 Err(e) if interrupted(&e) => head.truncate(start),
                 Err(_) => {
                     head.truncate(start);
-                    self.metrics()
-                        .handshake_failed(HandshakeFailure::Disconnected);
+                    self.metrics().handshake_failed(HandshakeFailure::Disconnected);
                     self.kill(key);
                     return;
                 }
@@ -374,8 +365,7 @@ impl EventLoop {
             name
         };
         if name.len() > cfg.max_channel_len {
-            self.metrics()
-                .handshake_failed(HandshakeFailure::BadRequest);
+            self.metrics().handshake_failed(HandshakeFailure::BadRequest);
             self.respond(key, http::error_response(Status::BadRequest), now);
             return;
         }
@@ -409,13 +399,7 @@ impl EventLoop {
         const TEXT: &str = "text/plain; charset=utf-8";
         match (head.method.as_str(), head.path.as_str()) {
             ("GET" | "HEAD", "/healthz") => {
-                if self
-                    .shared
-                    .metrics
-                    .broker
-                    .subscriber_up
-                    .load(Ordering::Relaxed)
-                {
+                if self.shared.metrics.broker.subscriber_up.load(Ordering::Relaxed) {
                     http::response(Status::Ok, TEXT, b"ok\n")
                 } else {
                     http::response(Status::Unavailable, TEXT, b"redis subscriber down\n")
@@ -463,9 +447,7 @@ impl EventLoop {
             match open.ctx.read(&mut io) {
                 Ok(Message::Text(t)) => {
                     published += 1;
-                    if let Err(e) =
-                        publish(&self.broker, &open.channels[0], Kind::Text, Bytes::from(t))
-                    {
+                    if let Err(e) = publish(&self.broker, &open.channels[0], Kind::Text, Bytes::from(t)) {
                         break e;
                     }
                 }
@@ -487,10 +469,7 @@ impl EventLoop {
             conn.last_seen = now;
         }
         let has_output = !conn.out.is_empty();
-        add(
-            &self.shared.metrics.loops[self.id].messages_in,
-            published as u64,
-        );
+        add(&self.shared.metrics.loops[self.id].messages_in, published as u64);
         if has_output {
             self.mark_dirty(key);
         }
@@ -620,10 +599,7 @@ impl EventLoop {
         while let Some(msg) = self.inbox.try_recv() {
             match msg {
                 ToLoop::Deliver(d) => self.deliver(&d),
-                ToLoop::Live {
-                    channel,
-                    generation,
-                } => {
+                ToLoop::Live { channel, generation } => {
                     if let Some(members) = self.index.set_live(&channel, generation) {
                         for &key in members {
                             if self.conns[key].read_pending {
@@ -699,10 +675,7 @@ impl EventLoop {
                 return;
             }
         };
-        add(
-            &self.shared.metrics.loops[self.id].bytes_out,
-            written as u64,
-        );
+        add(&self.shared.metrics.loops[self.id].bytes_out, written as u64);
     }
 
     // ---- closing -------------------------------------------------------------------------
@@ -782,9 +755,7 @@ impl EventLoop {
                 continue;
             }
             match &mut conn.phase {
-                Phase::Request(_) if conn.deadline.is_some_and(|d| now >= d) => {
-                    expired_requests.push(key)
-                }
+                Phase::Request(_) if conn.deadline.is_some_and(|d| now >= d) => expired_requests.push(key),
                 Phase::Closing if conn.deadline.is_some_and(|d| now >= d) => {
                     conn.dead = true;
                     self.dead.push(key);
@@ -792,9 +763,7 @@ impl EventLoop {
                 Phase::Open(open) => {
                     if now.duration_since(conn.last_seen) >= idle_timeout {
                         idle.push(key);
-                    } else if now.duration_since(conn.last_seen.max(open.last_ping))
-                        >= ping_interval
-                    {
+                    } else if now.duration_since(conn.last_seen.max(open.last_ping)) >= ping_interval {
                         open.last_ping = now;
                         conn.out.push(&frame::ping(b""));
                         self.turn.mark_dirty(key, conn);
@@ -809,10 +778,7 @@ impl EventLoop {
         }
         for key in idle {
             inc(&self.metrics().idle_closed);
-            debug!(
-                "{}: idle past {idle_timeout:?}; closing",
-                self.conns[key].peer
-            );
+            debug!("{}: idle past {idle_timeout:?}; closing", self.conns[key].peer);
             self.close(key, CloseCode::Away, "idle timeout", now);
         }
         for key in std::mem::take(&mut self.turn.dirty) {
@@ -844,10 +810,7 @@ impl EventLoop {
             self.flush(key);
         }
         self.remove_dead();
-        info!(
-            "loop {}: shutting down, closing {open} connections",
-            self.id
-        );
+        info!("loop {}: shutting down, closing {open} connections", self.id);
         self.shutdown_deadline = Some(now + self.shared.config.shutdown_timeout);
     }
 }
@@ -867,12 +830,7 @@ enum ReadEnd {
 }
 
 /// Hands a client's message to the broker without blocking.
-fn publish(
-    broker: &BrokerHandle,
-    channel: &Channel,
-    kind: Kind,
-    data: Bytes,
-) -> Result<(), ReadEnd> {
+fn publish(broker: &BrokerHandle, channel: &Channel, kind: Kind, data: Bytes) -> Result<(), ReadEnd> {
     let p = Publish {
         channel: channel.clone(),
         kind,

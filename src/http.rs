@@ -248,9 +248,7 @@ pub fn error_response(status: Status) -> Vec<u8> {
 }
 
 fn has_token(value: &str, token: &str) -> bool {
-    value
-        .split(',')
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    value.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// A Sec-WebSocket-Key is 16 random bytes in base64: 24 characters.
@@ -342,15 +340,9 @@ mod tests {
         let no_key = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n";
         assert_eq!(parse(no_key.as_bytes()), Parse::Invalid(Status::BadRequest));
         let v8 = upgrade_req("/", "").replace("Version: 13", "Version: 8");
-        assert_eq!(
-            parse(v8.as_bytes()),
-            Parse::Invalid(Status::UpgradeRequired)
-        );
+        assert_eq!(parse(v8.as_bytes()), Parse::Invalid(Status::UpgradeRequired));
         let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
-        assert_eq!(
-            parse(huge.as_bytes()),
-            Parse::Invalid(Status::HeadersTooLarge)
-        );
+        assert_eq!(parse(huge.as_bytes()), Parse::Invalid(Status::HeadersTooLarge));
         assert_eq!(
             parse(b"GET /%zz HTTP/1.1\r\n\r\n"),
             Parse::Invalid(Status::BadRequest)

@@ -6,18 +6,18 @@
 //! ties a core's connections together, and the server that starts it all.
 #![deny(missing_docs, rust_2018_idioms)]
 
-pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod listener;
+pub mod http;
+pub mod frame;
+pub mod conn;
+pub mod channels;
 pub mod bridge;
 pub mod broker;
-pub mod channels;
-pub mod cli;
-pub mod client;
-pub mod config;
-pub mod conn;
-pub mod event_loop;
 pub mod fanout;
-pub mod frame;
-pub mod http;
-pub mod listener;
+pub mod event_loop;
+pub mod backoff;
 pub mod metrics;
 pub mod server;
+pub mod client;

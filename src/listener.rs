@@ -17,10 +17,7 @@ const BACKLOG: i32 = 4096;
 
 /// Binds `n` nonblocking listeners on `addr` with SO_REUSEPORT. Returns them and the address
 /// actually bound (the port chosen when `addr` has port 0).
-pub fn bind_all(
-    addr: SocketAddr,
-    n: usize,
-) -> io::Result<(Vec<mio::net::TcpListener>, SocketAddr)> {
+pub fn bind_all(addr: SocketAddr, n: usize) -> io::Result<(Vec<mio::net::TcpListener>, SocketAddr)> {
     let first = bind_one(addr)?;
     let bound = first.local_addr()?;
     let mut all = vec![first];

@@ -24,8 +24,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), String> {
     let config = cli.into_config()?;
     init_logging(config.log_level);
-    let mut signals = Signals::new([SIGTERM, SIGINT])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let server = Server::start(config)?;
     let shutdown = server.shutdown_handle();
     std::thread::Builder::new()

@@ -140,10 +140,7 @@ impl Metrics {
 
     /// Sum of one counter over all loops.
     pub fn sum(&self, f: impl Fn(&LoopMetrics) -> &AtomicU64) -> u64 {
-        self.loops
-            .iter()
-            .map(|l| f(l).load(Ordering::Relaxed))
-            .sum()
+        self.loops.iter().map(|l| f(l).load(Ordering::Relaxed)).sum()
     }
 
     /// Prometheus text exposition format (version 0.0.4).
@@ -315,10 +312,7 @@ mod tests {
         // Every sample line belongs to a declared family.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
-            assert!(
-                text.contains(&format!("# TYPE {name} ")),
-                "{name} undeclared"
-            );
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} undeclared");
         }
     }
 }

@@ -59,8 +59,8 @@ impl Server {
     /// meant for the operator.
     pub fn start(config: Config) -> Result<Server, String> {
         config.validate()?;
-        let fd_limit = listener::raise_fd_limit()
-            .map_err(|e| format!("cannot read the open-file limit: {e}"))?;
+        let fd_limit =
+            listener::raise_fd_limit().map_err(|e| format!("cannot read the open-file limit: {e}"))?;
         let (listeners, addr) = listener::bind_all(config.listen, config.threads)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
         let metrics = Arc::new(Metrics::new(config.threads));
@@ -70,8 +70,8 @@ impl Server {
         let mut inboxes = Vec::new();
         for id in 0..config.threads {
             let poll = mio::Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
-            let waker = mio::Waker::new(poll.registry(), WAKER)
-                .map_err(|e| format!("cannot create waker: {e}"))?;
+            let waker =
+                mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("cannot create waker: {e}"))?;
             let (handle, inbox) = bridge::loop_queue(id, config.loop_queue, Arc::new(waker));
             polls.push(poll);
             loops.push(handle);
@@ -90,18 +90,9 @@ impl Server {
         });
 
         let mut loop_threads = Vec::new();
-        for (id, ((poll, listener), inbox)) in
-            polls.into_iter().zip(listeners).zip(inboxes).enumerate()
-        {
-            let ev = EventLoop::new(
-                id,
-                poll,
-                listener,
-                inbox,
-                broker.handle.clone(),
-                shared.clone(),
-            )
-            .map_err(|e| format!("cannot start loop {id}: {e}"))?;
+        for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
+            let ev = EventLoop::new(id, poll, listener, inbox, broker.handle.clone(), shared.clone())
+                .map_err(|e| format!("cannot start loop {id}: {e}"))?;
             let t = std::thread::Builder::new()
                 .name(format!("wsrelay-loop-{id}"))
                 .spawn(move || ev.run())

@@ -133,22 +133,9 @@ pub struct Confirmations {
 
 impl Confirmations {
     /// Confirms to `loop_id` that its subscription `generation` to `channel` is live.
-    pub fn confirm(
-        &mut self,
-        loops: &[LoopHandle],
-        loop_id: usize,
-        channel: Channel,
-        generation: u64,
-    ) {
-        if let Err(msg) = loops[loop_id].try_send(ToLoop::Live {
-            channel,
-            generation,
-        }) {
-            let ToLoop::Live {
-                channel,
-                generation,
-            } = msg
-            else {
+    pub fn confirm(&mut self, loops: &[LoopHandle], loop_id: usize, channel: Channel, generation: u64) {
+        if let Err(msg) = loops[loop_id].try_send(ToLoop::Live { channel, generation }) {
+            let ToLoop::Live { channel, generation } = msg else {
                 unreachable!()
             };
             self.pending.push((loop_id, channel, generation));
@@ -178,10 +165,7 @@ impl RateLimit {
     /// True at most once per second.
     pub fn allow(&mut self) -> bool {
         let now = std::time::Instant::now();
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t).as_secs() < 1)
-        {
+        if self.last.is_some_and(|t| now.duration_since(t).as_secs() < 1) {
             return false;
         }
         self.last = Some(now);

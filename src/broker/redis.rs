@@ -120,16 +120,13 @@ impl Subscriber {
             match connect(&self.client) {
                 Ok(mut con) => match self.serve(&mut con) {
                     Exit::Stop => return,
-                    Exit::Lost(e) => warn!(
-                        "redis subscriber connection lost: {e}; local delivery continues, reconnecting"
-                    ),
+                    Exit::Lost(e) => {
+                        warn!("redis subscriber connection lost: {e}; local delivery continues, reconnecting")
+                    }
                 },
                 Err(e) => debug!("redis subscriber cannot connect: {e}"),
             }
-            self.metrics
-                .broker
-                .subscriber_up
-                .store(false, Ordering::Relaxed);
+            self.metrics.broker.subscriber_up.store(false, Ordering::Relaxed);
             // Wait out the backoff while still serving the loops' subscription requests.
             let until = Instant::now() + self.backoff.next_delay();
             loop {
@@ -189,10 +186,7 @@ impl Subscriber {
         if let Err(e) = ps.set_read_timeout(Some(READ_TIMEOUT)) {
             return Exit::Lost(e);
         }
-        self.metrics
-            .broker
-            .subscriber_up
-            .store(true, Ordering::Relaxed);
+        self.metrics.broker.subscriber_up.store(true, Ordering::Relaxed);
         self.backoff.reset();
         if self.connected_before {
             inc(&self.metrics.broker.redis_reconnects);
@@ -240,8 +234,7 @@ impl Subscriber {
                     .store(upstream.len() as u64, Ordering::Relaxed);
                 // Redis has answered: the subscriptions are in effect.
                 for (loop_id, ch, generation) in awaiting.drain(..) {
-                    self.confirmations
-                        .confirm(&self.loops, loop_id, ch, generation);
+                    self.confirmations.confirm(&self.loops, loop_id, ch, generation);
                 }
             }
             self.confirmations.retry(&self.loops);
@@ -348,8 +341,7 @@ impl Publisher {
         if Instant::now() < self.next_attempt {
             return false;
         }
-        let result =
-            connect(&self.client).and_then(|mut con| pipe.query::<()>(&mut con).map(|()| con));
+        let result = connect(&self.client).and_then(|mut con| pipe.query::<()>(&mut con).map(|()| con));
         match result {
             Ok(con) => {
                 self.con = Some(con);
