@@ -118,11 +118,7 @@ fn subscriptions_follow_local_clients() {
     let node = Node::start(&["--redis", &redis.url(), "--threads", "2"]);
     let mut con = redis.con();
     let numsub = |con: &mut redis::Connection, ch: &str| -> i64 {
-        let v: Vec<(String, i64)> = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg(ch)
-            .query(con)
-            .unwrap();
+        let v: Vec<(String, i64)> = redis::cmd("PUBSUB").arg("NUMSUB").arg(ch).query(con).unwrap();
         v[0].1
     };
     let mut c1 = node.client("/watched");
@@ -145,10 +141,7 @@ fn two_processes_share_one_port() {
     let redis = Redis::start();
     let url = redis.url();
     let mut first = Node::start(&["--redis", &url, "--threads", "1"]);
-    let second = Node::start_on(
-        &first.addr.to_string(),
-        &["--redis", &url, "--threads", "1"],
-    );
+    let second = Node::start_on(&first.addr.to_string(), &["--redis", &url, "--threads", "1"]);
     assert_eq!(first.addr, second.addr);
     let mut clients: Vec<Client> = (0..16).map(|_| first.client("/")).collect();
     for (i, c) in clients.iter_mut().enumerate() {
@@ -162,9 +155,7 @@ fn two_processes_share_one_port() {
     first.kill();
     let mut alive = 0;
     for (i, c) in clients.iter_mut().enumerate() {
-        if c.sync(&format!("after-{i}"), Duration::from_secs(3))
-            .is_ok()
-        {
+        if c.sync(&format!("after-{i}"), Duration::from_secs(3)).is_ok() {
             alive += 1;
         }
     }
@@ -251,9 +242,7 @@ fn invalid_utf8_text_gets_1007() {
     c.sync("s", WAIT).unwrap();
     let frame = tungstenite::protocol::frame::Frame::message(
         vec![0xc3u8, 0x28],
-        tungstenite::protocol::frame::coding::OpCode::Data(
-            tungstenite::protocol::frame::coding::Data::Text,
-        ),
+        tungstenite::protocol::frame::coding::OpCode::Data(tungstenite::protocol::frame::coding::Data::Text),
         true,
     );
     c.inner().send(tungstenite::Message::Frame(frame)).unwrap();
@@ -459,14 +448,8 @@ fn idle_peers_are_pinged_then_closed() {
     assert!(got.starts_with(b"HTTP/1.1 101"));
     let frames = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
     assert!(frames.contains(&0x89), "no ping: {frames:?}");
-    let close = frames
-        .windows(4)
-        .position(|w| w[0] == 0x88)
-        .expect("close frame");
-    assert_eq!(
-        u16::from_be_bytes([frames[close + 2], frames[close + 3]]),
-        1001
-    );
+    let close = frames.windows(4).position(|w| w[0] == 0x88).expect("close frame");
+    assert_eq!(u16::from_be_bytes([frames[close + 2], frames[close + 3]]), 1001);
     // The live client is still served.
     for i in 0..3 {
         live.sync(&format!("still-{i}"), WAIT).unwrap();

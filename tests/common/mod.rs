@@ -85,10 +85,7 @@ impl Redis {
 
     /// A fresh connection for commands.
     pub fn con(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        redis::Client::open(self.url()).unwrap().get_connection().unwrap()
     }
 
     /// SIGKILLs the server (its data is gone: no persistence).
@@ -219,10 +216,7 @@ impl Node {
 
     /// `GET path` over plain HTTP; returns (status, body).
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        http_request(
-            self.addr,
-            &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"),
-        )
+        http_request(self.addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
     }
 
     /// The value of a metric (summed over label sets) from `/metrics`.
