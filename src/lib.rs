@@ -21,3 +21,6 @@ pub mod backoff;
 pub mod metrics;
 pub mod server;
 pub mod client;
+pub mod auth;
+pub mod origin;
+pub mod ratelimit;
