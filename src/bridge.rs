@@ -2,13 +2,14 @@
 //! with each other or with the broker: they talk only through these bounded crossbeam queues,
 //! and a loop blocked in `poll` is woken by its `mio::Waker`.
 //!
-//! Direction loop → broker: [`Publish`] (a client's message) and [`Control`] (subscribe and
-//! unsubscribe), through a [`BrokerHandle`]. Direction broker → loop: [`ToLoop`] through a
+//! Direction loop → broker: [`Publish`] (a client's message), [`Control`] (subscribe and
+//! unsubscribe) and [`Request`] (history and session storage), through a [`BrokerHandle`].
+//! Direction broker → loop: [`ToLoop`] (deliveries, confirmations, replies) through a
 //! [`LoopHandle`]. Wakes merge: a sender only calls `wake()` when no wake is already pending, and
 //! the loop clears the flag before it drains its inbox with `try_recv`.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -39,6 +40,8 @@ pub struct Delivery {
     pub position: Option<Position>,
     /// The complete WebSocket frame raw-protocol clients receive.
     pub raw_frame: Bytes,
+    /// The `wsrelay.v1` message frame, encoded by the first loop that needs it.
+    envelope: OnceLock<Bytes>,
 }
 
 impl Delivery {
@@ -51,8 +54,123 @@ impl Delivery {
             data,
             position,
             raw_frame,
+            envelope: OnceLock::new(),
         })
     }
+
+    /// The frame `wsrelay.v1` clients receive: encoded once, shared by every such recipient.
+    pub fn envelope_frame(&self) -> &Bytes {
+        self.envelope
+            .get_or_init(|| frame::encode(Kind::Text, crate::envelope::message(self).as_bytes()))
+    }
+
+    /// The offset if this message has one in `epoch`.
+    pub fn offset_in(&self, epoch: &str) -> Option<u64> {
+        self.position
+            .as_ref()
+            .filter(|p| &*p.epoch == epoch)
+            .map(|p| p.offset)
+    }
+}
+
+/// One connection of one loop. The slab key is reused after a connection ends; the serial is
+/// not, so a late reply never reaches the wrong connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnId {
+    /// Slab key in its loop.
+    pub key: usize,
+    /// Unique per loop for the process's lifetime.
+    pub serial: u64,
+}
+
+/// Where a broker reply goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyTo {
+    /// The loop.
+    pub loop_id: usize,
+    /// The connection in it.
+    pub conn: ConnId,
+}
+
+/// A `wsrelay.v1` publish waiting for its acknowledgement.
+#[derive(Clone, Debug)]
+pub struct PublishAck {
+    /// Who asked.
+    pub to: ReplyTo,
+    /// The command's `ref`, as JSON text, echoed in the reply.
+    pub reference: Option<Box<str>>,
+}
+
+/// A channel's stored messages, as read for a (re)subscription.
+#[derive(Debug)]
+pub struct History {
+    /// The history's epoch (created on first use).
+    pub epoch: Arc<str>,
+    /// Offset of the newest message (0 if none).
+    pub top: u64,
+    /// Stored messages after the requested offset, oldest first (empty when none was asked).
+    pub entries: Vec<Arc<Delivery>>,
+}
+
+/// A session as stored: who owns it and where each of its subscriptions stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionState {
+    /// Token subject the session belongs to, when tokens are in use.
+    pub subject: Option<String>,
+    /// Subscribed channels with the last delivered offset and its epoch.
+    pub channels: Vec<(Channel, u64, Option<Arc<str>>)>,
+}
+
+/// Request/response work for the broker (storage reads and writes), answered through
+/// [`ToLoop::Reply`] where a reply is due.
+#[derive(Debug)]
+pub enum Request {
+    /// The channel's position, and its stored messages after `since` if given.
+    History {
+        /// The channel.
+        channel: Channel,
+        /// Return messages with offsets above this.
+        since: Option<u64>,
+        /// Who asked.
+        to: ReplyTo,
+    },
+    /// Read a session.
+    LoadSession {
+        /// Session id.
+        id: Arc<str>,
+        /// Who asked.
+        to: ReplyTo,
+    },
+    /// Replace a session's stored state and restart its time to live. No reply.
+    SaveSession {
+        /// Session id.
+        id: Arc<str>,
+        /// The whole state.
+        state: SessionState,
+    },
+}
+
+/// An answer to a [`Request`] or an acknowledged [`Publish`].
+#[derive(Debug)]
+pub enum Reply {
+    /// Answer to [`Request::History`].
+    History {
+        /// The channel asked about.
+        channel: Channel,
+        /// The history, or why it could not be read.
+        result: Result<History, String>,
+    },
+    /// Answer to [`Request::LoadSession`]: `None` when no such session is stored.
+    Session(Result<Option<SessionState>, String>),
+    /// Acknowledgement of a publish.
+    Published {
+        /// The channel published to.
+        channel: Channel,
+        /// The command's `ref`.
+        reference: Option<Box<str>>,
+        /// The message's position (when the channel keeps history), or why it failed.
+        result: Result<Option<Position>, String>,
+    },
 }
 
 /// What the broker sends a loop.
@@ -68,6 +186,13 @@ pub enum ToLoop {
         /// The generation from the matching [`Control::Subscribe`].
         generation: u64,
     },
+    /// A reply for one connection.
+    Reply {
+        /// The connection.
+        conn: ConnId,
+        /// The answer.
+        reply: Reply,
+    },
 }
 
 /// A client's message on its way to the broker.
@@ -79,6 +204,8 @@ pub struct Publish {
     pub kind: Kind,
     /// Payload.
     pub data: Bytes,
+    /// Where to acknowledge, for `wsrelay.v1` publishes.
+    pub ack: Option<PublishAck>,
 }
 
 /// Subscription changes from a loop. Sent only on a channel's first join and last leave.
@@ -109,6 +236,8 @@ pub struct BrokerHandle {
     pub publish: Sender<Publish>,
     /// Bounded; a loop that finds it full keeps the request and retries next turn.
     pub control: Sender<Control>,
+    /// Bounded; a full queue fails the request (the client is told `unavailable`).
+    pub requests: Sender<Request>,
 }
 
 /// The broker's side of the loops' queues, handed to whichever broker runs.
@@ -118,20 +247,26 @@ pub struct BrokerInbox {
     pub publish: Receiver<Publish>,
     /// Subscription changes.
     pub control: Receiver<Control>,
+    /// Storage requests.
+    pub requests: Receiver<Request>,
 }
 
 /// Creates the queues between the loops and a broker.
 pub fn broker_queues(publish_cap: usize, control_cap: usize) -> (BrokerHandle, BrokerInbox) {
     let (ptx, prx) = crossbeam_channel::bounded(publish_cap);
     let (ctx, crx) = crossbeam_channel::bounded(control_cap);
+    // Requests are one per subscription or session change: the publish bound fits them too.
+    let (rtx, rrx) = crossbeam_channel::bounded(publish_cap);
     (
         BrokerHandle {
             publish: ptx,
             control: ctx,
+            requests: rtx,
         },
         BrokerInbox {
             publish: prx,
             control: crx,
+            requests: rrx,
         },
     )
 }

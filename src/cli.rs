@@ -80,6 +80,21 @@ pub struct Cli {
     /// Longest Redis reconnect backoff [default: 5s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub redis_backoff_max: Option<Duration>,
+    /// Messages of history kept per channel for recovery; 0 turns history off [default: 1000]
+    #[arg(long, value_name = "N")]
+    pub history_size: Option<usize>,
+    /// How long a channel's history lives after its last publish [default: 10m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub history_ttl: Option<Duration>,
+    /// How long a session is kept after its connection ends [default: 10m]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub session_ttl: Option<Duration>,
+    /// How often open sessions' offsets are written [default: 2s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub session_flush: Option<Duration>,
+    /// Most channels per wsrelay.v1 connection [default: 128]
+    #[arg(long, value_name = "N")]
+    pub max_channels_per_conn: Option<usize>,
     /// Log level: error, warn, info, debug, trace, off [default: info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<log::LevelFilter>,
@@ -113,6 +128,11 @@ impl Cli {
             read_budget,
             redis_backoff_min,
             redis_backoff_max,
+            history_size,
+            history_ttl,
+            session_ttl,
+            session_flush,
+            max_channels_per_conn,
             log_level,
         );
         c.redis = self.redis.or(c.redis);

@@ -74,6 +74,23 @@ pub struct Config {
     pub redis_backoff_min: Duration,
     /// Longest wait between Redis reconnect attempts. Default 5 s.
     pub redis_backoff_max: Duration,
+    /// Messages kept per channel for recovery (a Redis stream capped at this length, or an
+    /// in-memory ring). 0 turns history off: plain PUBLISH, no offsets, no recovery. Default
+    /// 1,000: about a minute of a busy chat room; memory per channel is this times the average
+    /// message size.
+    pub history_size: usize,
+    /// How long a channel's history lives after its last publish. Default 10 min: a client away
+    /// longer gets `recovered: false` and reloads.
+    pub history_ttl: Duration,
+    /// How long a session (subscriptions and last offsets) is kept after its connection ends.
+    /// Default 10 min, matching `history_ttl`: resuming later could not recover anyway.
+    pub session_ttl: Duration,
+    /// How often a session's delivered offsets are written while the connection is open.
+    /// Subscription changes are written at once. Default 2 s: after a node crash a resumed
+    /// client sees at most this much twice; shorter costs more session writes.
+    pub session_flush: Duration,
+    /// Most channels one `wsrelay.v1` connection may subscribe to. Default 128.
+    pub max_channels_per_conn: usize,
     /// Log level.
     pub log_level: log::LevelFilter,
 }
@@ -103,6 +120,11 @@ impl Default for Config {
             read_budget: 64,
             redis_backoff_min: Duration::from_millis(100),
             redis_backoff_max: Duration::from_secs(5),
+            history_size: 1000,
+            history_ttl: Duration::from_secs(600),
+            session_ttl: Duration::from_secs(600),
+            session_flush: Duration::from_secs(2),
+            max_channels_per_conn: 128,
             log_level: log::LevelFilter::Info,
         }
     }
@@ -121,6 +143,7 @@ impl Config {
             (self.publish_queue, "--publish-queue"),
             (self.publish_batch, "--publish-batch"),
             (self.read_budget, "--read-budget"),
+            (self.max_channels_per_conn, "--max-channels-per-conn"),
         ];
         if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));
@@ -139,6 +162,14 @@ impl Config {
         }
         if self.redis_backoff_min.is_zero() || self.redis_backoff_min > self.redis_backoff_max {
             return Err("--redis-backoff-min must be above 0 and at most --redis-backoff-max".into());
+        }
+        if self.history_ttl.as_secs() == 0 || self.session_ttl.as_secs() == 0 {
+            return Err(
+                "--history-ttl and --session-ttl must be at least 1s (Redis expiry is in seconds)".into(),
+            );
+        }
+        if self.session_flush.is_zero() {
+            return Err("--session-flush must be above 0".into());
         }
         if let Some(url) = &self.redis {
             redis::parse_redis_url(url)

@@ -17,9 +17,12 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use mio::net::TcpStream;
 use tungstenite::protocol::WebSocketContext;
 
+use crate::bridge::Delivery;
 use crate::channels::Channel;
 
 /// Bytes queued for a socket and not yet accepted by the kernel.
@@ -121,6 +124,75 @@ impl Write for Io<'_> {
 pub enum Protocol {
     /// The path names the channel; frames are published and delivered as they are.
     Raw,
+    /// `wsrelay.v1`: JSON commands and envelopes, many channels, acks, recovery.
+    V1,
+}
+
+/// What a subscription waits for before messages flow.
+#[derive(Debug)]
+pub struct Pending {
+    /// The subscribe command's `ref`, echoed in the `subscribed` reply.
+    pub reference: Option<Box<str>>,
+    /// Whether to replay from the subscription's offset and report `recovered`.
+    pub recover: bool,
+    /// Whether to send a `subscribed` reply (v1) once the position is known.
+    pub announce: bool,
+}
+
+/// Where one subscription of a connection stands.
+#[derive(Debug)]
+pub enum SubState {
+    /// The loop's upstream subscription to the channel is not live yet; anything published
+    /// before it is live is covered by the history read that follows.
+    AwaitingLive(Pending),
+    /// The channel's position (and history, when recovering) has been requested; deliveries
+    /// wait in `held` and are released after the replay, without duplicates.
+    AwaitingHistory {
+        /// What to do when the answer comes.
+        pending: Pending,
+        /// Live deliveries that arrived in the meantime.
+        held: Vec<Arc<Delivery>>,
+    },
+    /// Messages flow.
+    Live,
+}
+
+/// One channel subscription of an open connection.
+#[derive(Debug)]
+pub struct Sub {
+    /// The channel.
+    pub channel: Channel,
+    /// Its state.
+    pub state: SubState,
+    /// Offset of the last message delivered; while recovering, the offset to recover after.
+    pub offset: u64,
+    /// Epoch of `offset`, once known.
+    pub epoch: Option<Arc<str>>,
+}
+
+impl Sub {
+    /// A subscription that delivers at once, tracking offsets from the first message.
+    pub fn live(channel: Channel) -> Self {
+        Sub {
+            channel,
+            state: SubState::Live,
+            offset: 0,
+            epoch: None,
+        }
+    }
+}
+
+/// A connection's session: stored so that another connection can resume it.
+#[derive(Debug)]
+pub struct SessionLink {
+    /// Session id.
+    pub id: Arc<str>,
+    /// Token subject the session belongs to.
+    pub subject: Option<String>,
+    /// Delivered offsets moved since the last save.
+    pub offsets_dirty: bool,
+    /// Last time the session was written.
+    pub saved_at: Instant,
 }
 
 /// An open WebSocket.
@@ -130,10 +202,30 @@ pub struct Open {
     pub ctx: WebSocketContext,
     /// Wire protocol.
     pub protocol: Protocol,
-    /// Channels this connection is a member of (a raw connection has exactly one).
-    pub channels: Vec<Channel>,
+    /// Identifies this connection in replies from the broker.
+    pub serial: u64,
+    /// Subscriptions (a raw connection has exactly one once it has joined).
+    pub subs: Vec<Sub>,
+    /// Whether delivered offsets are tracked (v1 connections and sessions): needed for
+    /// duplicate and gap detection and for resuming; plain raw connections skip it.
+    pub tracks_offsets: bool,
+    /// The session, if the connection has one.
+    pub session: Option<SessionLink>,
+    /// Waiting for the stored session before reading anything (resume in progress).
+    pub resuming: bool,
+    /// A resuming raw connection's channel, joined once its session is known.
+    pub raw_channel: Option<Channel>,
+    /// Bytes of deliveries held by subscriptions awaiting history (counted against the cap).
+    pub held_bytes: usize,
     /// Last time a ping was queued to it.
     pub last_ping: Instant,
+}
+
+impl Open {
+    /// The subscription to `channel`, if any.
+    pub fn sub_mut(&mut self, channel: &str) -> Option<&mut Sub> {
+        self.subs.iter_mut().find(|s| &*s.channel == channel)
+    }
 }
 
 /// The phases of a connection's life; each owns the data it needs.

@@ -14,6 +14,7 @@ pub mod frame;
 pub mod conn;
 pub mod channels;
 pub mod bridge;
+pub mod envelope;
 pub mod broker;
 pub mod fanout;
 pub mod event_loop;

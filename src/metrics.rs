@@ -71,6 +71,12 @@ pub struct LoopMetrics {
     pub publish_dropped: AtomicU64,
     /// Accept pauses caused by running out of descriptors.
     pub accept_paused: AtomicU64,
+    /// Subscriptions that asked to recover from an offset (including session resumes).
+    pub recoveries: AtomicU64,
+    /// Recoveries answered `recovered: false` (history trimmed, expired, or epoch changed).
+    pub recovery_failed: AtomicU64,
+    /// Messages replayed from history.
+    pub replayed: AtomicU64,
     handshake_failures: [AtomicU64; 5],
 }
 
@@ -154,7 +160,7 @@ impl Metrics {
                 l.connections.load(Ordering::Relaxed)
             );
         }
-        let per_loop: [(&str, &str, &str, Field); 12] = [
+        let per_loop: [(&str, &str, &str, Field); 15] = [
             ("websockets", "gauge", "Open WebSocket connections.", |l| {
                 &l.websockets
             }),
@@ -220,6 +226,24 @@ impl Metrics {
                 "counter",
                 "Accept pauses after running out of file descriptors.",
                 |l| &l.accept_paused,
+            ),
+            (
+                "recoveries_total",
+                "counter",
+                "Subscriptions that asked to recover from an offset.",
+                |l| &l.recoveries,
+            ),
+            (
+                "recovery_failed_total",
+                "counter",
+                "Recoveries answered recovered: false.",
+                |l| &l.recovery_failed,
+            ),
+            (
+                "replayed_total",
+                "counter",
+                "Messages replayed from history.",
+                |l| &l.replayed,
             ),
         ];
         for (name, kind, help, f) in per_loop {

@@ -1,27 +1,47 @@
 //! The in-process broker: one thread that routes every publish to the loops with members on
-//! its channel. With it, one wsrelay process is a complete server with nothing else running.
-//! It owns the routing table; loops reach it only through the bridge queues.
+//! its channel, and keeps history and sessions in memory. With it, one wsrelay process is a
+//! complete server with nothing else running. It owns the routing table and the stores; loops
+//! reach it only through the bridge queues.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::select;
 
-use super::{Confirmations, RateLimit, Routes, fan_out};
-use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Publish};
+use super::memory_store::{HistoryStore, SessionStore};
+use super::{Outbox, RateLimit, Routes, fan_out};
+use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Publish, Reply, Request};
+use crate::config::Config;
 use crate::metrics::{Metrics, inc};
 
 /// How often pending confirmations are retried while some wait.
 const RETRY: Duration = Duration::from_millis(5);
+/// How often expired history and sessions are swept out.
+const SWEEP: Duration = Duration::from_secs(1);
 
 /// Starts the broker thread. It exits when every loop has dropped its broker handle.
-pub fn spawn(inbox: BrokerInbox, loops: Vec<LoopHandle>, metrics: Arc<Metrics>) -> JoinHandle<()> {
+pub fn spawn(
+    config: &Config,
+    inbox: BrokerInbox,
+    loops: Vec<LoopHandle>,
+    metrics: Arc<Metrics>,
+) -> JoinHandle<()> {
     metrics.broker.subscriber_up.store(true, Ordering::Relaxed);
+    let broker = MemoryBroker {
+        loops,
+        metrics,
+        routes: Routes::default(),
+        outbox: Outbox::default(),
+        drop_log: RateLimit::default(),
+        history: (config.history_size > 0)
+            .then(|| HistoryStore::new(config.history_size, config.history_ttl)),
+        sessions: SessionStore::new(config.session_ttl),
+    };
     std::thread::Builder::new()
         .name("wsrelay-broker".into())
-        .spawn(move || MemoryBroker::new(loops, metrics).run(inbox))
+        .spawn(move || broker.run(inbox))
         .expect("spawn broker thread")
 }
 
@@ -29,28 +49,18 @@ struct MemoryBroker {
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
     routes: Routes,
-    confirmations: Confirmations,
+    outbox: Outbox,
     drop_log: RateLimit,
+    /// `None` with `--history-size 0`.
+    history: Option<HistoryStore>,
+    sessions: SessionStore,
 }
 
 impl MemoryBroker {
-    fn new(loops: Vec<LoopHandle>, metrics: Arc<Metrics>) -> Self {
-        MemoryBroker {
-            loops,
-            metrics,
-            routes: Routes::default(),
-            confirmations: Confirmations::default(),
-            drop_log: RateLimit::default(),
-        }
-    }
-
     fn run(mut self, inbox: BrokerInbox) {
+        let mut next_sweep = Instant::now() + SWEEP;
         loop {
-            let timeout = if self.confirmations.is_empty() {
-                Duration::from_secs(3600)
-            } else {
-                RETRY
-            };
+            let timeout = if self.outbox.is_empty() { SWEEP } else { RETRY };
             select! {
                 recv(inbox.control) -> c => match c {
                     Ok(c) => self.control(c),
@@ -60,9 +70,21 @@ impl MemoryBroker {
                     Ok(p) => self.publish(p),
                     Err(_) => return,
                 },
+                recv(inbox.requests) -> r => match r {
+                    Ok(r) => self.request(r),
+                    Err(_) => return,
+                },
                 default(timeout) => {}
             }
-            self.confirmations.retry(&self.loops);
+            self.outbox.retry(&self.loops);
+            let now = Instant::now();
+            if now >= next_sweep {
+                if let Some(h) = &mut self.history {
+                    h.expire(now);
+                }
+                self.sessions.expire(now);
+                next_sweep = now + SWEEP;
+            }
         }
     }
 
@@ -75,8 +97,7 @@ impl MemoryBroker {
             } => {
                 self.routes.add(&channel, loop_id);
                 // In-process, a route is live as soon as it is in the table.
-                self.confirmations
-                    .confirm(&self.loops, loop_id, channel, generation);
+                self.outbox.confirm(&self.loops, loop_id, channel, generation);
             }
             Control::Unsubscribe { channel, loop_id } => {
                 self.routes.remove(&channel, loop_id);
@@ -90,11 +111,44 @@ impl MemoryBroker {
 
     fn publish(&mut self, p: Publish) {
         inc(&self.metrics.broker.published);
-        let targets = self.routes.loops(&p.channel);
-        if targets.is_empty() {
-            return;
+        let Publish {
+            channel,
+            kind,
+            data,
+            ack,
+        } = p;
+        let d = match &mut self.history {
+            Some(h) => h.append(channel, kind, data, Instant::now()),
+            None => Delivery::new(channel, kind, data, None),
+        };
+        if let Some(ack) = ack {
+            let answer = Reply::Published {
+                channel: d.channel.clone(),
+                reference: ack.reference,
+                result: Ok(d.position.clone()),
+            };
+            self.outbox.reply(&self.loops, ack.to, answer);
         }
-        let d = Delivery::new(p.channel, p.kind, p.data, None);
+        let targets = self.routes.loops(&d.channel);
         fan_out(&self.loops, targets, &d, &self.metrics, &mut self.drop_log);
+    }
+
+    fn request(&mut self, r: Request) {
+        let now = Instant::now();
+        match r {
+            Request::History { channel, since, to } => {
+                let result = match &mut self.history {
+                    Some(h) => Ok(h.read(&channel, since, now)),
+                    None => Err("history is off (--history-size 0)".to_owned()),
+                };
+                self.outbox
+                    .reply(&self.loops, to, Reply::History { channel, result });
+            }
+            Request::LoadSession { id, to } => {
+                let found = self.sessions.load(&id, now);
+                self.outbox.reply(&self.loops, to, Reply::Session(Ok(found)));
+            }
+            Request::SaveSession { id, state } => self.sessions.save(id, state, now),
+        }
     }
 }

@@ -15,11 +15,12 @@ use std::thread::JoinHandle;
 
 use log::warn;
 
-use crate::bridge::{BrokerHandle, BrokerInbox, Channel, Delivery, LoopHandle, ToLoop};
+use crate::bridge::{BrokerHandle, Channel, Delivery, LoopHandle, Reply, ReplyTo, ToLoop};
 use crate::metrics::{Metrics, inc};
 
 pub mod memory;
 pub mod redis;
+pub mod memory_store;
 pub mod wire;
 
 /// A running broker: the handle loops publish through, and its threads.
@@ -43,7 +44,7 @@ pub fn start(
 ) -> Result<Broker, String> {
     let (handle, inbox) = crate::bridge::broker_queues(config.publish_queue, CONTROL_QUEUE);
     let threads = match &config.redis {
-        None => vec![memory::spawn(inbox, loops, metrics)],
+        None => vec![memory::spawn(config, inbox, loops, metrics)],
         Some(url) => redis::spawn(config, url, inbox, loops, metrics)?,
     };
     Ok(Broker { handle, threads })
@@ -125,27 +126,36 @@ pub fn fan_out(
     }
 }
 
-/// Subscription confirmations waiting for room in a loop's inbox.
+/// Messages a loop must not miss (subscription confirmations and replies), with the ones that
+/// found the loop's inbox full kept here and retried: a dropped confirmation or reply would
+/// leave a connection waiting forever.
 #[derive(Debug, Default)]
-pub struct Confirmations {
-    pending: Vec<(usize, Channel, u64)>,
+pub struct Outbox {
+    pending: Vec<(usize, ToLoop)>,
 }
 
-impl Confirmations {
-    /// Confirms to `loop_id` that its subscription `generation` to `channel` is live.
-    pub fn confirm(&mut self, loops: &[LoopHandle], loop_id: usize, channel: Channel, generation: u64) {
-        if let Err(msg) = loops[loop_id].try_send(ToLoop::Live { channel, generation }) {
-            let ToLoop::Live { channel, generation } = msg else {
-                unreachable!()
-            };
-            self.pending.push((loop_id, channel, generation));
+impl Outbox {
+    /// Sends `msg` to loop `loop_id`, keeping it for [`Outbox::retry`] if the inbox is full.
+    pub fn send(&mut self, loops: &[LoopHandle], loop_id: usize, msg: ToLoop) {
+        if let Err(msg) = loops[loop_id].try_send(msg) {
+            self.pending.push((loop_id, msg));
         }
     }
 
-    /// Retries the confirmations that did not fit earlier.
+    /// Confirms to `loop_id` that its subscription `generation` to `channel` is live.
+    pub fn confirm(&mut self, loops: &[LoopHandle], loop_id: usize, channel: Channel, generation: u64) {
+        self.send(loops, loop_id, ToLoop::Live { channel, generation });
+    }
+
+    /// Sends a reply to the connection that asked.
+    pub fn reply(&mut self, loops: &[LoopHandle], to: ReplyTo, reply: Reply) {
+        self.send(loops, to.loop_id, ToLoop::Reply { conn: to.conn, reply });
+    }
+
+    /// Retries what did not fit earlier, in order.
     pub fn retry(&mut self, loops: &[LoopHandle]) {
-        for (loop_id, channel, generation) in std::mem::take(&mut self.pending) {
-            self.confirm(loops, loop_id, channel, generation);
+        for (loop_id, msg) in std::mem::take(&mut self.pending) {
+            self.send(loops, loop_id, msg);
         }
     }
 
@@ -171,12 +181,6 @@ impl RateLimit {
         self.last = Some(now);
         true
     }
-}
-
-/// The bridge queues, for tests of broker internals.
-#[doc(hidden)]
-pub fn test_queues(cap: usize) -> (BrokerHandle, BrokerInbox) {
-    crate::bridge::broker_queues(cap, CONTROL_QUEUE)
 }
 
 #[cfg(test)]

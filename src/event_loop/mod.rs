@@ -12,7 +12,11 @@
 //! 3. flush every connection that got output this turn, once: a burst of k messages costs one
 //!    write per connection, not k;
 //! 4. remove connections that ended (deferred to the end of the turn so a reused slab key never
-//!    sees a stale event), and run timers (handshake, ping, idle, close deadlines).
+//!    sees a stale event), and run timers (handshake, ping, idle, close deadlines, sessions).
+//!
+//! The rest of the loop lives next to this file: `handshake.rs` (HTTP request → WebSocket or
+//! HTTP answer), `messages.rs` (what clients send), `subscriptions.rs` (joining channels,
+//! recovery, sessions and broker replies).
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,24 +24,26 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
-use tungstenite::{Error as WsError, Message};
+use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
-use crate::bridge::{BrokerHandle, Channel, Control, Delivery, LoopInbox, Publish, ToLoop};
+use crate::bridge::{BrokerHandle, Control, LoopInbox, ToLoop};
 use crate::broker::RateLimit;
-use crate::channels::{ChannelIndex, Joined};
-use crate::conn::{Conn, Io, Open, Phase, Protocol, Written};
+use crate::channels::ChannelIndex;
+use crate::conn::{Conn, Io, Phase, Written};
 use crate::fanout::{self, Turn};
-use crate::frame::{self, Kind};
-use crate::http::{self, Head, Parse, Status};
+use crate::frame;
+use crate::http::{self, Status};
 use crate::metrics::{HandshakeFailure, LoopMetrics, add, dec, inc};
 use crate::server::Shared;
+
+mod handshake;
+mod messages;
+mod subscriptions;
 
 /// Token of the loop's waker.
 pub const WAKER: Token = Token(usize::MAX - 1);
@@ -70,12 +76,16 @@ pub struct EventLoop {
     ws_config: WebSocketConfig,
     /// Subscription requests that did not fit in the control queue yet, in order.
     pending_control: VecDeque<Control>,
-    /// Connections to flush and slow consumers to close, gathered during the turn.
+    /// Connections to flush, slow consumers and gaps, gathered during the turn.
     turn: Turn,
     /// Connections to continue reading next turn.
     read_backlog: Vec<usize>,
     /// Connections to drop at the end of the turn.
     dead: Vec<usize>,
+    /// Connections whose subscriptions changed: their sessions are written at the end of the turn.
+    session_changed: Vec<usize>,
+    /// Serial number for the next open connection (see `ConnId`).
+    next_serial: u64,
     scratch: Box<[u8]>,
     next_sweep: Instant,
     sweep_every: Duration,
@@ -104,7 +114,11 @@ impl EventLoop {
             .max_write_buffer_size(usize::MAX)
             .max_message_size(Some(c.max_message_size))
             .max_frame_size(Some(c.max_message_size));
-        let shortest = c.handshake_timeout.min(c.ping_interval).min(c.close_timeout);
+        let shortest = c
+            .handshake_timeout
+            .min(c.ping_interval)
+            .min(c.close_timeout)
+            .min(c.session_flush);
         let sweep_every = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         Ok(EventLoop {
             id,
@@ -121,6 +135,8 @@ impl EventLoop {
             turn: Turn::default(),
             read_backlog: Vec::new(),
             dead: Vec::new(),
+            session_changed: Vec::new(),
+            next_serial: 0,
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             next_sweep: Instant::now() + sweep_every,
             sweep_every,
@@ -164,15 +180,7 @@ impl EventLoop {
                     }
                 }
             }
-            for key in std::mem::take(&mut self.read_backlog) {
-                self.read(key, now);
-            }
-            self.close_slow_consumers(now);
-            for key in std::mem::take(&mut self.turn.dirty) {
-                self.flush(key);
-            }
-            self.send_control();
-            self.remove_dead();
+            self.end_turn(now);
             if now >= self.next_sweep {
                 self.sweep(now);
                 self.next_sweep = now + self.sweep_every;
@@ -191,6 +199,27 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// Everything that happens once per turn after the events: deferred reads, slow
+    /// consumers, gap recovery, one flush per connection, subscription requests, session
+    /// writes, removals.
+    fn end_turn(&mut self, now: Instant) {
+        for key in std::mem::take(&mut self.read_backlog) {
+            self.read(key, now);
+        }
+        for (key, channel) in std::mem::take(&mut self.turn.gaps) {
+            self.request_history(key, &channel);
+        }
+        self.close_slow_consumers(now);
+        for key in std::mem::take(&mut self.turn.dirty) {
+            self.flush(key);
+        }
+        for key in std::mem::take(&mut self.session_changed) {
+            self.save_session(key, now);
+        }
+        self.send_control();
+        self.remove_dead();
     }
 
     fn poll_timeout(&self) -> Duration {
@@ -217,9 +246,7 @@ impl EventLoop {
             return;
         }
         loop {
-            let Some(listener) = &self.listener else {
-                return;
-            };
+            let Some(listener) = &self.listener else { return };
             match listener.accept() {
                 Ok((sock, peer)) => self.admit(sock, peer, now),
                 Err(e) if would_block(&e) => return,
@@ -294,246 +321,6 @@ impl EventLoop {
         }
     }
 
-    /// Reads the HTTP request head until it is complete, invalid, too large or WouldBlock.
-    fn read_request(&mut self, key: usize, now: Instant) {
-        let conn = &mut self.conns[key];
-        let Phase::Request(head) = &mut conn.phase else {
-            return;
-        };
-        loop {
-            let start = head.len();
-            let want = (http::MAX_HEAD + 1).saturating_sub(start).max(1);
-            head.resize(start + want.min(4096), 0);
-            match io::Read::read(&mut conn.sock, &mut head[start..]) {
-                Ok(0) => {
-                    head.truncate(start);
-                    self.metrics().handshake_failed(HandshakeFailure::Disconnected);
-                    self.kill(key);
-                    return;
-                }
-                Ok(n) => {
-                    head.truncate(start + n);
-                    conn.last_seen = now;
-                    match http::parse(head) {
-                        Parse::Partial => continue,
-                        Parse::Complete(parsed, len) => {
-                            let rest = head.split_off(len);
-                            self.serve(key, parsed, rest, now);
-                            return;
-                        }
-                        Parse::Invalid(status) => {
-                            let reason = if status == Status::HeadersTooLarge {
-                                HandshakeFailure::TooLarge
-                            } else {
-                                HandshakeFailure::BadRequest
-                            };
-                            debug!("bad request from {}: {status:?}", conn.peer);
-                            self.metrics().handshake_failed(reason);
-                            self.respond(key, http::error_response(status), now);
-                            return;
-                        }
-                    }
-                }
-                Err(e) if would_block(&e) => {
-                    head.truncate(start);
-                    return;
-                }
-                Err(e) if interrupted(&e) => head.truncate(start),
-                Err(_) => {
-                    head.truncate(start);
-                    self.metrics().handshake_failed(HandshakeFailure::Disconnected);
-                    self.kill(key);
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Answers a complete request: a WebSocket upgrade, or a plain HTTP endpoint.
-    fn serve(&mut self, key: usize, head: Head, rest: Vec<u8>, now: Instant) {
-        let Some(upgrade) = &head.upgrade else {
-            inc(&self.metrics().http_requests);
-            let response = self.http_endpoint(&head);
-            self.respond(key, response, now);
-            return;
-        };
-        let cfg = &self.shared.config;
-        let name = head.path.strip_prefix('/').unwrap_or(&head.path);
-        let name = if name.is_empty() {
-            cfg.default_channel.as_str()
-        } else {
-            name
-        };
-        if name.len() > cfg.max_channel_len {
-            self.metrics().handshake_failed(HandshakeFailure::BadRequest);
-            self.respond(key, http::error_response(Status::BadRequest), now);
-            return;
-        }
-        let channel: Channel = Arc::from(name);
-        let ctx = if rest.is_empty() {
-            WebSocketContext::new(Role::Server, Some(self.ws_config))
-        } else {
-            WebSocketContext::from_partially_read(rest, Role::Server, Some(self.ws_config))
-        };
-        let conn = &mut self.conns[key];
-        conn.out.push(&http::upgrade_response(&upgrade.key, None));
-        conn.deadline = None;
-        conn.phase = Phase::Open(Box::new(Open {
-            ctx,
-            protocol: Protocol::Raw,
-            channels: vec![channel.clone()],
-            last_ping: now,
-        }));
-        inc(&self.metrics().websockets);
-        self.mark_dirty(key);
-        self.join(&channel, key);
-        // Bytes that arrived with the request may already hold frames.
-        self.conns[key].read_pending = true;
-        if self.index.is_live(&channel) {
-            self.read_backlog.push(key);
-        }
-    }
-
-    /// The response to a plain (non-WebSocket) HTTP request.
-    fn http_endpoint(&self, head: &Head) -> Vec<u8> {
-        const TEXT: &str = "text/plain; charset=utf-8";
-        match (head.method.as_str(), head.path.as_str()) {
-            ("GET" | "HEAD", "/healthz") => {
-                if self.shared.metrics.broker.subscriber_up.load(Ordering::Relaxed) {
-                    http::response(Status::Ok, TEXT, b"ok\n")
-                } else {
-                    http::response(Status::Unavailable, TEXT, b"redis subscriber down\n")
-                }
-            }
-            ("GET" | "HEAD", "/metrics") => http::response(
-                Status::Ok,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.shared.metrics.render().as_bytes(),
-            ),
-            ("GET" | "HEAD", "/") => http::response(
-                Status::Ok,
-                TEXT,
-                b"wsrelay: connect a WebSocket to ws://<host>/<channel>\n",
-            ),
-            ("GET" | "HEAD", _) => http::error_response(Status::NotFound),
-            _ => http::error_response(Status::MethodNotAllowed),
-        }
-    }
-
-    /// Reads WebSocket frames until WouldBlock or the read budget is spent, publishing data
-    /// messages. Reads wait while the connection's channel subscription is not live yet, so
-    /// a client's first message cannot overtake its own subscription.
-    fn read_frames(&mut self, key: usize, now: Instant) {
-        let budget = self.shared.config.read_budget;
-        let conn = &mut self.conns[key];
-        let Phase::Open(open) = &mut conn.phase else {
-            return;
-        };
-        if !open.channels.iter().all(|c| self.index.is_live(c)) {
-            conn.read_pending = true;
-            return;
-        }
-        conn.read_pending = false;
-        let mut io = Io {
-            sock: &mut conn.sock,
-            out: &mut conn.out,
-            got_input: false,
-        };
-        let mut published = 0;
-        let outcome = loop {
-            if published == budget {
-                break ReadEnd::BudgetSpent;
-            }
-            match open.ctx.read(&mut io) {
-                Ok(Message::Text(t)) => {
-                    published += 1;
-                    if let Err(e) = publish(&self.broker, &open.channels[0], Kind::Text, Bytes::from(t)) {
-                        break e;
-                    }
-                }
-                Ok(Message::Binary(b)) => {
-                    published += 1;
-                    if let Err(e) = publish(&self.broker, &open.channels[0], Kind::Binary, b) {
-                        break e;
-                    }
-                }
-                // tungstenite queued the reply to our Io; flush it there and finish closing.
-                Ok(Message::Close(_)) => break ReadEnd::PeerClosed,
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
-                Err(WsError::Io(e)) if would_block(&e) => break ReadEnd::Drained,
-                Err(WsError::Io(e)) if interrupted(&e) => {}
-                Err(e) => break ReadEnd::Failed(e),
-            }
-        };
-        if io.got_input {
-            conn.last_seen = now;
-        }
-        let has_output = !conn.out.is_empty();
-        add(&self.shared.metrics.loops[self.id].messages_in, published as u64);
-        if has_output {
-            self.mark_dirty(key);
-        }
-        match outcome {
-            ReadEnd::Drained => {}
-            ReadEnd::BudgetSpent => {
-                self.conns[key].read_pending = true;
-                self.read_backlog.push(key);
-            }
-            ReadEnd::PeerClosed => {
-                let conn = &mut self.conns[key];
-                if let Phase::Open(open) = &mut conn.phase {
-                    let mut io = Io {
-                        sock: &mut conn.sock,
-                        out: &mut conn.out,
-                        got_input: false,
-                    };
-                    let _ = open.ctx.flush(&mut io);
-                }
-                self.enter_closing(key, now);
-            }
-            ReadEnd::QueueFull => {
-                inc(&self.metrics().publish_dropped);
-                if self.log_limit.allow() {
-                    warn!(
-                        "publish queue full: closing publisher with 1013 (raise --publish-queue, or the broker is behind)"
-                    );
-                }
-                self.close(key, CloseCode::Again, "publish queue full", now);
-            }
-            ReadEnd::Failed(e) => self.read_failed(key, e, now),
-        }
-    }
-
-    /// Maps a tungstenite read error to the connection's fate.
-    fn read_failed(&mut self, key: usize, e: WsError, now: Instant) {
-        use tungstenite::error::ProtocolError as P;
-        let m = &self.shared.metrics.loops[self.id];
-        let peer = self.conns[key].peer;
-        match e {
-            WsError::Capacity(e) => {
-                inc(&m.oversize);
-                debug!("{peer}: {e}; closing with 1009");
-                self.close(key, CloseCode::Size, "message too big", now);
-            }
-            WsError::Utf8(_) => {
-                inc(&m.protocol_errors);
-                self.close(key, CloseCode::Invalid, "invalid utf-8", now);
-            }
-            WsError::Protocol(P::ResetWithoutClosingHandshake)
-            | WsError::ConnectionClosed
-            | WsError::AlreadyClosed => self.kill(key),
-            WsError::Protocol(p) => {
-                inc(&m.protocol_errors);
-                debug!("{peer}: protocol error: {p}; closing with 1002");
-                self.close(key, CloseCode::Protocol, "protocol error", now);
-            }
-            e => {
-                debug!("{peer}: {e}; dropping");
-                self.kill(key);
-            }
-        }
-    }
-
     /// Input on a closing connection is not parsed any more: read and drop it until EOF.
     fn discard_input(&mut self, key: usize) {
         let conn = &mut self.conns[key];
@@ -548,32 +335,7 @@ impl EventLoop {
         }
     }
 
-    // ---- channels and the broker ---------------------------------------------------------
-
-    fn join(&mut self, channel: &Channel, key: usize) {
-        if let Joined::First(generation) = self.index.join(channel, key) {
-            self.pending_control.push_back(Control::Subscribe {
-                channel: channel.clone(),
-                loop_id: self.id,
-                generation,
-            });
-        }
-    }
-
-    fn leave_all(&mut self, key: usize) {
-        let Some(open) = self.conns[key].open_mut() else {
-            return;
-        };
-        let channels = std::mem::take(&mut open.channels);
-        for ch in channels {
-            if self.index.leave(&ch, key) {
-                self.pending_control.push_back(Control::Unsubscribe {
-                    channel: ch,
-                    loop_id: self.id,
-                });
-            }
-        }
-    }
+    // ---- the broker ----------------------------------------------------------------------
 
     /// Sends queued subscription requests in order; what does not fit waits for next turn.
     fn send_control(&mut self) {
@@ -594,37 +356,22 @@ impl EventLoop {
     }
 
     /// Takes everything the broker sent. Wakes merge, so this drains until empty.
-    fn drain_inbox(&mut self, _now: Instant) {
+    fn drain_inbox(&mut self, now: Instant) {
         self.inbox.rearm();
         while let Some(msg) = self.inbox.try_recv() {
             match msg {
-                ToLoop::Deliver(d) => self.deliver(&d),
-                ToLoop::Live { channel, generation } => {
-                    if let Some(members) = self.index.set_live(&channel, generation) {
-                        for &key in members {
-                            if self.conns[key].read_pending {
-                                self.read_backlog.push(key);
-                            }
-                        }
-                    }
+                ToLoop::Deliver(d) => {
+                    let Some(members) = self.index.members(&d.channel) else {
+                        continue;
+                    };
+                    let max_output = self.shared.config.max_output;
+                    let n = fanout::deliver(&d, members, &mut self.conns, max_output, &mut self.turn);
+                    add(&self.shared.metrics.loops[self.id].deliveries, n as u64);
                 }
+                ToLoop::Live { channel, generation } => self.channel_live(&channel, generation),
+                ToLoop::Reply { conn, reply } => self.on_reply(conn, reply, now),
             }
         }
-    }
-
-    /// Appends one message to every local member's output (see `fanout.rs`).
-    fn deliver(&mut self, d: &Delivery) {
-        let Some(members) = self.index.members(&d.channel) else {
-            return;
-        };
-        let n = fanout::deliver(
-            d,
-            members,
-            &mut self.conns,
-            self.shared.config.max_output,
-            &mut self.turn,
-        );
-        add(&self.shared.metrics.loops[self.id].deliveries, n as u64);
     }
 
     fn close_slow_consumers(&mut self, now: Instant) {
@@ -707,10 +454,7 @@ impl EventLoop {
 
     /// Leaves every channel and waits for the last bytes to go out and the peer to hang up.
     fn enter_closing(&mut self, key: usize, now: Instant) {
-        if matches!(self.conns[key].phase, Phase::Open(_)) {
-            self.leave_all(key);
-            dec(&self.metrics().websockets);
-        }
+        self.end_open(key, now);
         let close_timeout = self.shared.config.close_timeout;
         let conn = &mut self.conns[key];
         conn.phase = Phase::Closing;
@@ -728,11 +472,9 @@ impl EventLoop {
     }
 
     fn remove_dead(&mut self) {
+        let now = Instant::now();
         for key in std::mem::take(&mut self.dead) {
-            if matches!(self.conns[key].phase, Phase::Open(_)) {
-                self.leave_all(key);
-                dec(&self.metrics().websockets);
-            }
+            self.end_open(key, now);
             let mut conn = self.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut conn.sock);
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
@@ -744,12 +486,17 @@ impl EventLoop {
 
     // ---- timers --------------------------------------------------------------------------
 
-    /// Handshake deadlines, pings, idle timeouts and close deadlines, in one pass.
+    /// Handshake deadlines, pings, idle timeouts, close deadlines and session flushes, in one
+    /// pass over the connections.
     fn sweep(&mut self, now: Instant) {
         let cfg = &self.shared.config;
         let (ping_interval, idle_timeout) = (cfg.ping_interval, cfg.idle_timeout);
+        // A session is rewritten when its offsets moved (every `session_flush`), and at least
+        // every third of its time to live so an open connection's session never expires.
+        let (flush_every, refresh_every) = (cfg.session_flush, cfg.session_ttl / 3);
         let mut expired_requests = Vec::new();
         let mut idle = Vec::new();
+        let mut sessions = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             if conn.dead {
                 continue;
@@ -761,6 +508,12 @@ impl EventLoop {
                     self.dead.push(key);
                 }
                 Phase::Open(open) => {
+                    if let Some(s) = &open.session {
+                        let age = now.duration_since(s.saved_at);
+                        if (s.offsets_dirty && age >= flush_every) || age >= refresh_every {
+                            sessions.push(key);
+                        }
+                    }
                     if now.duration_since(conn.last_seen) >= idle_timeout {
                         idle.push(key);
                     } else if now.duration_since(conn.last_seen.max(open.last_ping)) >= ping_interval {
@@ -771,6 +524,9 @@ impl EventLoop {
                 }
                 _ => {}
             }
+        }
+        for key in sessions {
+            self.save_session(key, now);
         }
         for key in expired_requests {
             self.metrics().handshake_failed(HandshakeFailure::Timeout);
@@ -812,34 +568,5 @@ impl EventLoop {
         self.remove_dead();
         info!("loop {}: shutting down, closing {open} connections", self.id);
         self.shutdown_deadline = Some(now + self.shared.config.shutdown_timeout);
-    }
-}
-
-/// How a read pass over one connection ended.
-enum ReadEnd {
-    /// WouldBlock: everything available was read.
-    Drained,
-    /// The read budget is spent; more may be waiting.
-    BudgetSpent,
-    /// The peer sent a close frame.
-    PeerClosed,
-    /// The publish queue was full.
-    QueueFull,
-    /// A protocol, size or I/O error.
-    Failed(WsError),
-}
-
-/// Hands a client's message to the broker without blocking.
-fn publish(broker: &BrokerHandle, channel: &Channel, kind: Kind, data: Bytes) -> Result<(), ReadEnd> {
-    let p = Publish {
-        channel: channel.clone(),
-        kind,
-        data,
-    };
-    match broker.publish.try_send(p) {
-        Ok(()) => Ok(()),
-        Err(crossbeam_channel::TrySendError::Full(_)) => Err(ReadEnd::QueueFull),
-        // Shutting down: the message has nowhere to go.
-        Err(crossbeam_channel::TrySendError::Disconnected(_)) => Ok(()),
     }
 }

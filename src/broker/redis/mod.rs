@@ -1,0 +1,118 @@
+//! The Redis backplane: how nodes share channels, history and sessions.
+//!
+//! - `subscriber.rs`: one blocking Pub/Sub connection. SUBSCRIBEs only to channels some local
+//!   loop has members on (refcounted over loops), routes each message only to the loops that
+//!   need it, reconnects with jittered backoff and resubscribes everything.
+//! - `publisher.rs`: drains the loops' bounded publish queue in batches and pipelines them (one
+//!   round trip per batch). With history on, each publish is one atomic Lua script
+//!   (`publish.lua`): offset, stream append, expiry and PUBLISH together. What cannot reach
+//!   Redis is delivered to this node's clients only, counted and logged.
+//! - `requests.rs`: request/response work off the loops: history reads for recovery
+//!   (`read.lua`) and session reads and writes.
+//!
+//! Redis data model, per channel `C` (with `--redis-prefix P`):
+//! `P` + `C` the Pub/Sub channel; `Pwsrelay:{C}:meta` a hash with the channel's `epoch` and
+//! last `offset`; `Pwsrelay:{C}:stream` a stream of the last `--history-size` messages with
+//! ids `<offset>-0`; both expire `--history-ttl` after the last publish. The braces keep both
+//! keys of a channel in one cluster slot. Sessions: `Pwsrelay:session:<id>`, a hash expiring
+//! `--session-ttl` after the last write.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::backoff::Backoff;
+use crate::bridge::{BrokerInbox, LoopHandle};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+mod publisher;
+mod requests;
+mod subscriber;
+
+/// Time allowed for Redis to answer a command (SUBSCRIBE, a pipeline, a script).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time allowed to open a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Checks that Redis answers, then starts the subscriber, publisher and request threads.
+pub fn spawn(
+    config: &Config,
+    url: &str,
+    inbox: BrokerInbox,
+    loops: Vec<LoopHandle>,
+    metrics: Arc<Metrics>,
+) -> Result<Vec<JoinHandle<()>>, String> {
+    let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL {url:?}: {e}"))?;
+    let mut con = connect(&client).map_err(|e| format!("cannot reach Redis at {url}: {e}"))?;
+    redis::cmd("PING")
+        .query::<String>(&mut con)
+        .map_err(|e| format!("Redis at {url} does not answer PING: {e}"))?;
+    let shared = Shared {
+        client,
+        keys: Keys {
+            prefix: config.redis_prefix.clone(),
+        },
+        loops,
+        metrics,
+        backoff: Backoff::new(config.redis_backoff_min, config.redis_backoff_max),
+    };
+    let sub = subscriber::Subscriber::new(shared.clone(), inbox.control);
+    let publ = publisher::Publisher::new(shared.clone(), config, inbox.publish, con);
+    let req = requests::Requests::new(shared, config, inbox.requests);
+    let start = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map_err(|e| format!("cannot start {name} thread: {e}"))
+    };
+    Ok(vec![
+        start("wsrelay-redis-sub", Box::new(move || sub.run()))?,
+        start("wsrelay-redis-pub", Box::new(move || publ.run()))?,
+        start("wsrelay-redis-req", Box::new(move || req.run()))?,
+    ])
+}
+
+/// What every Redis thread needs.
+#[derive(Clone)]
+struct Shared {
+    client: redis::Client,
+    keys: Keys,
+    loops: Vec<LoopHandle>,
+    metrics: Arc<Metrics>,
+    backoff: Backoff,
+}
+
+/// A connection for commands, with timeouts so a stalled Redis cannot hang a thread.
+fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    con.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    con.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+    Ok(con)
+}
+
+/// Redis key and channel names (see the module documentation).
+#[derive(Clone, Debug)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn channel(&self, channel: &str) -> String {
+        format!("{}{channel}", self.prefix)
+    }
+    fn meta(&self, channel: &str) -> String {
+        format!("{}wsrelay:{{{channel}}}:meta", self.prefix)
+    }
+    fn stream(&self, channel: &str) -> String {
+        format!("{}wsrelay:{{{channel}}}:stream", self.prefix)
+    }
+    fn session(&self, id: &str) -> String {
+        format!("{}wsrelay:session:{id}", self.prefix)
+    }
+}
+
+/// Whole seconds for EXPIRE, at least 1.
+fn ttl_secs(d: Duration) -> u64 {
+    d.as_secs().max(1)
+}

@@ -1,0 +1,18 @@
+-- Read a channel's position and stored messages (wsrelay, src/broker/redis/requests.rs).
+-- KEYS[1] meta hash; KEYS[2] stream.
+-- ARGV: 1 first stream id to return ("N-0"), or "" for the position only;
+--       2 epoch to create if the channel has none; 3 ttl seconds for a created meta hash.
+-- Returns {top offset, epoch, entries}. Creating the epoch here fixes it at subscription time,
+-- so a client that subscribed before the first publish can still recover from offset 0.
+local meta, stream = KEYS[1], KEYS[2]
+if redis.call('HSETNX', meta, 'epoch', ARGV[2]) == 1 then
+  redis.call('DEL', stream)
+  redis.call('EXPIRE', meta, ARGV[3])
+end
+local epoch = redis.call('HGET', meta, 'epoch')
+local top = redis.call('HGET', meta, 'offset') or '0'
+local entries = {}
+if ARGV[1] ~= '' then
+  entries = redis.call('XRANGE', stream, ARGV[1], '+')
+end
+return {top, epoch, entries}

@@ -1,0 +1,269 @@
+//! The request thread: Redis work that has an answer, kept off the loops and off the publish
+//! pipeline so a slow history read never holds up delivery. History reads (`read.lua`) serve
+//! recovery on (re)subscribe; sessions are hashes read on resume and rewritten whole on change.
+//! Failures are answered (the client hears `unavailable`), never retried behind its back.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use log::debug;
+use redis::Value;
+
+use super::{Shared, connect, ttl_secs};
+use crate::bridge::{Channel, Delivery, History, Position, Reply, Request, SessionState};
+use crate::broker::Outbox;
+use crate::broker::memory_store::new_epoch;
+use crate::config::Config;
+use crate::frame::Kind;
+
+static READ_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("read.lua")));
+
+/// Field holding the session's token subject.
+const SUBJECT: &str = "sub";
+/// Prefix of the fields holding `offset epoch` per channel.
+const CHANNEL: &str = "c:";
+
+pub(super) struct Requests {
+    redis: Shared,
+    queue: Receiver<Request>,
+    history_ttl: u64,
+    session_ttl: u64,
+    con: Option<redis::Connection>,
+    next_attempt: Instant,
+    outbox: Outbox,
+}
+
+impl Requests {
+    pub(super) fn new(redis: Shared, config: &Config, queue: Receiver<Request>) -> Self {
+        Requests {
+            redis,
+            queue,
+            history_ttl: ttl_secs(config.history_ttl),
+            session_ttl: ttl_secs(config.session_ttl),
+            con: None,
+            next_attempt: Instant::now(),
+            outbox: Outbox::default(),
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        loop {
+            let wait = if self.outbox.is_empty() {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_millis(5)
+            };
+            match self.queue.recv_timeout(wait) {
+                Ok(r) => self.handle(r),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            self.outbox.retry(&self.redis.loops);
+        }
+    }
+
+    fn handle(&mut self, r: Request) {
+        match r {
+            Request::History { channel, since, to } => {
+                let result = self.with_con(|con, keys, ttl| read_history(con, keys, &channel, since, ttl.0));
+                self.outbox
+                    .reply(&self.redis.loops, to, Reply::History { channel, result });
+            }
+            Request::LoadSession { id, to } => {
+                let result = self.with_con(|con, keys, _| load_session(con, &keys.session(&id)));
+                self.outbox.reply(&self.redis.loops, to, Reply::Session(result));
+            }
+            Request::SaveSession { id, state } => {
+                if let Err(e) =
+                    self.with_con(|con, keys, ttl| save_session(con, &keys.session(&id), &state, ttl.1))
+                {
+                    debug!("session {id} not saved: {e}");
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on the connection, connecting first if needed (not more often than the
+    /// backoff allows). Errors drop the connection so the next request reconnects.
+    fn with_con<T>(
+        &mut self,
+        f: impl FnOnce(&mut redis::Connection, &super::Keys, (u64, u64)) -> redis::RedisResult<T>,
+    ) -> Result<T, String> {
+        if self.con.is_none() {
+            if Instant::now() < self.next_attempt {
+                return Err("redis unreachable".into());
+            }
+            match connect(&self.redis.client) {
+                Ok(c) => {
+                    self.redis.backoff.reset();
+                    self.con = Some(c);
+                }
+                Err(e) => {
+                    self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
+                    return Err(format!("redis unreachable: {e}"));
+                }
+            }
+        }
+        let con = self.con.as_mut().expect("connected above");
+        f(con, &self.redis.keys, (self.history_ttl, self.session_ttl)).map_err(|e| {
+            if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                self.con = None;
+            }
+            format!("redis: {e}")
+        })
+    }
+}
+
+fn read_history(
+    con: &mut redis::Connection,
+    keys: &super::Keys,
+    channel: &Channel,
+    since: Option<u64>,
+    ttl: u64,
+) -> redis::RedisResult<History> {
+    let start = since.map(|s| format!("{}-0", s + 1)).unwrap_or_default();
+    let v: Value = READ_SCRIPT
+        .key(keys.meta(channel))
+        .key(keys.stream(channel))
+        .arg(start)
+        .arg(&*new_epoch())
+        .arg(ttl)
+        .invoke(con)?;
+    parse_history(channel, &v).ok_or_else(|| {
+        redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "unexpected reply from the history script",
+        ))
+    })
+}
+
+fn text(v: &Value) -> Option<&str> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// `{top, epoch, [[id, [field, value, ...]], ...]}` into a [`History`].
+fn parse_history(channel: &Channel, v: &Value) -> Option<History> {
+    let Value::Array(parts) = v else { return None };
+    let top: u64 = match parts.first()? {
+        Value::Int(n) => u64::try_from(*n).ok()?,
+        other => text(other)?.parse().ok()?,
+    };
+    let epoch: Arc<str> = text(parts.get(1)?)?.into();
+    let Value::Array(raw) = parts.get(2)? else {
+        return None;
+    };
+    let mut entries = Vec::with_capacity(raw.len());
+    for e in raw {
+        let Value::Array(e) = e else { return None };
+        let offset: u64 = text(e.first()?)?.strip_suffix("-0")?.parse().ok()?;
+        let Value::Array(fields) = e.get(1)? else {
+            return None;
+        };
+        let (mut kind, mut data) = (Kind::Binary, None);
+        for pair in fields.chunks(2) {
+            match (text(&pair[0]), pair.get(1)) {
+                (Some("k"), Some(k)) if text(k) == Some("t") => kind = Kind::Text,
+                (Some("d"), Some(Value::BulkString(b))) => data = Some(bytes::Bytes::copy_from_slice(b)),
+                _ => {}
+            }
+        }
+        let data = data?;
+        if kind == Kind::Text && std::str::from_utf8(&data).is_err() {
+            kind = Kind::Binary;
+        }
+        let position = Position {
+            offset,
+            epoch: epoch.clone(),
+        };
+        entries.push(Delivery::new(channel.clone(), kind, data, Some(position)));
+    }
+    Some(History { epoch, top, entries })
+}
+
+fn load_session(con: &mut redis::Connection, key: &str) -> redis::RedisResult<Option<SessionState>> {
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query(con)?;
+    if fields.is_empty() {
+        return Ok(None);
+    }
+    let mut state = SessionState::default();
+    for (field, value) in fields {
+        if field == SUBJECT {
+            state.subject = Some(value);
+        } else if let Some(channel) = field.strip_prefix(CHANNEL) {
+            let (offset, epoch) = value.split_once(' ').unwrap_or((value.as_str(), "-"));
+            let offset = offset.parse().unwrap_or(0);
+            let epoch = (epoch != "-").then(|| Arc::from(epoch));
+            state.channels.push((Arc::from(channel), offset, epoch));
+        }
+    }
+    // Hash order is arbitrary; keep resubscription order stable.
+    state.channels.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Some(state))
+}
+
+fn save_session(
+    con: &mut redis::Connection,
+    key: &str,
+    state: &SessionState,
+    ttl: u64,
+) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    pipe.atomic().cmd("DEL").arg(key).ignore();
+    let mut hset = redis::cmd("HSET");
+    hset.arg(key).arg("v").arg(1);
+    if let Some(s) = &state.subject {
+        hset.arg(SUBJECT).arg(s);
+    }
+    for (channel, offset, epoch) in &state.channels {
+        hset.arg(format!("{CHANNEL}{channel}"))
+            .arg(format!("{offset} {}", epoch.as_deref().unwrap_or("-")));
+    }
+    pipe.add_command(hset).ignore();
+    pipe.cmd("EXPIRE").arg(key).arg(ttl).ignore();
+    pipe.query(con)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn history_reply_parses() {
+        let v = Value::Array(vec![
+            bulk("7"),
+            bulk("ep"),
+            Value::Array(vec![
+                Value::Array(vec![
+                    bulk("6-0"),
+                    Value::Array(vec![bulk("k"), bulk("t"), bulk("d"), bulk("six")]),
+                ]),
+                Value::Array(vec![
+                    bulk("7-0"),
+                    Value::Array(vec![
+                        bulk("k"),
+                        bulk("b"),
+                        bulk("d"),
+                        Value::BulkString(vec![0xff]),
+                    ]),
+                ]),
+            ]),
+        ]);
+        let h = parse_history(&Arc::from("c"), &v).unwrap();
+        assert_eq!((h.top, &*h.epoch), (7, "ep"));
+        assert_eq!(h.entries.len(), 2);
+        assert_eq!(h.entries[0].kind, Kind::Text);
+        assert_eq!(&h.entries[0].data[..], b"six");
+        assert_eq!(h.entries[1].position.as_ref().unwrap().offset, 7);
+        assert_eq!(h.entries[1].kind, Kind::Binary);
+        assert!(parse_history(&Arc::from("c"), &Value::Nil).is_none());
+    }
+}

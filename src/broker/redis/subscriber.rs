@@ -1,0 +1,233 @@
+//! The subscriber thread: one blocking Pub/Sub connection. It SUBSCRIBEs only to channels some
+//! local loop has members on (refcounted over loops through [`Routes`]), UNSUBSCRIBEs when the
+//! last loop leaves, and routes each message only to the loops that need it. Its read timeout
+//! is short (10 ms) so subscription requests from loops reach Redis within milliseconds. After
+//! a lost connection it reconnects with jittered backoff and resubscribes every routed channel.
+//! While Redis is down, subscriptions are confirmed to loops at once, so local delivery goes on.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use log::{debug, info, warn};
+
+use super::{COMMAND_TIMEOUT, Shared, connect};
+use crate::bridge::{Channel, Control, Delivery};
+use crate::broker::{Outbox, RateLimit, Routes, fan_out, wire};
+use crate::metrics::inc;
+
+/// Read timeout of the Pub/Sub connection between checks for subscription requests.
+const READ_TIMEOUT: Duration = Duration::from_millis(10);
+/// Channels per SUBSCRIBE command when resubscribing after a reconnect.
+const RESUBSCRIBE_CHUNK: usize = 1000;
+
+/// Why the subscriber left its connection.
+enum Exit {
+    /// Every loop is gone: the process is shutting down.
+    Stop,
+    /// The connection failed; reconnect.
+    Lost(redis::RedisError),
+}
+
+pub(super) struct Subscriber {
+    redis: Shared,
+    routes: Routes,
+    outbox: Outbox,
+    control: Receiver<Control>,
+    drop_log: RateLimit,
+    connected_before: bool,
+}
+
+impl Subscriber {
+    pub(super) fn new(redis: Shared, control: Receiver<Control>) -> Self {
+        Subscriber {
+            redis,
+            routes: Routes::default(),
+            outbox: Outbox::default(),
+            control,
+            drop_log: RateLimit::default(),
+            connected_before: false,
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        loop {
+            match connect(&self.redis.client) {
+                Ok(mut con) => match self.serve(&mut con) {
+                    Exit::Stop => return,
+                    Exit::Lost(e) => {
+                        warn!("redis subscriber connection lost: {e}; local delivery continues, reconnecting")
+                    }
+                },
+                Err(e) => debug!("redis subscriber cannot connect: {e}"),
+            }
+            self.redis
+                .metrics
+                .broker
+                .subscriber_up
+                .store(false, Ordering::Relaxed);
+            // Wait out the backoff while still serving the loops' subscription requests.
+            let until = Instant::now() + self.redis.backoff.next_delay();
+            loop {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match self.control.recv_timeout(left) {
+                    Ok(c) => {
+                        // Offline, a route is live as soon as it is in the table.
+                        if let (channel, Some((loop_id, generation))) = self.apply(c) {
+                            self.outbox
+                                .confirm(&self.redis.loops, loop_id, channel, generation);
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                self.outbox.retry(&self.redis.loops);
+            }
+        }
+    }
+
+    /// Applies one request to the routing table. Returns its channel and, for a subscription,
+    /// the loop and generation waiting for the confirmation.
+    fn apply(&mut self, c: Control) -> (Channel, Option<(usize, u64)>) {
+        match c {
+            Control::Subscribe {
+                channel,
+                loop_id,
+                generation,
+            } => {
+                self.routes.add(&channel, loop_id);
+                (channel, Some((loop_id, generation)))
+            }
+            Control::Unsubscribe { channel, loop_id } => {
+                self.routes.remove(&channel, loop_id);
+                (channel, None)
+            }
+        }
+    }
+
+    fn serve(&mut self, con: &mut redis::Connection) -> Exit {
+        let mut ps = con.as_pubsub();
+        // Everything currently routed is subscribed on this new connection.
+        let mut upstream: HashSet<Channel> = self.routes.channels().cloned().collect();
+        let names: Vec<String> = upstream.iter().map(|c| self.redis.keys.channel(c)).collect();
+        for chunk in names.chunks(RESUBSCRIBE_CHUNK) {
+            if let Err(e) = ps.subscribe(chunk) {
+                return Exit::Lost(e);
+            }
+        }
+        if let Err(e) = ps.set_read_timeout(Some(READ_TIMEOUT)) {
+            return Exit::Lost(e);
+        }
+        self.redis
+            .metrics
+            .broker
+            .subscriber_up
+            .store(true, Ordering::Relaxed);
+        self.redis.backoff.reset();
+        if self.connected_before {
+            inc(&self.redis.metrics.broker.redis_reconnects);
+            info!(
+                "redis subscriber reconnected; resubscribed {} channels",
+                upstream.len()
+            );
+        }
+        self.connected_before = true;
+
+        let mut touched = Vec::new();
+        let mut awaiting = Vec::new();
+        loop {
+            // Take every pending request, then bring Redis to the resulting state in at most
+            // one SUBSCRIBE and one UNSUBSCRIBE.
+            loop {
+                match self.control.try_recv() {
+                    Ok(c) => {
+                        let (channel, waiter) = self.apply(c);
+                        if let Some((loop_id, generation)) = waiter {
+                            awaiting.push((loop_id, channel.clone(), generation));
+                        }
+                        touched.push(channel);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return Exit::Stop,
+                }
+            }
+            if !touched.is_empty() {
+                let (mut sub, mut unsub) = (Vec::new(), Vec::new());
+                for ch in touched.drain(..) {
+                    let wanted = self.routes.contains(&ch);
+                    if wanted && upstream.insert(ch.clone()) {
+                        sub.push(self.redis.keys.channel(&ch));
+                    } else if !wanted && upstream.remove(&ch) {
+                        unsub.push(self.redis.keys.channel(&ch));
+                    }
+                }
+                if let Err(e) = update_subscriptions(&mut ps, &sub, &unsub) {
+                    return Exit::Lost(e);
+                }
+                self.redis
+                    .metrics
+                    .broker
+                    .channels
+                    .store(upstream.len() as u64, Ordering::Relaxed);
+                // Redis has answered: the subscriptions are in effect.
+                for (loop_id, ch, generation) in awaiting.drain(..) {
+                    self.outbox.confirm(&self.redis.loops, loop_id, ch, generation);
+                }
+            }
+            self.outbox.retry(&self.redis.loops);
+
+            match ps.get_message() {
+                Ok(msg) => self.route(&msg),
+                Err(e) if e.is_timeout() => {}
+                Err(e) => return Exit::Lost(e),
+            }
+        }
+    }
+
+    fn route(&mut self, msg: &redis::Msg) {
+        let Some(channel) = msg
+            .get_channel_name()
+            .strip_prefix(self.redis.keys.prefix.as_str())
+        else {
+            return;
+        };
+        let targets = self.routes.loops(channel);
+        if targets.is_empty() {
+            return;
+        }
+        let decoded = wire::decode(msg.get_payload_bytes());
+        let channel: Channel = Arc::from(channel);
+        let d = Delivery::new(channel, decoded.kind, decoded.data, decoded.position);
+        fan_out(
+            &self.redis.loops,
+            targets,
+            &d,
+            &self.redis.metrics,
+            &mut self.drop_log,
+        );
+    }
+}
+
+/// Sends SUBSCRIBE/UNSUBSCRIBE and waits for Redis's reply, with a command-length timeout.
+fn update_subscriptions(
+    ps: &mut redis::PubSub<'_>,
+    sub: &[String],
+    unsub: &[String],
+) -> redis::RedisResult<()> {
+    if sub.is_empty() && unsub.is_empty() {
+        return Ok(());
+    }
+    ps.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    if !sub.is_empty() {
+        ps.subscribe(sub)?;
+    }
+    if !unsub.is_empty() {
+        ps.unsubscribe(unsub)?;
+    }
+    ps.set_read_timeout(Some(READ_TIMEOUT))
+}

@@ -1,0 +1,394 @@
+//! The `wsrelay.v1` envelope protocol: parsing client commands and encoding server frames.
+//! Pure functions over bytes and strings; the event loop decides what to do with them. The
+//! README's "Envelope protocol" section is the specification this file implements.
+//!
+//! Every command may carry a `ref` (any JSON string or number) that is echoed verbatim in its
+//! reply, so it is kept as JSON text and never interpreted.
+
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+
+use crate::bridge::{Delivery, Position};
+use crate::frame::Kind;
+
+/// The subprotocol name offered in `Sec-WebSocket-Protocol`.
+pub const PROTOCOL: &str = "wsrelay.v1";
+
+/// A client command.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Join a channel, optionally recovering from a known position.
+    Subscribe {
+        /// The channel.
+        channel: String,
+        /// Offset and epoch of the last message the client has.
+        recover: Option<(u64, String)>,
+    },
+    /// Leave a channel.
+    Unsubscribe {
+        /// The channel.
+        channel: String,
+    },
+    /// Publish a message.
+    Publish {
+        /// The channel.
+        channel: String,
+        /// Text (`data`) or binary (`data_b64`).
+        kind: Kind,
+        /// The payload.
+        data: Bytes,
+    },
+    /// Liveness check answered with `pong`.
+    Ping,
+}
+
+/// Why a command was refused: a stable code and a human message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// One of the codes in the README's table.
+    pub code: &'static str,
+    /// What was wrong, for people.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A parsed frame: the `ref` (if any could be read) and the command or why it was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed {
+    /// The command's `ref` as JSON text.
+    pub reference: Option<Box<str>>,
+    /// The command.
+    pub command: Result<Command, Refusal>,
+}
+
+/// Parses one text frame from a client. Never panics.
+pub fn parse(frame: &[u8]) -> Parsed {
+    let obj = match serde_json::from_slice::<Value>(frame) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return refused(None, "bad_json", "a command is a JSON object"),
+        Err(e) => return refused(None, "bad_json", format!("not JSON: {e}")),
+    };
+    let reference = match obj.get("ref") {
+        None | Some(Value::Null) => None,
+        Some(v @ (Value::String(_) | Value::Number(_))) => Some(v.to_string().into_boxed_str()),
+        Some(_) => return refused(None, "bad_request", "ref must be a string or a number"),
+    };
+    Parsed {
+        command: command(&obj),
+        reference,
+    }
+}
+
+fn refused(reference: Option<Box<str>>, code: &'static str, message: impl Into<String>) -> Parsed {
+    Parsed {
+        reference,
+        command: Err(Refusal::new(code, message)),
+    }
+}
+
+fn command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
+    let op = match obj.get("op") {
+        Some(Value::String(op)) => op.as_str(),
+        Some(_) => return Err(Refusal::new("bad_request", "op must be a string")),
+        None => return Err(Refusal::new("bad_request", "missing op")),
+    };
+    match op {
+        "subscribe" => {
+            let channel = string(obj, "channel")?;
+            let recover = match (obj.get("offset"), obj.get("epoch")) {
+                (None | Some(Value::Null), None | Some(Value::Null)) => None,
+                (Some(Value::Number(n)), Some(Value::String(e))) => {
+                    let offset = n.as_u64().ok_or_else(|| {
+                        Refusal::new("bad_request", "offset must be a non-negative integer")
+                    })?;
+                    Some((offset, e.clone()))
+                }
+                _ => {
+                    return Err(Refusal::new(
+                        "bad_request",
+                        "recovery needs both offset (integer) and epoch (string)",
+                    ));
+                }
+            };
+            Ok(Command::Subscribe { channel, recover })
+        }
+        "unsubscribe" => Ok(Command::Unsubscribe {
+            channel: string(obj, "channel")?,
+        }),
+        "publish" => {
+            let channel = string(obj, "channel")?;
+            let (kind, data) = match (obj.get("data"), obj.get("data_b64")) {
+                (Some(Value::String(s)), None) => (Kind::Text, Bytes::from(s.clone().into_bytes())),
+                (None, Some(Value::String(s))) => {
+                    let bytes = B64
+                        .decode(s)
+                        .map_err(|e| Refusal::new("bad_request", format!("data_b64: {e}")))?;
+                    (Kind::Binary, Bytes::from(bytes))
+                }
+                _ => {
+                    return Err(Refusal::new(
+                        "bad_request",
+                        "publish needs exactly one of data (string) or data_b64 (base64 string)",
+                    ));
+                }
+            };
+            Ok(Command::Publish { channel, kind, data })
+        }
+        "ping" => Ok(Command::Ping),
+        other => Err(Refusal::new(
+            "unknown_op",
+            format!("unknown op {:?}", truncate(other, 64)),
+        )),
+    }
+}
+
+fn string(obj: &Map<String, Value>, field: &str) -> Result<String, Refusal> {
+    match obj.get(field) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(Refusal::new("bad_request", format!("{field} must be a string"))),
+        None => Err(Refusal::new("bad_request", format!("missing {field}"))),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Appends `"key":<json string>`.
+fn put_str(out: &mut String, key: &str, value: &str) {
+    let _ = write!(out, ",\"{key}\":");
+    // Serializing a str cannot fail.
+    out.push_str(&serde_json::to_string(value).unwrap_or_default());
+}
+
+fn put_ref(out: &mut String, reference: Option<&str>) {
+    if let Some(r) = reference {
+        let _ = write!(out, ",\"ref\":{r}");
+    }
+}
+
+fn put_position(out: &mut String, position: Option<&Position>) {
+    if let Some(p) = position {
+        let _ = write!(out, ",\"offset\":{}", p.offset);
+        put_str(out, "epoch", &p.epoch);
+    }
+}
+
+/// `{"type":"welcome",...}`
+pub fn welcome(session: &str, resumed: bool) -> String {
+    let mut s = String::from("{\"type\":\"welcome\"");
+    put_str(&mut s, "session", session);
+    let _ = write!(s, ",\"resumed\":{resumed}}}");
+    s
+}
+
+/// `{"type":"subscribed",...}`; `recovered` only when recovery was requested.
+pub fn subscribed(
+    reference: Option<&str>,
+    channel: &str,
+    position: Option<&Position>,
+    recovered: Option<bool>,
+) -> String {
+    let mut s = String::from("{\"type\":\"subscribed\"");
+    put_ref(&mut s, reference);
+    put_str(&mut s, "channel", channel);
+    put_position(&mut s, position);
+    if let Some(r) = recovered {
+        let _ = write!(s, ",\"recovered\":{r}");
+    }
+    s.push('}');
+    s
+}
+
+/// `{"type":"unsubscribed",...}`
+pub fn unsubscribed(reference: Option<&str>, channel: &str) -> String {
+    let mut s = String::from("{\"type\":\"unsubscribed\"");
+    put_ref(&mut s, reference);
+    put_str(&mut s, "channel", channel);
+    s.push('}');
+    s
+}
+
+/// `{"type":"published",...}`
+pub fn published(reference: Option<&str>, channel: &str, position: Option<&Position>) -> String {
+    let mut s = String::from("{\"type\":\"published\"");
+    put_ref(&mut s, reference);
+    put_str(&mut s, "channel", channel);
+    put_position(&mut s, position);
+    s.push('}');
+    s
+}
+
+/// `{"type":"pong",...}`
+pub fn pong(reference: Option<&str>) -> String {
+    let mut s = String::from("{\"type\":\"pong\"");
+    put_ref(&mut s, reference);
+    s.push('}');
+    s
+}
+
+/// `{"type":"error",...}`
+pub fn error(reference: Option<&str>, code: &str, message: &str) -> String {
+    let mut s = String::from("{\"type\":\"error\"");
+    put_ref(&mut s, reference);
+    put_str(&mut s, "code", code);
+    put_str(&mut s, "message", message);
+    s.push('}');
+    s
+}
+
+/// `{"type":"message",...}` for a delivery: `data` for text, `data_b64` for binary.
+pub fn message(d: &Delivery) -> String {
+    let mut s = String::with_capacity(64 + d.data.len() * 4 / 3);
+    s.push_str("{\"type\":\"message\"");
+    put_str(&mut s, "channel", &d.channel);
+    put_position(&mut s, d.position.as_ref());
+    match (d.kind, std::str::from_utf8(&d.data)) {
+        (Kind::Text, Ok(text)) => put_str(&mut s, "data", text),
+        _ => put_str(&mut s, "data_b64", &B64.encode(&d.data)),
+    }
+    s.push('}');
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn cmd(json: &str) -> Result<Command, Refusal> {
+        parse(json.as_bytes()).command
+    }
+
+    #[test]
+    fn commands_parse() {
+        assert_eq!(
+            cmd(r#"{"op":"subscribe","channel":"a"}"#),
+            Ok(Command::Subscribe {
+                channel: "a".into(),
+                recover: None
+            })
+        );
+        assert_eq!(
+            cmd(r#"{"op":"subscribe","channel":"a","offset":7,"epoch":"e"}"#),
+            Ok(Command::Subscribe {
+                channel: "a".into(),
+                recover: Some((7, "e".into()))
+            })
+        );
+        assert_eq!(
+            cmd(r#"{"op":"publish","channel":"a","data_b64":"AAH/"}"#),
+            Ok(Command::Publish {
+                channel: "a".into(),
+                kind: Kind::Binary,
+                data: Bytes::from_static(&[0, 1, 255])
+            })
+        );
+        assert_eq!(cmd(r#"{"op":"ping"}"#), Ok(Command::Ping));
+    }
+
+    #[test]
+    fn refs_are_kept_as_json_text() {
+        assert_eq!(
+            parse(br#"{"op":"ping","ref":"x\"y"}"#).reference.as_deref(),
+            Some(r#""x\"y""#)
+        );
+        assert_eq!(
+            parse(br#"{"op":"ping","ref":12}"#).reference.as_deref(),
+            Some("12")
+        );
+        assert_eq!(pong(Some("12")), r#"{"type":"pong","ref":12}"#);
+    }
+
+    #[test]
+    fn malformed_commands_get_codes_and_keep_the_ref() {
+        let code = |j: &str| parse(j.as_bytes()).command.unwrap_err().code;
+        assert_eq!(code("not json"), "bad_json");
+        assert_eq!(code("[1,2]"), "bad_json");
+        assert_eq!(code(r#"{"channel":"a"}"#), "bad_request");
+        assert_eq!(code(r#"{"op":"publsh","channel":"a"}"#), "unknown_op");
+        assert_eq!(code(r#"{"op":"subscribe"}"#), "bad_request");
+        assert_eq!(code(r#"{"op":"subscribe","channel":5}"#), "bad_request");
+        assert_eq!(
+            code(r#"{"op":"subscribe","channel":"a","offset":-1,"epoch":"e"}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","channel":"a","offset":1}"#),
+            "bad_request"
+        );
+        assert_eq!(code(r#"{"op":"publish","channel":"a"}"#), "bad_request");
+        assert_eq!(
+            code(r#"{"op":"publish","channel":"a","data":"x","data_b64":"AA=="}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            code(r#"{"op":"publish","channel":"a","data_b64":"!!"}"#),
+            "bad_request"
+        );
+        assert_eq!(code(r#"{"op":"x","ref":{}}"#), "bad_request");
+        let p = parse(br#"{"op":"nope","ref":3}"#);
+        assert_eq!(p.reference.as_deref(), Some("3"));
+        let e = error(
+            p.reference.as_deref(),
+            "unknown_op",
+            &p.command.unwrap_err().message,
+        );
+        let v: Value = serde_json::from_str(&e).unwrap();
+        assert_eq!(v["ref"], 3);
+        assert_eq!(v["code"], "unknown_op");
+    }
+
+    #[test]
+    fn encoded_frames_are_valid_json() {
+        let pos = Position {
+            offset: 9,
+            epoch: Arc::from("ep\"och"),
+        };
+        for s in [
+            welcome("abc", true),
+            subscribed(Some("\"r\""), "ch\n", Some(&pos), Some(false)),
+            subscribed(None, "c", None, None),
+            unsubscribed(None, "c"),
+            published(Some("1"), "c", Some(&pos)),
+            error(None, "bad_json", "quote \" here"),
+        ] {
+            let v: Value = serde_json::from_str(&s).unwrap_or_else(|e| panic!("{s}: {e}"));
+            assert!(v["type"].is_string());
+        }
+        let d = Delivery::new(
+            Arc::from("c"),
+            Kind::Binary,
+            Bytes::from_static(&[0xff]),
+            Some(pos),
+        );
+        let v: Value = serde_json::from_str(&message(&d)).unwrap();
+        assert_eq!(v["data_b64"], "/w==");
+        assert_eq!(v["offset"], 9);
+        let t = Delivery::new(
+            Arc::from("c"),
+            Kind::Text,
+            Bytes::from_static(b"hi \xe2\x9c\x93"),
+            None,
+        );
+        let v: Value = serde_json::from_str(&message(&t)).unwrap();
+        assert_eq!(v["data"], "hi \u{2713}");
+        assert!(v.get("offset").is_none());
+    }
+}

@@ -1,0 +1,312 @@
+//! What clients send: reading WebSocket frames off an open connection, publishing raw frames,
+//! and carrying out `wsrelay.v1` commands. Errors in a client's input never reach other
+//! clients: a bad frame closes that connection with the matching close code, a bad v1 command
+//! gets an error reply and the connection stays usable.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use log::{debug, warn};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Error as WsError, Message};
+
+use super::{EventLoop, interrupted, would_block};
+use crate::bridge::{Channel, ConnId, Publish, PublishAck, ReplyTo};
+use crate::conn::{Io, Pending, Phase, Protocol, Sub, SubState};
+use crate::envelope::{self, Command, Refusal};
+use crate::frame::{self, Kind};
+use crate::metrics::{add, inc};
+
+/// How a read pass over one connection ended.
+enum ReadEnd {
+    /// WouldBlock: everything available was read.
+    Drained,
+    /// The read budget is spent; more may be waiting.
+    BudgetSpent,
+    /// The peer sent a close frame.
+    PeerClosed,
+    /// A protocol, size or I/O error.
+    Failed(WsError),
+}
+
+/// Why a publish was not queued.
+enum Refused {
+    /// The publish queue is full.
+    QueueFull,
+}
+
+impl EventLoop {
+    /// Reads WebSocket frames until WouldBlock or the read budget is spent, then acts on the
+    /// messages. A raw connection is not read until its channel's subscription is live, so a
+    /// client's first message cannot overtake its own subscription; no connection is read
+    /// while its session is being restored.
+    pub(super) fn read_frames(&mut self, key: usize, now: Instant) {
+        let budget = self.shared.config.read_budget;
+        let conn = &mut self.conns[key];
+        let Phase::Open(open) = &mut conn.phase else {
+            return;
+        };
+        let waiting = open.resuming
+            || (open.protocol == Protocol::Raw && !open.subs.iter().all(|s| self.index.is_live(&s.channel)));
+        if waiting {
+            conn.read_pending = true;
+            return;
+        }
+        conn.read_pending = false;
+        let mut io = Io {
+            sock: &mut conn.sock,
+            out: &mut conn.out,
+            got_input: false,
+        };
+        let mut messages = Vec::new();
+        let end = loop {
+            if messages.len() == budget {
+                break ReadEnd::BudgetSpent;
+            }
+            match open.ctx.read(&mut io) {
+                Ok(Message::Text(t)) => messages.push((Kind::Text, Bytes::from(t))),
+                Ok(Message::Binary(b)) => messages.push((Kind::Binary, b)),
+                // tungstenite queued the reply to our Io; flush it there and finish closing.
+                Ok(Message::Close(_)) => {
+                    let _ = open.ctx.flush(&mut io);
+                    break ReadEnd::PeerClosed;
+                }
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
+                Err(WsError::Io(e)) if would_block(&e) => break ReadEnd::Drained,
+                Err(WsError::Io(e)) if interrupted(&e) => {}
+                Err(e) => break ReadEnd::Failed(e),
+            }
+        };
+        if io.got_input {
+            conn.last_seen = now;
+        }
+        if !conn.out.is_empty() {
+            self.mark_dirty(key);
+        }
+        add(&self.metrics().messages_in, messages.len() as u64);
+        for (kind, data) in messages {
+            if !self.on_message(key, kind, data, now) {
+                return;
+            }
+        }
+        match end {
+            ReadEnd::Drained => {}
+            ReadEnd::BudgetSpent => {
+                self.conns[key].read_pending = true;
+                self.read_backlog.push(key);
+            }
+            ReadEnd::PeerClosed => self.enter_closing(key, now),
+            ReadEnd::Failed(e) => self.read_failed(key, e, now),
+        }
+    }
+
+    /// Acts on one client message. False when the connection was closed because of it.
+    fn on_message(&mut self, key: usize, kind: Kind, data: Bytes, now: Instant) -> bool {
+        let Some(open) = self.conns[key].open_mut() else {
+            return false;
+        };
+        match open.protocol {
+            Protocol::Raw => {
+                let channel = open.subs[0].channel.clone();
+                match self.publish(channel, kind, data, None) {
+                    Ok(()) => true,
+                    Err(Refused::QueueFull) => {
+                        if self.log_limit.allow() {
+                            warn!(
+                                "publish queue full: closing raw publisher with 1013 (raise --publish-queue, or the broker is behind)"
+                            );
+                        }
+                        self.close(key, CloseCode::Again, "publish queue full", now);
+                        false
+                    }
+                }
+            }
+            Protocol::V1 => {
+                if kind == Kind::Binary {
+                    self.send_error(
+                        key,
+                        None,
+                        &Refusal::new("bad_json", "commands are JSON text frames"),
+                    );
+                    return true;
+                }
+                let parsed = envelope::parse(&data);
+                match parsed.command {
+                    Ok(cmd) => self.command(key, cmd, parsed.reference, now),
+                    Err(refusal) => self.send_error(key, parsed.reference.as_deref(), &refusal),
+                }
+                true
+            }
+        }
+    }
+
+    /// Carries out one `wsrelay.v1` command.
+    fn command(&mut self, key: usize, cmd: Command, reference: Option<Box<str>>, now: Instant) {
+        let r = reference.as_deref();
+        match cmd {
+            Command::Ping => self.send_json(key, &envelope::pong(r)),
+            Command::Subscribe { channel, recover } => {
+                let channel = match self.channel_name(&channel) {
+                    Ok(c) => c,
+                    Err(refusal) => return self.send_error(key, r, &refusal),
+                };
+                let max = self.shared.config.max_channels_per_conn;
+                let Some(open) = self.conns[key].open_mut() else {
+                    return;
+                };
+                if open.subs.iter().any(|s| s.channel == channel) {
+                    let refusal =
+                        Refusal::new("already_subscribed", format!("already subscribed to {channel:?}"));
+                    return self.send_error(key, r, &refusal);
+                }
+                if open.subs.len() >= max {
+                    let refusal = Refusal::new(
+                        "too_many_channels",
+                        format!("at most {max} channels per connection"),
+                    );
+                    return self.send_error(key, r, &refusal);
+                }
+                let recovering = recover.is_some();
+                let (offset, epoch) = recover.map_or((0, None), |(o, e)| (o, Some(Arc::from(e))));
+                open.subs.push(Sub {
+                    channel: channel.clone(),
+                    state: SubState::AwaitingLive(Pending {
+                        reference,
+                        recover: recovering,
+                        announce: true,
+                    }),
+                    offset,
+                    epoch,
+                });
+                if recovering {
+                    inc(&self.metrics().recoveries);
+                }
+                self.session_changed.push(key);
+                self.join(key, &channel, now);
+            }
+            Command::Unsubscribe { channel } => {
+                let Some(open) = self.conns[key].open_mut() else {
+                    return;
+                };
+                let Some(i) = open.subs.iter().position(|s| *s.channel == *channel) else {
+                    let refusal = Refusal::new("not_subscribed", format!("not subscribed to {channel:?}"));
+                    return self.send_error(key, r, &refusal);
+                };
+                let sub = open.subs.swap_remove(i);
+                if let SubState::AwaitingHistory { held, .. } = &sub.state {
+                    open.held_bytes -= held.iter().map(|d| d.data.len()).sum::<usize>();
+                }
+                self.leave(key, sub.channel);
+                self.session_changed.push(key);
+                self.send_json(key, &envelope::unsubscribed(r, &channel));
+            }
+            Command::Publish { channel, kind, data } => {
+                let channel = match self.channel_name(&channel) {
+                    Ok(c) => c,
+                    Err(refusal) => return self.send_error(key, r, &refusal),
+                };
+                let Some(open) = self.conns[key].open_mut() else {
+                    return;
+                };
+                let ack = PublishAck {
+                    to: ReplyTo {
+                        loop_id: self.id,
+                        conn: ConnId {
+                            key,
+                            serial: open.serial,
+                        },
+                    },
+                    reference: reference.clone(),
+                };
+                if let Err(Refused::QueueFull) = self.publish(channel, kind, data, Some(ack)) {
+                    let refusal = Refusal::new("publish_queue_full", "the broker is behind; retry later");
+                    self.send_error(key, r, &refusal);
+                }
+            }
+        }
+    }
+
+    /// Validates a channel name from a command.
+    fn channel_name(&self, name: &str) -> Result<Channel, Refusal> {
+        let max = self.shared.config.max_channel_len;
+        if name.is_empty() || name.len() > max {
+            return Err(Refusal::new(
+                "bad_channel",
+                format!("channel names are 1 to {max} bytes"),
+            ));
+        }
+        Ok(Arc::from(name))
+    }
+
+    /// Hands a client's message to the broker without blocking.
+    fn publish(
+        &mut self,
+        channel: Channel,
+        kind: Kind,
+        data: Bytes,
+        ack: Option<PublishAck>,
+    ) -> Result<(), Refused> {
+        let p = Publish {
+            channel,
+            kind,
+            data,
+            ack,
+        };
+        match self.broker.publish.try_send(p) {
+            Ok(()) => Ok(()),
+            Err(crossbeam_channel::TrySendError::Full(_)) => {
+                inc(&self.metrics().publish_dropped);
+                Err(Refused::QueueFull)
+            }
+            // Shutting down: the message has nowhere to go.
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Ok(()),
+        }
+    }
+
+    /// Queues a JSON text frame to a v1 connection.
+    pub(super) fn send_json(&mut self, key: usize, json: &str) {
+        let conn = &mut self.conns[key];
+        if conn.dead || !matches!(conn.phase, Phase::Open(_)) {
+            return;
+        }
+        conn.out.push(&frame::encode(Kind::Text, json.as_bytes()));
+        self.mark_dirty(key);
+    }
+
+    /// Queues an error reply.
+    pub(super) fn send_error(&mut self, key: usize, reference: Option<&str>, refusal: &Refusal) {
+        debug!("{}: {} ({})", self.conns[key].peer, refusal.code, refusal.message);
+        self.send_json(key, &envelope::error(reference, refusal.code, &refusal.message));
+    }
+
+    /// Maps a tungstenite read error to the connection's fate.
+    fn read_failed(&mut self, key: usize, e: WsError, now: Instant) {
+        use tungstenite::error::ProtocolError as P;
+        let m = &self.shared.metrics.loops[self.id];
+        let peer = self.conns[key].peer;
+        match e {
+            WsError::Capacity(e) => {
+                inc(&m.oversize);
+                debug!("{peer}: {e}; closing with 1009");
+                self.close(key, CloseCode::Size, "message too big", now);
+            }
+            WsError::Utf8(_) => {
+                inc(&m.protocol_errors);
+                self.close(key, CloseCode::Invalid, "invalid utf-8", now);
+            }
+            WsError::Protocol(P::ResetWithoutClosingHandshake)
+            | WsError::ConnectionClosed
+            | WsError::AlreadyClosed => self.kill(key),
+            WsError::Protocol(p) => {
+                inc(&m.protocol_errors);
+                debug!("{peer}: protocol error: {p}; closing with 1002");
+                self.close(key, CloseCode::Protocol, "protocol error", now);
+            }
+            e => {
+                debug!("{peer}: {e}; dropping");
+                self.kill(key);
+            }
+        }
+    }
+}

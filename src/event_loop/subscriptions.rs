@@ -1,0 +1,430 @@
+//! Joining and leaving channels, recovery and sessions: the loop's side of the broker's
+//! request/response work.
+//!
+//! A subscription goes `AwaitingLive` → `AwaitingHistory` → `Live`. It waits until the loop's
+//! upstream subscription to its channel is confirmed, so that nothing published from then on
+//! can be missed; then it reads the channel's position (and, when recovering, the messages
+//! after its offset) while holding live deliveries; then it sends the replay and the held
+//! deliveries with offsets above the last one sent. That is the gapless switch from history to
+//! live: every message is either in the history read or arrives live afterwards, and
+//! duplicates are dropped by offset.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::debug;
+
+use super::EventLoop;
+use crate::bridge::{Channel, ConnId, History, Position, Reply, ReplyTo, Request, SessionState};
+use crate::channels::Joined;
+use crate::conn::{Pending, Phase, Protocol, SubState};
+use crate::envelope::{self, Refusal};
+use crate::metrics::{add, dec, inc};
+
+impl EventLoop {
+    fn reply_to(&self, key: usize) -> Option<ReplyTo> {
+        let open = self.conns.get(key).and_then(|c| match &c.phase {
+            Phase::Open(o) => Some(o),
+            _ => None,
+        })?;
+        Some(ReplyTo {
+            loop_id: self.id,
+            conn: ConnId {
+                key,
+                serial: open.serial,
+            },
+        })
+    }
+
+    /// Adds the connection to `channel` in the loop's index (subscribing upstream on the
+    /// channel's first local member) and starts its subscription if the channel is live.
+    pub(super) fn join(&mut self, key: usize, channel: &Channel, _now: Instant) {
+        match self.index.join(channel, key) {
+            Joined::First(generation) => self.pending_control.push_back(crate::bridge::Control::Subscribe {
+                channel: channel.clone(),
+                loop_id: self.id,
+                generation,
+            }),
+            Joined::Existing { live: true } => self.activate(key, channel),
+            Joined::Existing { live: false } => {}
+        }
+    }
+
+    /// Removes the connection from `channel`, unsubscribing upstream after the last member.
+    pub(super) fn leave(&mut self, key: usize, channel: Channel) {
+        if self.index.leave(&channel, key) {
+            self.pending_control
+                .push_back(crate::bridge::Control::Unsubscribe {
+                    channel,
+                    loop_id: self.id,
+                });
+        }
+    }
+
+    /// The broker confirmed the loop's subscription: waiting reads and subscriptions go on.
+    pub(super) fn channel_live(&mut self, channel: &Channel, generation: u64) {
+        let Some(members) = self.index.set_live(channel, generation) else {
+            return;
+        };
+        let members: Vec<usize> = members.iter().copied().collect();
+        for key in members {
+            if self.conns[key].read_pending {
+                self.read_backlog.push(key);
+            }
+            self.activate(key, channel);
+        }
+    }
+
+    /// Starts a subscription whose channel is live: reads its position (and history when
+    /// recovering), or, with history off, lets messages flow at once.
+    fn activate(&mut self, key: usize, channel: &Channel) {
+        let history_on = self.shared.config.history_size > 0;
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        let protocol = open.protocol;
+        let Some(sub) = open.sub_mut(channel) else { return };
+        let SubState::AwaitingLive(pending) = std::mem::replace(&mut sub.state, SubState::Live) else {
+            return;
+        };
+        if history_on {
+            sub.state = SubState::AwaitingHistory {
+                pending,
+                held: Vec::new(),
+            };
+            self.request_history(key, channel);
+        } else if pending.announce && protocol == Protocol::V1 {
+            let json = envelope::subscribed(
+                pending.reference.as_deref(),
+                channel,
+                None,
+                pending.recover.then_some(false),
+            );
+            if pending.recover {
+                inc(&self.metrics().recovery_failed);
+            }
+            self.send_json(key, &json);
+        }
+    }
+
+    /// Asks the broker for the position and history of a subscription in `AwaitingHistory`.
+    pub(super) fn request_history(&mut self, key: usize, channel: &Channel) {
+        let Some(to) = self.reply_to(key) else { return };
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        let Some(sub) = open.sub_mut(channel) else { return };
+        let SubState::AwaitingHistory { pending, .. } = &sub.state else {
+            return;
+        };
+        let since = pending.recover.then_some(sub.offset);
+        let request = Request::History {
+            channel: channel.clone(),
+            since,
+            to,
+        };
+        if self.broker.requests.try_send(request).is_err() {
+            self.on_history(key, channel.clone(), Err("request queue full".into()));
+        }
+    }
+
+    /// A reply from the broker, for a connection that may have gone since.
+    pub(super) fn on_reply(&mut self, id: ConnId, reply: Reply, now: Instant) {
+        let current = self.reply_to(id.key).is_some_and(|to| to.conn == id);
+        if !current || self.conns[id.key].dead {
+            return;
+        }
+        match reply {
+            Reply::History { channel, result } => self.on_history(id.key, channel, result),
+            Reply::Session(result) => self.on_session(id.key, result, now),
+            Reply::Published {
+                channel,
+                reference,
+                result,
+            } => {
+                let r = reference.as_deref();
+                match result {
+                    Ok(position) => {
+                        self.send_json(id.key, &envelope::published(r, &channel, position.as_ref()))
+                    }
+                    Err(e) => self.send_error(id.key, r, &Refusal::new("unavailable", e)),
+                }
+            }
+        }
+    }
+
+    /// The position (and history) of a subscription arrived: announce, replay, release.
+    fn on_history(&mut self, key: usize, channel: Channel, result: Result<History, String>) {
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        let protocol = open.protocol;
+        let crate::conn::Open {
+            subs,
+            held_bytes: open_held,
+            session,
+            ..
+        } = open;
+        let Some(sub) = subs.iter_mut().find(|s| s.channel == channel) else {
+            return;
+        };
+        let SubState::AwaitingHistory { pending, held } = std::mem::replace(&mut sub.state, SubState::Live)
+        else {
+            return;
+        };
+        let Pending {
+            reference,
+            recover,
+            announce,
+        } = pending;
+        let held_bytes: usize = held.iter().map(|d| d.data.len()).sum();
+        *open_held -= held_bytes;
+        let since = sub.offset;
+        let mut frames = Vec::new();
+        let recovered = match result {
+            Ok(h) => {
+                // Recovered when the epoch is the one the client knows and the stored history
+                // starts right after its offset (or nothing was published since).
+                let covers = h.top == since
+                    || h.entries
+                        .first()
+                        .and_then(|d| d.position.as_ref())
+                        .map(|p| p.offset)
+                        == Some(since + 1);
+                let recovered =
+                    recover && sub.epoch.as_deref() == Some(&*h.epoch) && h.top >= since && covers;
+                if announce && protocol == Protocol::V1 {
+                    let position = Position {
+                        offset: h.top,
+                        epoch: h.epoch.clone(),
+                    };
+                    let reply = envelope::subscribed(
+                        reference.as_deref(),
+                        &channel,
+                        Some(&position),
+                        recover.then_some(recovered),
+                    );
+                    frames.push(crate::frame::encode(crate::frame::Kind::Text, reply.as_bytes()));
+                } else if recover && !recovered && protocol == Protocol::V1 {
+                    // A gap that history cannot fill: tell the client, as on a failed resubscribe.
+                    let position = Position {
+                        offset: h.top,
+                        epoch: h.epoch.clone(),
+                    };
+                    let reply = envelope::subscribed(None, &channel, Some(&position), Some(false));
+                    frames.push(crate::frame::encode(crate::frame::Kind::Text, reply.as_bytes()));
+                }
+                if recovered {
+                    let mut replayed = 0;
+                    for d in h
+                        .entries
+                        .iter()
+                        .filter(|d| d.offset_in(&h.epoch).is_some_and(|o| o > since))
+                    {
+                        frames.push(frame_for(protocol, d));
+                        sub.offset = d.offset_in(&h.epoch).unwrap_or(sub.offset);
+                        replayed += 1;
+                    }
+                    add(&self.shared.metrics.loops[self.id].replayed, replayed);
+                } else {
+                    sub.offset = h.top;
+                }
+                sub.epoch = Some(h.epoch);
+                recovered
+            }
+            Err(e) => {
+                debug!("history for {channel:?} unavailable: {e}");
+                if announce && protocol == Protocol::V1 {
+                    let reply =
+                        envelope::subscribed(reference.as_deref(), &channel, None, recover.then_some(false));
+                    frames.push(crate::frame::encode(crate::frame::Kind::Text, reply.as_bytes()));
+                }
+                false
+            }
+        };
+        // Held live deliveries: only what comes after the last message sent.
+        for d in &held {
+            match &d.position {
+                Some(p) if sub.epoch.as_deref() == Some(&*p.epoch) => {
+                    if p.offset <= sub.offset {
+                        continue;
+                    }
+                    sub.offset = p.offset;
+                }
+                Some(p) => {
+                    sub.offset = p.offset;
+                    sub.epoch = Some(p.epoch.clone());
+                }
+                None => {}
+            }
+            frames.push(frame_for(protocol, d));
+        }
+        if let Some(s) = session {
+            s.offsets_dirty = true;
+        }
+        if recover && !recovered {
+            inc(&self.metrics().recovery_failed);
+        }
+        let conn = &mut self.conns[key];
+        for f in &frames {
+            conn.out.push(f);
+        }
+        self.mark_dirty(key);
+        if self.conns[key].out.len() > self.shared.config.max_output {
+            self.turn.slow.push(key);
+        }
+    }
+
+    // ---- sessions ------------------------------------------------------------------------
+
+    /// Asks the broker for the stored session this connection wants to resume.
+    pub(super) fn load_session(&mut self, key: usize) {
+        let Some(to) = self.reply_to(key) else { return };
+        let Some(id) = self.conns[key]
+            .open_mut()
+            .and_then(|o| o.session.as_ref())
+            .map(|s| s.id.clone())
+        else {
+            return;
+        };
+        if self
+            .broker
+            .requests
+            .try_send(Request::LoadSession { id, to })
+            .is_err()
+        {
+            self.on_session(key, Err("request queue full".into()), Instant::now());
+        }
+    }
+
+    /// The stored session arrived (or not): restore its subscriptions, then start reading.
+    fn on_session(&mut self, key: usize, result: Result<Option<SessionState>, String>, now: Instant) {
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        if !open.resuming {
+            return;
+        }
+        open.resuming = false;
+        let protocol = open.protocol;
+        let Some(session) = &open.session else { return };
+        let id = session.id.clone();
+        let stored = match result {
+            Ok(s) => s.filter(|s| s.subject == session.subject),
+            Err(e) => {
+                debug!("session {id} not loaded: {e}");
+                None
+            }
+        };
+        let resumed = stored.is_some();
+        let channels = stored.map(|s| s.channels).unwrap_or_default();
+        match protocol {
+            Protocol::V1 => {
+                self.send_json(key, &envelope::welcome(&id, resumed));
+                for (channel, offset, epoch) in channels {
+                    let Some(open) = self.conns[key].open_mut() else {
+                        return;
+                    };
+                    if open.subs.len() >= self.shared.config.max_channels_per_conn {
+                        break;
+                    }
+                    let mut sub = crate::conn::Sub::live(channel.clone());
+                    sub.offset = offset;
+                    sub.epoch = epoch;
+                    sub.state = SubState::AwaitingLive(Pending {
+                        reference: None,
+                        recover: true,
+                        announce: true,
+                    });
+                    open.subs.push(sub);
+                    inc(&self.metrics().recoveries);
+                    self.join(key, &channel, now);
+                }
+            }
+            Protocol::Raw => {
+                // The raw channel is the path's; it was kept aside until now.
+                let Some(channel) = self.pending_raw_channel(key) else {
+                    return;
+                };
+                let from = channels
+                    .into_iter()
+                    .find(|(c, _, _)| *c == channel)
+                    .map(|(_, offset, epoch)| (offset, epoch));
+                if from.is_some() {
+                    inc(&self.metrics().recoveries);
+                }
+                self.join_raw(key, channel, from, now);
+            }
+        }
+        self.conns[key].read_pending = true;
+        self.read_backlog.push(key);
+    }
+
+    /// The channel a resuming raw connection will join, kept in its (empty) subscription list
+    /// as a placeholder until the session is known.
+    fn pending_raw_channel(&mut self, key: usize) -> Option<Channel> {
+        let open = self.conns[key].open_mut()?;
+        open.raw_channel.take()
+    }
+
+    /// Writes the connection's session as it stands.
+    pub(super) fn save_session(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Phase::Open(open) = &mut conn.phase else {
+            return;
+        };
+        if open.resuming {
+            return;
+        }
+        let Some(session) = &mut open.session else { return };
+        session.offsets_dirty = false;
+        session.saved_at = now;
+        let state = SessionState {
+            subject: session.subject.clone(),
+            channels: open
+                .subs
+                .iter()
+                .map(|s| (s.channel.clone(), s.offset, s.epoch.clone()))
+                .collect(),
+        };
+        let id = session.id.clone();
+        if self
+            .broker
+            .requests
+            .try_send(Request::SaveSession { id, state })
+            .is_err()
+        {
+            // Retried at the next flush.
+            if let Some(s) = &mut open.session {
+                s.offsets_dirty = true;
+            }
+        }
+    }
+
+    /// The connection stops being an open WebSocket: its session is written one last time and
+    /// it leaves every channel.
+    pub(super) fn end_open(&mut self, key: usize, now: Instant) {
+        if !matches!(self.conns[key].phase, Phase::Open(_)) {
+            return;
+        }
+        self.save_session(key, now);
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        let subs = std::mem::take(&mut open.subs);
+        open.held_bytes = 0;
+        for sub in subs {
+            self.leave(key, sub.channel);
+        }
+        dec(&self.metrics().websockets);
+    }
+}
+
+fn frame_for(protocol: Protocol, d: &Arc<crate::bridge::Delivery>) -> bytes::Bytes {
+    match protocol {
+        Protocol::Raw => d.raw_frame.clone(),
+        Protocol::V1 => d.envelope_frame().clone(),
+    }
+}
