@@ -456,3 +456,88 @@ fn idle_peers_are_pinged_then_closed() {
     }
     assert!(node.metric("wsrelay_idle_closes_total") >= 1);
 }
+
+const UPGRADE: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// Reads an HTTP status line's code from `s`, waiting up to `timeout`.
+fn status_of(s: &mut TcpStream, timeout: Duration) -> Option<u16> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).ok()?;
+    std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
+}
+
+#[test]
+fn max_connections_answers_503_and_frees_up() {
+    let node = Node::start(&["--max-connections", "3", "--threads", "1"]);
+    let mut held: Vec<Client> = (0..3).map(|_| node.client("/")).collect();
+    held[0].sync("in", WAIT).unwrap();
+    let mut extra = TcpStream::connect(node.addr).unwrap();
+    extra.write_all(UPGRADE).unwrap();
+    assert_eq!(status_of(&mut extra, WAIT), Some(503));
+    held.pop().unwrap().close();
+    wait_for("a slot after a close", WAIT, || {
+        let mut s = TcpStream::connect(node.addr).ok()?;
+        s.write_all(UPGRADE).ok()?;
+        (status_of(&mut s, WAIT)? == 101).then_some(())
+    });
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn running_out_of_descriptors_pauses_accepting_without_spinning() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"));
+    cmd.args(["--listen", "127.0.0.1:0", "--threads", "1"]);
+    // SAFETY: setrlimit in the child between fork and exec touches no shared state.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 48,
+                rlim_max: 48,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let node = Node::spawn(&mut cmd);
+    // More upgrade requests than the process has descriptors for.
+    let mut socks: Vec<TcpStream> = (0..60)
+        .map(|_| {
+            let mut s = TcpStream::connect(node.addr).unwrap();
+            s.write_all(UPGRADE).unwrap();
+            s
+        })
+        .collect();
+    // The backlog is served in order: the first connection without an answer marks the limit.
+    let first_waiting = socks
+        .iter_mut()
+        .position(|s| status_of(s, Duration::from_millis(300)) != Some(101))
+        .expect("some connections must wait");
+    assert!(first_waiting > 10, "only {first_waiting} served");
+    assert!(node.wait_log("pausing accepts").contains("accept failed"));
+    // Stuck at the limit, the loop sleeps between retries instead of spinning: a spinning
+    // loop would burn the whole second. This is a bound on CPU, not on speed.
+    let before = cpu_ticks(node.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(node.pid()) - before;
+    assert!(
+        used < 30,
+        "server used {used} ticks of CPU in 1 s while out of descriptors"
+    );
+    // Free descriptors: the waiting connections are served.
+    socks.drain(..first_waiting);
+    for s in &mut socks {
+        assert_eq!(status_of(s, WAIT), Some(101));
+    }
+}
