@@ -95,6 +95,27 @@ pub struct Cli {
     /// Most channels per wsrelay.v1 connection [default: 128]
     #[arg(long, value_name = "N")]
     pub max_channels_per_conn: Option<usize>,
+    /// Origin allowed to open WebSockets; repeatable; `*` wildcards in the host [default: any]
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
+    /// HS256 token secret (or env WSRELAY_TOKEN_SECRET, which keeps it out of `ps`) [default: no auth]
+    #[arg(long, value_name = "SECRET")]
+    pub token_secret: Option<String>,
+    /// Clock skew allowed on token expiry [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub token_leeway: Option<Duration>,
+    /// Key for POST /publish (or env WSRELAY_API_KEY) [default: endpoint off]
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Publishes per second per connection; 0 = unlimited [default: 0]
+    #[arg(long, value_name = "N")]
+    pub publish_rate: Option<u32>,
+    /// Publish burst above the rate; 0 = twice the rate [default: 0]
+    #[arg(long, value_name = "N")]
+    pub publish_burst: Option<u32>,
+    /// Connections per client IPv4 address or IPv6 /64; 0 = unlimited [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
     /// Log level: error, warn, info, debug, trace, off [default: info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<log::LevelFilter>,
@@ -133,8 +154,22 @@ impl Cli {
             session_ttl,
             session_flush,
             max_channels_per_conn,
+            token_leeway,
+            publish_rate,
+            publish_burst,
+            max_connections_per_ip,
             log_level,
         );
+        c.allowed_origins = self.allowed_origins;
+        // Secrets may come from the environment so they do not show in `ps`.
+        c.token_secret = self.token_secret.or_else(|| {
+            std::env::var("WSRELAY_TOKEN_SECRET")
+                .ok()
+                .filter(|s| !s.is_empty())
+        });
+        c.api_key = self
+            .api_key
+            .or_else(|| std::env::var("WSRELAY_API_KEY").ok().filter(|s| !s.is_empty()));
         c.redis = self.redis.or(c.redis);
         c.socket_send_buffer = self.socket_send_buffer.or(c.socket_send_buffer);
         c.validate()?;

@@ -91,6 +91,28 @@ pub struct Config {
     pub session_flush: Duration,
     /// Most channels one `wsrelay.v1` connection may subscribe to. Default 128.
     pub max_channels_per_conn: usize,
+    /// Origins allowed to open WebSockets (`https://app.example.com`, `https://*.example.com`,
+    /// `http://localhost:*`, `*`). Empty: any origin. A handshake from another origin gets
+    /// 403; this is what stops other sites' pages from using a visitor's browser to connect
+    /// (cross-site WebSocket hijacking). Requests without an Origin header (non-browser
+    /// clients) are allowed: browsers always send it.
+    pub allowed_origins: Vec<String>,
+    /// Secret for HS256 tokens (at least 32 bytes). `None`: no authentication, every client
+    /// may subscribe and publish anywhere.
+    pub token_secret: Option<String>,
+    /// Clock skew allowed when checking token expiry. Default 60 s.
+    pub token_leeway: Duration,
+    /// Key for `POST /publish` (sent as `Authorization: Bearer KEY`). `None`: the endpoint is
+    /// off.
+    pub api_key: Option<String>,
+    /// Messages per second one connection may publish (token bucket). 0: no limit (default:
+    /// limits suit the application, and benchmarks and trusted backends need none).
+    pub publish_rate: u32,
+    /// Burst above `publish_rate`. 0: twice the rate.
+    pub publish_burst: u32,
+    /// Most connections from one client address (IPv4 address or IPv6 /64). 0: no limit
+    /// (default: behind a proxy or carrier NAT, many clients share one address).
+    pub max_connections_per_ip: u32,
     /// Log level.
     pub log_level: log::LevelFilter,
 }
@@ -125,6 +147,13 @@ impl Default for Config {
             session_ttl: Duration::from_secs(600),
             session_flush: Duration::from_secs(2),
             max_channels_per_conn: 128,
+            allowed_origins: Vec::new(),
+            token_secret: None,
+            token_leeway: Duration::from_secs(60),
+            api_key: None,
+            publish_rate: 0,
+            publish_burst: 0,
+            max_connections_per_ip: 0,
             log_level: log::LevelFilter::Info,
         }
     }
@@ -170,6 +199,13 @@ impl Config {
         }
         if self.session_flush.is_zero() {
             return Err("--session-flush must be above 0".into());
+        }
+        crate::origin::OriginPolicy::new(&self.allowed_origins)?;
+        if let Some(secret) = &self.token_secret {
+            crate::auth::Verifier::new(secret.as_bytes(), self.token_leeway.as_secs())?;
+        }
+        if self.api_key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err("--api-key must be at least 16 characters".into());
         }
         if let Some(url) = &self.redis {
             redis::parse_redis_url(url)

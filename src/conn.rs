@@ -202,8 +202,6 @@ pub struct Open {
     pub ctx: WebSocketContext,
     /// Wire protocol.
     pub protocol: Protocol,
-    /// Identifies this connection in replies from the broker.
-    pub serial: u64,
     /// Subscriptions (a raw connection has exactly one once it has joined).
     pub subs: Vec<Sub>,
     /// Whether delivered offsets are tracked (v1 connections and sessions): needed for
@@ -215,6 +213,12 @@ pub struct Open {
     pub resuming: bool,
     /// A resuming raw connection's channel, joined once its session is known.
     pub raw_channel: Option<Channel>,
+    /// Channels this connection may use (from its token); `None` when tokens are off.
+    pub grant: Option<crate::auth::Grant>,
+    /// A v1 connection that must authenticate with a `connect` command before anything else.
+    pub awaiting_connect: bool,
+    /// Publish rate limit, when `--publish-rate` is set.
+    pub bucket: Option<crate::ratelimit::TokenBucket>,
     /// Bytes of deliveries held by subscriptions awaiting history (counted against the cap).
     pub held_bytes: usize,
     /// Last time a ping was queued to it.
@@ -222,6 +226,16 @@ pub struct Open {
 }
 
 impl Open {
+    /// Whether the token allows subscribing to `channel`.
+    pub fn may_subscribe(&self, channel: &str) -> bool {
+        self.grant.as_ref().is_none_or(|g| g.may_subscribe(channel))
+    }
+
+    /// Whether the token allows publishing to `channel`.
+    pub fn may_publish(&self, channel: &str) -> bool {
+        self.grant.as_ref().is_none_or(|g| g.may_publish(channel))
+    }
+
     /// The subscription to `channel`, if any.
     pub fn sub_mut(&mut self, channel: &str) -> Option<&mut Sub> {
         self.subs.iter_mut().find(|s| &*s.channel == channel)
@@ -235,6 +249,8 @@ pub enum Phase {
     Request(Vec<u8>),
     /// A WebSocket: frames in, deliveries out.
     Open(Box<Open>),
+    /// A `POST /publish` waiting for the broker to acknowledge the message.
+    Publishing,
     /// The last bytes (HTTP response or close frame) are queued. Once they are written the
     /// write side is shut; input is discarded until the peer closes or the deadline passes.
     Closing,
@@ -247,6 +263,10 @@ pub struct Conn {
     pub sock: TcpStream,
     /// Remote address.
     pub peer: SocketAddr,
+    /// Identifies this connection in replies from the broker (slab keys are reused).
+    pub serial: u64,
+    /// Counted in the per-IP connection limit (released when the connection ends).
+    pub ip_counted: bool,
     /// Unsent output.
     pub out: OutBuf,
     /// Where in its life the connection is.
@@ -268,10 +288,12 @@ pub struct Conn {
 
 impl Conn {
     /// A freshly accepted connection waiting for its request until `deadline`.
-    pub fn new(sock: TcpStream, peer: SocketAddr, now: Instant, deadline: Instant) -> Self {
+    pub fn new(sock: TcpStream, peer: SocketAddr, serial: u64, now: Instant, deadline: Instant) -> Self {
         Conn {
             sock,
             peer,
+            serial,
+            ip_counted: false,
             out: OutBuf::default(),
             phase: Phase::Request(Vec::new()),
             last_seen: now,

@@ -44,6 +44,11 @@ pub enum Command {
     },
     /// Liveness check answered with `pong`.
     Ping,
+    /// Authenticate with a token (first command when the URL carried none).
+    Connect {
+        /// The HS256 token.
+        token: String,
+    },
 }
 
 /// Why a command was refused: a stable code and a human message.
@@ -148,6 +153,9 @@ fn command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
             Ok(Command::Publish { channel, kind, data })
         }
         "ping" => Ok(Command::Ping),
+        "connect" => Ok(Command::Connect {
+            token: string(obj, "token")?,
+        }),
         other => Err(Refusal::new(
             "unknown_op",
             format!("unknown op {:?}", truncate(other, 64)),
@@ -190,9 +198,10 @@ fn put_position(out: &mut String, position: Option<&Position>) {
     }
 }
 
-/// `{"type":"welcome",...}`
-pub fn welcome(session: &str, resumed: bool) -> String {
+/// `{"type":"welcome",...}`; `reference` when it answers a `connect` command.
+pub fn welcome(reference: Option<&str>, session: &str, resumed: bool) -> String {
     let mut s = String::from("{\"type\":\"welcome\"");
+    put_ref(&mut s, reference);
     put_str(&mut s, "session", session);
     let _ = write!(s, ",\"resumed\":{resumed}}}");
     s
@@ -301,6 +310,10 @@ mod tests {
             })
         );
         assert_eq!(cmd(r#"{"op":"ping"}"#), Ok(Command::Ping));
+        assert_eq!(
+            cmd(r#"{"op":"connect","token":"t"}"#),
+            Ok(Command::Connect { token: "t".into() })
+        );
     }
 
     #[test]
@@ -362,7 +375,8 @@ mod tests {
             epoch: Arc::from("ep\"och"),
         };
         for s in [
-            welcome("abc", true),
+            welcome(None, "abc", true),
+            welcome(Some("7"), "abc", false),
             subscribed(Some("\"r\""), "ch\n", Some(&pos), Some(false)),
             subscribed(None, "c", None, None),
             unsubscribed(None, "c"),

@@ -40,6 +40,9 @@ impl Turn {
 enum Verdict {
     /// Send it.
     Send,
+    /// Send it, after telling a v1 client that the channel's history restarted (new epoch):
+    /// what was published in between may be lost, so the client should reload.
+    SendNewEpoch,
     /// Already delivered, or not for this connection yet.
     Skip,
     /// Kept until the subscription's history arrives.
@@ -69,7 +72,10 @@ pub fn deliver(
         let backlog = match verdict {
             Verdict::Skip => continue,
             Verdict::Held => conn.out.len() + open.held_bytes,
-            Verdict::Send => {
+            Verdict::Send | Verdict::SendNewEpoch => {
+                if matches!(verdict, Verdict::SendNewEpoch) && open.protocol == Protocol::V1 {
+                    conn.out.push(&new_epoch_notice(d));
+                }
                 let frame = match open.protocol {
                     Protocol::Raw => &d.raw_frame,
                     Protocol::V1 => d.envelope_frame(),
@@ -132,10 +138,24 @@ fn track(open: &mut Open, d: &Arc<Delivery>, key: usize, turn: &mut Turn) -> Ver
         }
     }
     // Next in sequence, or a new epoch (history restarted): follow it.
+    let new_epoch = sub.epoch.as_deref().is_some_and(|e| e != &*pos.epoch);
     sub.offset = pos.offset;
     sub.epoch = Some(pos.epoch.clone());
     if let Some(s) = session {
         s.offsets_dirty = true;
     }
+    if new_epoch {
+        return Verdict::SendNewEpoch;
+    }
     Verdict::Send
+}
+
+/// An unsolicited `subscribed` reply with `recovered: false`, positioned just before `d`.
+fn new_epoch_notice(d: &Delivery) -> bytes::Bytes {
+    let position = d.position.as_ref().map(|p| crate::bridge::Position {
+        offset: p.offset.saturating_sub(1),
+        epoch: p.epoch.clone(),
+    });
+    let json = crate::envelope::subscribed(None, &d.channel, position.as_ref(), Some(false));
+    crate::frame::encode(crate::frame::Kind::Text, json.as_bytes())
 }

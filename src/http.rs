@@ -30,6 +30,8 @@ pub struct Head {
     pub authorization: Option<String>,
     /// `Content-Length` of a request body (0 when absent).
     pub content_length: usize,
+    /// `Content-Type`, if present.
+    pub content_type: Option<String>,
 }
 
 /// What a valid WebSocket upgrade request carries.
@@ -47,7 +49,7 @@ pub enum Parse {
     /// The head is not complete yet: read more.
     Partial,
     /// A complete head of `len` bytes; anything after it belongs to the next layer.
-    Complete(Head, usize),
+    Complete(Box<Head>, usize),
     /// The request cannot be served: answer with this status and close.
     Invalid(Status),
 }
@@ -79,6 +81,8 @@ pub enum Status {
     HeadersTooLarge,
     /// 503: the server cannot take this connection now.
     Unavailable,
+    /// 504: the broker did not answer in time.
+    GatewayTimeout,
 }
 
 impl Status {
@@ -97,6 +101,7 @@ impl Status {
             Status::TooManyRequests => (429, "Too Many Requests"),
             Status::HeadersTooLarge => (431, "Request Header Fields Too Large"),
             Status::Unavailable => (503, "Service Unavailable"),
+            Status::GatewayTimeout => (504, "Gateway Timeout"),
         }
     }
 }
@@ -146,6 +151,7 @@ pub fn parse(buf: &[u8]) -> Parse {
     }
     let origin = header("origin").map(str::to_owned);
     let authorization = header("authorization").map(str::to_owned);
+    let content_type = header("content-type").map(str::to_owned);
 
     let wants_upgrade = header("upgrade").is_some_and(|u| has_token(u, "websocket"));
     let upgrade = if wants_upgrade {
@@ -175,7 +181,7 @@ pub fn parse(buf: &[u8]) -> Parse {
         None
     };
     Parse::Complete(
-        Head {
+        Box::new(Head {
             method: method.to_owned(),
             path,
             query,
@@ -183,7 +189,8 @@ pub fn parse(buf: &[u8]) -> Parse {
             origin,
             authorization,
             content_length,
-        },
+            content_type,
+        }),
         len,
     )
 }

@@ -20,15 +20,24 @@ pub enum HandshakeFailure {
     OverCapacity,
     /// Peer went away mid-request.
     Disconnected,
+    /// Origin not in `--allowed-origin`.
+    Origin,
+    /// Token missing, forged or expired.
+    Unauthorized,
+    /// Over `--max-connections-per-ip`.
+    PerIpLimit,
 }
 
 impl HandshakeFailure {
-    const ALL: [HandshakeFailure; 5] = [
+    const ALL: [HandshakeFailure; 8] = [
         HandshakeFailure::BadRequest,
         HandshakeFailure::TooLarge,
         HandshakeFailure::Timeout,
         HandshakeFailure::OverCapacity,
         HandshakeFailure::Disconnected,
+        HandshakeFailure::Origin,
+        HandshakeFailure::Unauthorized,
+        HandshakeFailure::PerIpLimit,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -37,6 +46,9 @@ impl HandshakeFailure {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::OverCapacity => "over_capacity",
             HandshakeFailure::Disconnected => "disconnected",
+            HandshakeFailure::Origin => "origin",
+            HandshakeFailure::Unauthorized => "unauthorized",
+            HandshakeFailure::PerIpLimit => "per_ip_limit",
         }
     }
 }
@@ -77,7 +89,11 @@ pub struct LoopMetrics {
     pub recovery_failed: AtomicU64,
     /// Messages replayed from history.
     pub replayed: AtomicU64,
-    handshake_failures: [AtomicU64; 5],
+    /// Subscribes and publishes outside the token's grant.
+    pub forbidden: AtomicU64,
+    /// Publishes over `--publish-rate`.
+    pub rate_limited: AtomicU64,
+    handshake_failures: [AtomicU64; 8],
 }
 
 impl LoopMetrics {
@@ -96,6 +112,9 @@ impl LoopMetrics {
 pub struct BrokerMetrics {
     /// Gauge: true while the Redis subscriber connection is up (always true in-process).
     pub subscriber_up: AtomicBool,
+    /// Milliseconds since the Unix epoch of the last answered PING on the subscriber
+    /// connection; 0 in-process (nothing to probe).
+    pub last_probe_ms: AtomicU64,
     /// Gauge: channels subscribed upstream.
     pub channels: AtomicU64,
     /// Successful reconnects to Redis after a failure.
@@ -106,6 +125,27 @@ pub struct BrokerMetrics {
     pub publish_failed: AtomicU64,
     /// Deliveries dropped because a loop's inbox was full.
     pub deliveries_dropped: AtomicU64,
+}
+
+impl BrokerMetrics {
+    /// Records an answered probe of the subscriber connection.
+    pub fn probe_ok(&self) {
+        self.last_probe_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// Healthy: the subscriber is connected and, when probed, answered recently. `stale` is
+    /// how old the last answer may be.
+    pub fn subscriber_healthy(&self, stale: std::time::Duration) -> bool {
+        let last = self.last_probe_ms.load(Ordering::Relaxed);
+        self.subscriber_up.load(Ordering::Relaxed)
+            && (last == 0 || unix_ms().saturating_sub(last) <= stale.as_millis() as u64)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// All metrics of the process.
@@ -160,91 +200,25 @@ impl Metrics {
                 l.connections.load(Ordering::Relaxed)
             );
         }
-        let per_loop: [(&str, &str, &str, Field); 15] = [
-            ("websockets", "gauge", "Open WebSocket connections.", |l| {
-                &l.websockets
-            }),
-            ("accepted_total", "counter", "Connections accepted.", |l| {
-                &l.accepted
-            }),
-            (
-                "http_requests_total",
-                "counter",
-                "Plain HTTP requests answered.",
-                |l| &l.http_requests,
-            ),
-            (
-                "messages_received_total",
-                "counter",
-                "Messages received from clients.",
-                |l| &l.messages_in,
-            ),
-            (
-                "deliveries_total",
-                "counter",
-                "Messages queued to clients, one per recipient.",
-                |l| &l.deliveries,
-            ),
-            (
-                "bytes_out_total",
-                "counter",
-                "Bytes written to client sockets.",
-                |l| &l.bytes_out,
-            ),
-            (
-                "slow_consumer_closes_total",
-                "counter",
-                "Connections closed for exceeding --max-output.",
-                |l| &l.slow_consumers,
-            ),
-            (
-                "oversize_closes_total",
-                "counter",
-                "Connections closed for a message over --max-message-size.",
-                |l| &l.oversize,
-            ),
-            (
-                "protocol_error_closes_total",
-                "counter",
-                "Connections closed for protocol violations.",
-                |l| &l.protocol_errors,
-            ),
-            (
-                "idle_closes_total",
-                "counter",
-                "Connections closed for silence past --idle-timeout.",
-                |l| &l.idle_closed,
-            ),
-            (
-                "publish_dropped_total",
-                "counter",
-                "Client publishes refused because the publish queue was full.",
-                |l| &l.publish_dropped,
-            ),
-            (
-                "accept_pauses_total",
-                "counter",
-                "Accept pauses after running out of file descriptors.",
-                |l| &l.accept_paused,
-            ),
-            (
-                "recoveries_total",
-                "counter",
-                "Subscriptions that asked to recover from an offset.",
-                |l| &l.recoveries,
-            ),
-            (
-                "recovery_failed_total",
-                "counter",
-                "Recoveries answered recovered: false.",
-                |l| &l.recovery_failed,
-            ),
-            (
-                "replayed_total",
-                "counter",
-                "Messages replayed from history.",
-                |l| &l.replayed,
-            ),
+        #[rustfmt::skip]
+        let per_loop: [(&str, &str, &str, Field); 17] = [
+            ("websockets", "gauge", "Open WebSocket connections.", |l| &l.websockets),
+            ("accepted_total", "counter", "Connections accepted.", |l| &l.accepted),
+            ("http_requests_total", "counter", "Plain HTTP requests answered.", |l| &l.http_requests),
+            ("messages_received_total", "counter", "Messages received from clients.", |l| &l.messages_in),
+            ("deliveries_total", "counter", "Messages queued to clients, one per recipient.", |l| &l.deliveries),
+            ("bytes_out_total", "counter", "Bytes written to client sockets.", |l| &l.bytes_out),
+            ("slow_consumer_closes_total", "counter", "Connections closed for exceeding --max-output.", |l| &l.slow_consumers),
+            ("oversize_closes_total", "counter", "Connections closed for a message over --max-message-size.", |l| &l.oversize),
+            ("protocol_error_closes_total", "counter", "Connections closed for protocol violations.", |l| &l.protocol_errors),
+            ("idle_closes_total", "counter", "Connections closed for silence past --idle-timeout.", |l| &l.idle_closed),
+            ("publish_dropped_total", "counter", "Client publishes refused because the publish queue was full.", |l| &l.publish_dropped),
+            ("accept_pauses_total", "counter", "Accept pauses after running out of file descriptors.", |l| &l.accept_paused),
+            ("recoveries_total", "counter", "Subscriptions that asked to recover from an offset.", |l| &l.recoveries),
+            ("recovery_failed_total", "counter", "Recoveries answered recovered: false.", |l| &l.recovery_failed),
+            ("replayed_total", "counter", "Messages replayed from history.", |l| &l.replayed),
+            ("forbidden_total", "counter", "Subscribes and publishes outside the token's grant.", |l| &l.forbidden),
+            ("rate_limited_total", "counter", "Publishes over --publish-rate.", |l| &l.rate_limited),
         ];
         for (name, kind, help, f) in per_loop {
             let _ = writeln!(

@@ -3,16 +3,19 @@
 //! metrics, the shutdown flag and the connection count; nothing on the per-message path locks.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::info;
 
+use crate::auth::Verifier;
 use crate::bridge::{self, LoopHandle};
 use crate::config::Config;
 use crate::event_loop::{EventLoop, WAKER};
 use crate::metrics::Metrics;
+use crate::origin::OriginPolicy;
+use crate::ratelimit::PerIpLimit;
 use crate::{broker, listener};
 
 /// State every thread may read.
@@ -26,6 +29,14 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Sockets held by all loops together, for `--max-connections`.
     pub connections: AtomicUsize,
+    /// Which origins may open WebSockets.
+    pub origin: OriginPolicy,
+    /// Token verifier, when `--token-secret` is set.
+    pub verifier: Option<Verifier>,
+    /// Connections per client address, when `--max-connections-per-ip` is set. A lock is
+    /// fine here: it is taken once per accept and once per close, never per message, and it
+    /// must be shared because SO_REUSEPORT spreads one address's connections over all loops.
+    pub per_ip: Option<Mutex<PerIpLimit>>,
 }
 
 /// A running server.
@@ -82,11 +93,21 @@ impl Server {
             Some(url) => format!("redis {url}"),
             None => "in-process broker".to_owned(),
         };
+        let origin = OriginPolicy::new(&config.allowed_origins)?;
+        let verifier = match &config.token_secret {
+            Some(secret) => Some(Verifier::new(secret.as_bytes(), config.token_leeway.as_secs())?),
+            None => None,
+        };
+        let per_ip = (config.max_connections_per_ip > 0)
+            .then(|| Mutex::new(PerIpLimit::new(config.max_connections_per_ip)));
         let shared = Arc::new(Shared {
             config,
             metrics,
             shutdown: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
+            origin,
+            verifier,
+            per_ip,
         });
 
         let mut loop_threads = Vec::new();

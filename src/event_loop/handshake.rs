@@ -4,23 +4,39 @@
 
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use bytes::Bytes;
 use log::debug;
+use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketContext};
 
 use super::{EventLoop, interrupted, would_block};
-use crate::bridge::Channel;
+use crate::auth::Identity;
+use crate::bridge::{Channel, Position, PublishAck};
 use crate::conn::{Open, Phase, Protocol, SessionLink, Sub};
 use crate::envelope;
+use crate::frame::Kind;
 use crate::http::{self, Head, Parse, Status};
 use crate::metrics::{HandshakeFailure, inc};
+use crate::ratelimit::TokenBucket;
 
 /// The browser client, served at `/wsrelay.js`.
 const CLIENT_JS: &str = include_str!("../../client/wsrelay.js");
 /// The demo chat page, served at `/`.
 const DEMO_HTML: &str = include_str!("../../client/demo.html");
+
+/// Seconds since the Unix epoch, for token expiry.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 /// A session id a client may choose: 8 to 64 characters of `A-Z a-z 0-9 _ -`.
 pub fn valid_session_id(id: &str) -> bool {
@@ -49,13 +65,19 @@ pub fn new_session_id() -> Arc<str> {
 impl EventLoop {
     /// Reads the HTTP request head until it is complete, invalid, too large or WouldBlock.
     pub(super) fn read_request(&mut self, key: usize, now: Instant) {
+        let max_body = self.shared.config.max_message_size;
         let conn = &mut self.conns[key];
         let Phase::Request(head) = &mut conn.phase else {
             return;
         };
         loop {
             let start = head.len();
-            let want = (http::MAX_HEAD + 1).saturating_sub(start).clamp(1, 4096);
+            // Past the head limit only a complete head with a body may be read further.
+            let limit = match http::parse(&head[..start.min(http::MAX_HEAD + 1)]) {
+                Parse::Complete(h, len) if start > http::MAX_HEAD => len + h.content_length,
+                _ => http::MAX_HEAD + 1,
+            };
+            let want = limit.saturating_sub(start).clamp(1, 4096);
             head.resize(start + want, 0);
             match io::Read::read(&mut conn.sock, &mut head[start..]) {
                 Ok(0) => {
@@ -70,6 +92,15 @@ impl EventLoop {
                     match http::parse(head) {
                         Parse::Partial => continue,
                         Parse::Complete(parsed, len) => {
+                            if parsed.content_length > max_body {
+                                debug!("{}: request body over --max-message-size", conn.peer);
+                                self.metrics().handshake_failed(HandshakeFailure::TooLarge);
+                                self.respond(key, http::error_response(Status::PayloadTooLarge), now);
+                                return;
+                            }
+                            if head.len() < len + parsed.content_length {
+                                continue;
+                            }
                             let rest = head.split_off(len);
                             self.serve(key, parsed, rest, now);
                             return;
@@ -103,14 +134,28 @@ impl EventLoop {
     }
 
     /// Answers a complete request: a WebSocket upgrade, or a plain HTTP endpoint.
-    fn serve(&mut self, key: usize, head: Head, rest: Vec<u8>, now: Instant) {
+    fn serve(&mut self, key: usize, head: Box<Head>, rest: Vec<u8>, now: Instant) {
         let Some(upgrade) = &head.upgrade else {
             inc(&self.metrics().http_requests);
+            if (head.method.as_str(), head.path.as_str()) == ("POST", "/publish") {
+                let body = Bytes::from(rest).slice(..head.content_length);
+                return self.http_publish(key, &head, body, now);
+            }
             let response = self.http_endpoint(&head);
             self.respond(key, response, now);
             return;
         };
         let cfg = &self.shared.config;
+        if !self.shared.origin.allows(head.origin.as_deref()) {
+            debug!("{}: origin {:?} not allowed", self.conns[key].peer, head.origin);
+            return self.refuse(
+                key,
+                HandshakeFailure::Origin,
+                Status::Forbidden,
+                "origin not allowed\n",
+                now,
+            );
+        }
         let protocol = if upgrade.protocols.iter().any(|p| p == envelope::PROTOCOL) {
             Protocol::V1
         } else {
@@ -118,13 +163,13 @@ impl EventLoop {
         };
         let session = http::query_param(head.query.as_deref(), "session");
         if session.as_deref().is_some_and(|s| !valid_session_id(s)) {
-            self.metrics().handshake_failed(HandshakeFailure::BadRequest);
-            self.respond(
+            return self.refuse(
                 key,
-                http::response(Status::BadRequest, "text/plain", b"invalid session id\n"),
+                HandshakeFailure::BadRequest,
+                Status::BadRequest,
+                "invalid session id\n",
                 now,
             );
-            return;
         }
         // Raw connections are on the channel their path names; v1 ignores the path.
         let raw_channel: Option<Channel> = match protocol {
@@ -137,11 +182,44 @@ impl EventLoop {
                     name
                 };
                 if name.len() > cfg.max_channel_len {
-                    self.metrics().handshake_failed(HandshakeFailure::BadRequest);
-                    self.respond(key, http::error_response(Status::BadRequest), now);
-                    return;
+                    return self.refuse(
+                        key,
+                        HandshakeFailure::BadRequest,
+                        Status::BadRequest,
+                        "channel name too long\n",
+                        now,
+                    );
                 }
                 Some(Arc::from(name))
+            }
+        };
+        // A token in the URL is checked now; a v1 client may instead send it in its first
+        // command (tokens in URLs end up in proxy logs).
+        let token = http::query_param(head.query.as_deref(), "token");
+        let (identity, awaiting_connect) = match (&self.shared.verifier, token) {
+            (None, _) => (None, false),
+            (Some(v), Some(t)) => match v.verify(&t, unix_now()) {
+                Ok(identity) => (Some(identity), false),
+                Err(e) => {
+                    debug!("{}: token refused: {e}", self.conns[key].peer);
+                    return self.refuse(
+                        key,
+                        HandshakeFailure::Unauthorized,
+                        Status::Unauthorized,
+                        &format!("{e}\n"),
+                        now,
+                    );
+                }
+            },
+            (Some(_), None) if protocol == Protocol::V1 => (None, true),
+            (Some(_), None) => {
+                return self.refuse(
+                    key,
+                    HandshakeFailure::Unauthorized,
+                    Status::Unauthorized,
+                    "token required\n",
+                    now,
+                );
             }
         };
         let ctx = if rest.is_empty() {
@@ -155,15 +233,23 @@ impl EventLoop {
             (Protocol::V1, None) => Some(new_session_id()),
             (Protocol::Raw, None) => None,
         };
-        self.next_serial += 1;
+        let bucket = (cfg.publish_rate > 0).then(|| {
+            let burst = if cfg.publish_burst > 0 {
+                cfg.publish_burst
+            } else {
+                cfg.publish_rate.saturating_mul(2)
+            };
+            TokenBucket::new(cfg.publish_rate, burst, now)
+        });
         let offered = (protocol == Protocol::V1).then_some(envelope::PROTOCOL);
+        let handshake_timeout = cfg.handshake_timeout;
         let conn = &mut self.conns[key];
         conn.out.push(&http::upgrade_response(&upgrade.key, offered));
-        conn.deadline = None;
+        // A connection that still owes its token must send it within the handshake time.
+        conn.deadline = awaiting_connect.then_some(now + handshake_timeout);
         conn.phase = Phase::Open(Box::new(Open {
             ctx,
             protocol,
-            serial: self.next_serial,
             subs: Vec::new(),
             tracks_offsets: protocol == Protocol::V1 || session.is_some(),
             session: session.map(|id| SessionLink {
@@ -173,33 +259,159 @@ impl EventLoop {
                 saved_at: now,
             }),
             resuming,
-            raw_channel: if resuming { raw_channel.clone() } else { None },
+            raw_channel,
+            grant: None,
+            awaiting_connect,
+            bucket,
             held_bytes: 0,
             last_ping: now,
         }));
         inc(&self.metrics().websockets);
         self.mark_dirty(key);
-        if resuming {
+        if awaiting_connect {
+            // Bytes that arrived with the request may already hold the connect command.
+            self.conns[key].read_pending = true;
+            self.read_backlog.push(key);
+            return;
+        }
+        self.authenticated(key, identity, None, now);
+    }
+
+    /// Answers a refused handshake with `status` and closes.
+    fn refuse(&mut self, key: usize, reason: HandshakeFailure, status: Status, body: &str, now: Instant) {
+        self.metrics().handshake_failed(reason);
+        self.respond(
+            key,
+            http::response(status, "text/plain; charset=utf-8", body.as_bytes()),
+            now,
+        );
+    }
+
+    /// The connection's identity is settled (by its URL token, its connect command, or
+    /// because tokens are off): resume its session or greet it, and join its channel.
+    pub(super) fn authenticated(
+        &mut self,
+        key: usize,
+        identity: Option<Identity>,
+        reference: Option<Box<str>>,
+        now: Instant,
+    ) {
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        open.awaiting_connect = false;
+        if let Some(identity) = identity {
+            open.grant = Some(identity.grant);
+            if let Some(s) = &mut open.session {
+                s.subject = Some(identity.subject);
+            }
+        }
+        if open.resuming {
             // Nothing is read or joined until the stored session is known.
             self.conns[key].read_pending = true;
             self.load_session(key);
             return;
         }
-        if protocol == Protocol::V1 {
-            let id = self.conns[key]
-                .open_mut()
-                .and_then(|o| o.session.as_ref())
-                .map(|s| s.id.clone());
+        if open.protocol == Protocol::V1 {
+            let id = open.session.as_ref().map(|s| s.id.clone());
             if let Some(id) = id {
-                self.send_json(key, &envelope::welcome(&id, false));
+                self.send_json(key, &envelope::welcome(reference.as_deref(), &id, false));
             }
         }
-        if let Some(channel) = raw_channel {
+        if let Some(channel) = self.conns[key].open_mut().and_then(|o| o.raw_channel.take()) {
             self.join_raw(key, channel, None, now);
         }
         // Bytes that arrived with the request may already hold frames.
         self.conns[key].read_pending = true;
         self.read_backlog.push(key);
+    }
+
+    /// `POST /publish?channel=NAME` with the message as the body: a backend publishing
+    /// through the same path as clients (history, offsets). Answered once the broker has
+    /// stored the message.
+    fn http_publish(&mut self, key: usize, head: &Head, body: Bytes, now: Instant) {
+        let cfg = &self.shared.config;
+        let Some(api_key) = &cfg.api_key else {
+            let body = b"POST /publish is off: start wsrelay with --api-key\n";
+            return self.respond(key, http::response(Status::NotFound, "text/plain", body), now);
+        };
+        let presented = head
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "));
+        if !presented.is_some_and(|p| same_secret(p.trim().as_bytes(), api_key.as_bytes())) {
+            let body = b"{\"error\":\"missing or wrong API key\"}";
+            let response = http::response_with(
+                Status::Unauthorized,
+                "application/json",
+                &["WWW-Authenticate: Bearer"],
+                body,
+            );
+            return self.respond(key, response, now);
+        }
+        let channel = http::query_param(head.query.as_deref(), "channel").unwrap_or_default();
+        if channel.is_empty() || channel.len() > cfg.max_channel_len {
+            let body = b"{\"error\":\"?channel= must name a channel\"}";
+            return self.respond(
+                key,
+                http::response(Status::BadRequest, "application/json", body),
+                now,
+            );
+        }
+        let binary = head
+            .content_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("application/octet-stream"));
+        if !binary && std::str::from_utf8(&body).is_err() {
+            let body =
+                b"{\"error\":\"text bodies must be UTF-8 (send application/octet-stream for binary)\"}";
+            return self.respond(
+                key,
+                http::response(Status::BadRequest, "application/json", body),
+                now,
+            );
+        }
+        let kind = if binary { Kind::Binary } else { Kind::Text };
+        let close_timeout = cfg.close_timeout;
+        let Some(to) = self.reply_to(key) else { return };
+        let ack = PublishAck { to, reference: None };
+        match self.publish(Arc::from(channel), kind, body, Some(ack)) {
+            Ok(()) => {
+                let conn = &mut self.conns[key];
+                conn.phase = Phase::Publishing;
+                conn.deadline = Some(now + close_timeout);
+            }
+            Err(super::messages::Refused::QueueFull) => {
+                let body = b"{\"error\":\"publish queue full; retry later\"}";
+                self.respond(
+                    key,
+                    http::response(Status::Unavailable, "application/json", body),
+                    now,
+                );
+            }
+        }
+    }
+
+    /// The broker's answer to a `POST /publish`.
+    pub(super) fn http_published(
+        &mut self,
+        key: usize,
+        channel: &str,
+        result: Result<Option<Position>, String>,
+        now: Instant,
+    ) {
+        let response = match result {
+            Ok(position) => http::response(
+                Status::Ok,
+                "application/json",
+                envelope::published(None, channel, position.as_ref()).as_bytes(),
+            ),
+            Err(e) => {
+                let body = envelope::error(None, "unavailable", &e);
+                http::response(Status::Unavailable, "application/json", body.as_bytes())
+            }
+        };
+        self.respond(key, response, now);
     }
 
     /// Puts a raw connection on its channel, recovering from a stored session position.
@@ -213,6 +425,10 @@ impl EventLoop {
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
+        if !open.may_subscribe(&channel) {
+            inc(&self.shared.metrics.loops[self.id].forbidden);
+            return self.close(key, CloseCode::Policy, "forbidden", now);
+        }
         match from {
             Some((offset, epoch)) => {
                 let mut sub = Sub::live(channel.clone());
@@ -238,10 +454,12 @@ impl EventLoop {
         const TEXT: &str = "text/plain; charset=utf-8";
         match (head.method.as_str(), head.path.as_str()) {
             ("GET" | "HEAD", "/healthz") => {
-                if self.shared.metrics.broker.subscriber_up.load(Ordering::Relaxed) {
+                // Three missed probes make a subscriber stale (see broker/redis/subscriber.rs).
+                let stale = crate::broker::redis::PROBE_EVERY * 3;
+                if self.shared.metrics.broker.subscriber_healthy(stale) {
                     http::response(Status::Ok, TEXT, b"ok\n")
                 } else {
-                    http::response(Status::Unavailable, TEXT, b"redis subscriber down\n")
+                    http::response(Status::Unavailable, TEXT, b"redis subscriber down or stale\n")
                 }
             }
             ("GET" | "HEAD", "/metrics") => http::response(

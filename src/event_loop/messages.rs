@@ -12,7 +12,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Error as WsError, Message};
 
 use super::{EventLoop, interrupted, would_block};
-use crate::bridge::{Channel, ConnId, Publish, PublishAck, ReplyTo};
+use crate::bridge::{Channel, Publish, PublishAck};
 use crate::conn::{Io, Pending, Phase, Protocol, Sub, SubState};
 use crate::envelope::{self, Command, Refusal};
 use crate::frame::{self, Kind};
@@ -31,7 +31,7 @@ enum ReadEnd {
 }
 
 /// Why a publish was not queued.
-enum Refused {
+pub(super) enum Refused {
     /// The publish queue is full.
     QueueFull,
 }
@@ -47,7 +47,7 @@ impl EventLoop {
         let Phase::Open(open) = &mut conn.phase else {
             return;
         };
-        let waiting = open.resuming
+        let waiting = (open.resuming && !open.awaiting_connect)
             || (open.protocol == Protocol::Raw && !open.subs.iter().all(|s| self.index.is_live(&s.channel)));
         if waiting {
             conn.read_pending = true;
@@ -109,6 +109,19 @@ impl EventLoop {
         match open.protocol {
             Protocol::Raw => {
                 let channel = open.subs[0].channel.clone();
+                let refusal = if !open.may_publish(&channel) {
+                    inc(&self.metrics().forbidden);
+                    Some("forbidden")
+                } else if !open.bucket.as_mut().is_none_or(|b| b.try_take(now)) {
+                    inc(&self.metrics().rate_limited);
+                    Some("rate limited")
+                } else {
+                    None
+                };
+                if let Some(reason) = refusal {
+                    self.close(key, CloseCode::Policy, reason, now);
+                    return false;
+                }
                 match self.publish(channel, kind, data, None) {
                     Ok(()) => true,
                     Err(Refused::QueueFull) => {
@@ -132,11 +145,50 @@ impl EventLoop {
                     return true;
                 }
                 let parsed = envelope::parse(&data);
+                let awaiting_connect = open.awaiting_connect;
                 match parsed.command {
-                    Ok(cmd) => self.command(key, cmd, parsed.reference, now),
-                    Err(refusal) => self.send_error(key, parsed.reference.as_deref(), &refusal),
+                    Ok(Command::Connect { token }) if awaiting_connect => {
+                        self.connect(key, &token, parsed.reference, now)
+                    }
+                    Ok(_) | Err(_) if awaiting_connect => {
+                        inc(&self.metrics().forbidden);
+                        let refusal = Refusal::new("unauthorized", "send connect with a token first");
+                        self.send_error(key, parsed.reference.as_deref(), &refusal);
+                        self.close(key, CloseCode::Policy, "unauthorized", now);
+                        false
+                    }
+                    Ok(cmd) => {
+                        self.command(key, cmd, parsed.reference, now);
+                        true
+                    }
+                    Err(refusal) => {
+                        self.send_error(key, parsed.reference.as_deref(), &refusal);
+                        true
+                    }
                 }
+            }
+        }
+    }
+
+    /// The `connect` command of a v1 connection that came without `?token=`.
+    fn connect(&mut self, key: usize, token: &str, reference: Option<Box<str>>, now: Instant) -> bool {
+        let verified = match &self.shared.verifier {
+            Some(v) => v.verify(token, super::handshake::unix_now()),
+            None => return true,
+        };
+        match verified {
+            Ok(identity) => {
+                self.conns[key].deadline = None;
+                self.authenticated(key, Some(identity), reference, now);
                 true
+            }
+            Err(e) => {
+                self.metrics()
+                    .handshake_failed(crate::metrics::HandshakeFailure::Unauthorized);
+                let refusal = Refusal::new("unauthorized", e.to_string());
+                self.send_error(key, reference.as_deref(), &refusal);
+                self.close(key, CloseCode::Policy, "unauthorized", now);
+                false
             }
         }
     }
@@ -146,6 +198,10 @@ impl EventLoop {
         let r = reference.as_deref();
         match cmd {
             Command::Ping => self.send_json(key, &envelope::pong(r)),
+            Command::Connect { .. } => {
+                let refusal = Refusal::new("bad_request", "already connected");
+                self.send_error(key, r, &refusal);
+            }
             Command::Subscribe { channel, recover } => {
                 let channel = match self.channel_name(&channel) {
                     Ok(c) => c,
@@ -155,16 +211,26 @@ impl EventLoop {
                 let Some(open) = self.conns[key].open_mut() else {
                     return;
                 };
-                if open.subs.iter().any(|s| s.channel == channel) {
-                    let refusal =
-                        Refusal::new("already_subscribed", format!("already subscribed to {channel:?}"));
-                    return self.send_error(key, r, &refusal);
-                }
-                if open.subs.len() >= max {
-                    let refusal = Refusal::new(
+                let refusal = if !open.may_subscribe(&channel) {
+                    inc(&self.shared.metrics.loops[self.id].forbidden);
+                    Some(Refusal::new(
+                        "forbidden",
+                        format!("the token does not grant subscribing to {channel:?}"),
+                    ))
+                } else if open.subs.iter().any(|s| s.channel == channel) {
+                    Some(Refusal::new(
+                        "already_subscribed",
+                        format!("already subscribed to {channel:?}"),
+                    ))
+                } else if open.subs.len() >= max {
+                    Some(Refusal::new(
                         "too_many_channels",
                         format!("at most {max} channels per connection"),
-                    );
+                    ))
+                } else {
+                    None
+                };
+                if let Some(refusal) = refusal {
                     return self.send_error(key, r, &refusal);
                 }
                 let recovering = recover.is_some();
@@ -209,14 +275,25 @@ impl EventLoop {
                 let Some(open) = self.conns[key].open_mut() else {
                     return;
                 };
+                // The grant first, so refused publishes do not use up the rate.
+                let refusal = if !open.may_publish(&channel) {
+                    inc(&self.shared.metrics.loops[self.id].forbidden);
+                    Some(Refusal::new(
+                        "forbidden",
+                        format!("the token does not grant publishing to {channel:?}"),
+                    ))
+                } else if !open.bucket.as_mut().is_none_or(|b| b.try_take(now)) {
+                    inc(&self.shared.metrics.loops[self.id].rate_limited);
+                    Some(Refusal::new("rate_limited", "over --publish-rate; slow down"))
+                } else {
+                    None
+                };
+                if let Some(refusal) = refusal {
+                    return self.send_error(key, r, &refusal);
+                }
+                let Some(to) = self.reply_to(key) else { return };
                 let ack = PublishAck {
-                    to: ReplyTo {
-                        loop_id: self.id,
-                        conn: ConnId {
-                            key,
-                            serial: open.serial,
-                        },
-                    },
+                    to,
                     reference: reference.clone(),
                 };
                 if let Err(Refused::QueueFull) = self.publish(channel, kind, data, Some(ack)) {
@@ -239,8 +316,8 @@ impl EventLoop {
         Ok(Arc::from(name))
     }
 
-    /// Hands a client's message to the broker without blocking.
-    fn publish(
+    /// Hands a message to the broker without blocking.
+    pub(super) fn publish(
         &mut self,
         channel: Channel,
         kind: Kind,

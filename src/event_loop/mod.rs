@@ -286,20 +286,33 @@ impl EventLoop {
             warn!("cannot register connection from {peer}: {e}");
             return;
         }
-        let over = self.shared.connections.fetch_add(1, Ordering::Relaxed) >= cfg.max_connections;
-        let mut conn = Conn::new(sock, peer, now, now + cfg.handshake_timeout);
+        self.next_serial += 1;
+        let mut conn = Conn::new(sock, peer, self.next_serial, now, now + cfg.handshake_timeout);
         let m = &self.shared.metrics.loops[self.id];
         inc(&m.accepted);
         inc(&m.connections);
-        if over {
-            // Answered, not silently dropped: the client learns why.
-            m.handshake_failed(HandshakeFailure::OverCapacity);
-            conn.out.push(&http::error_response(Status::Unavailable));
+        // Refusals are answered, not silently dropped: the client learns why.
+        let refusal = if self.shared.connections.fetch_add(1, Ordering::Relaxed) >= cfg.max_connections {
+            Some((HandshakeFailure::OverCapacity, Status::Unavailable))
+        } else if let Some(per_ip) = &self.shared.per_ip {
+            // Counted from the accept, so connections that never finish a handshake count too.
+            conn.ip_counted = per_ip
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .try_acquire(peer.ip());
+            (!conn.ip_counted).then_some((HandshakeFailure::PerIpLimit, Status::TooManyRequests))
+        } else {
+            None
+        };
+        if let Some((reason, status)) = refusal {
+            m.handshake_failed(reason);
+            conn.out.push(&http::error_response(status));
             conn.phase = Phase::Closing;
             conn.deadline = Some(now + cfg.close_timeout);
         }
+        let refused = refusal.is_some();
         entry.insert(conn);
-        if over {
+        if refused {
             self.mark_dirty(key);
         }
     }
@@ -317,7 +330,7 @@ impl EventLoop {
         match conn.phase {
             Phase::Request(_) => self.read_request(key, now),
             Phase::Open(_) => self.read_frames(key, now),
-            Phase::Closing => self.discard_input(key),
+            Phase::Closing | Phase::Publishing => self.discard_input(key),
         }
     }
 
@@ -477,6 +490,14 @@ impl EventLoop {
             self.end_open(key, now);
             let mut conn = self.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut conn.sock);
+            if conn.ip_counted {
+                if let Some(per_ip) = &self.shared.per_ip {
+                    per_ip
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .release(conn.peer.ip());
+                }
+            }
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             dec(&self.metrics().connections);
         }
@@ -495,6 +516,8 @@ impl EventLoop {
         // every third of its time to live so an open connection's session never expires.
         let (flush_every, refresh_every) = (cfg.session_flush, cfg.session_ttl / 3);
         let mut expired_requests = Vec::new();
+        let mut expired_publishes = Vec::new();
+        let mut unauthenticated = Vec::new();
         let mut idle = Vec::new();
         let mut sessions = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
@@ -503,11 +526,16 @@ impl EventLoop {
             }
             match &mut conn.phase {
                 Phase::Request(_) if conn.deadline.is_some_and(|d| now >= d) => expired_requests.push(key),
+                Phase::Publishing if conn.deadline.is_some_and(|d| now >= d) => expired_publishes.push(key),
                 Phase::Closing if conn.deadline.is_some_and(|d| now >= d) => {
                     conn.dead = true;
                     self.dead.push(key);
                 }
                 Phase::Open(open) => {
+                    if open.awaiting_connect && conn.deadline.is_some_and(|d| now >= d) {
+                        unauthenticated.push(key);
+                        continue;
+                    }
                     if let Some(s) = &open.session {
                         let age = now.duration_since(s.saved_at);
                         if (s.offsets_dirty && age >= flush_every) || age >= refresh_every {
@@ -531,6 +559,18 @@ impl EventLoop {
         for key in expired_requests {
             self.metrics().handshake_failed(HandshakeFailure::Timeout);
             self.respond(key, http::error_response(Status::RequestTimeout), now);
+        }
+        for key in expired_publishes {
+            let body = br#"{"error":"the broker did not acknowledge in time"}"#;
+            self.respond(
+                key,
+                http::response(Status::GatewayTimeout, "application/json", body),
+                now,
+            );
+        }
+        for key in unauthenticated {
+            self.metrics().handshake_failed(HandshakeFailure::Unauthorized);
+            self.close(key, CloseCode::Policy, "no connect command in time", now);
         }
         for key in idle {
             inc(&self.metrics().idle_closed);
@@ -558,7 +598,7 @@ impl EventLoop {
                     open += 1;
                     self.close(key, CloseCode::Away, "server shutting down", now);
                 }
-                Phase::Request(_) => self.kill(key),
+                Phase::Request(_) | Phase::Publishing => self.kill(key),
                 Phase::Closing => {}
             }
         }

@@ -22,16 +22,14 @@ use crate::envelope::{self, Refusal};
 use crate::metrics::{add, dec, inc};
 
 impl EventLoop {
-    fn reply_to(&self, key: usize) -> Option<ReplyTo> {
-        let open = self.conns.get(key).and_then(|c| match &c.phase {
-            Phase::Open(o) => Some(o),
-            _ => None,
-        })?;
+    /// Where the broker should answer connection `key`.
+    pub(super) fn reply_to(&self, key: usize) -> Option<ReplyTo> {
+        let conn = self.conns.get(key)?;
         Some(ReplyTo {
             loop_id: self.id,
             conn: ConnId {
                 key,
-                serial: open.serial,
+                serial: conn.serial,
             },
         })
     }
@@ -137,6 +135,11 @@ impl EventLoop {
         match reply {
             Reply::History { channel, result } => self.on_history(id.key, channel, result),
             Reply::Session(result) => self.on_session(id.key, result, now),
+            Reply::Published { channel, result, .. }
+                if matches!(self.conns[id.key].phase, Phase::Publishing) =>
+            {
+                self.http_published(id.key, &channel, result, now)
+            }
             Reply::Published {
                 channel,
                 reference,
@@ -320,7 +323,7 @@ impl EventLoop {
         let channels = stored.map(|s| s.channels).unwrap_or_default();
         match protocol {
             Protocol::V1 => {
-                self.send_json(key, &envelope::welcome(&id, resumed));
+                self.send_json(key, &envelope::welcome(None, &id, resumed));
                 for (channel, offset, epoch) in channels {
                     let Some(open) = self.conns[key].open_mut() else {
                         return;

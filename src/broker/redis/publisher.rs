@@ -34,6 +34,17 @@ pub(super) struct Publisher {
     outage: Option<(Instant, u64)>,
     outbox: Outbox,
     drop_log: RateLimit,
+    redis_stalled_log: RateLimit,
+}
+
+/// What became of a pipelined batch.
+enum Outcome {
+    /// Redis ran it: one result per publish.
+    Stored(Vec<Value>),
+    /// It never reached Redis (no connection).
+    Unsent,
+    /// It was sent but not answered: Redis may still run it.
+    Unknown(String),
 }
 
 impl Publisher {
@@ -53,6 +64,7 @@ impl Publisher {
             outage: None,
             outbox: Outbox::default(),
             drop_log: RateLimit::default(),
+            redis_stalled_log: RateLimit::default(),
         }
     }
 
@@ -80,8 +92,12 @@ impl Publisher {
             if !batch.is_empty() {
                 let pipe = self.pipeline(&batch);
                 match self.send(&pipe) {
-                    Some(results) => self.acknowledge(&mut batch, results),
-                    None => self.deliver_locally(&mut batch),
+                    Outcome::Stored(results) => self.acknowledge(&mut batch, results),
+                    Outcome::Unsent => self.deliver_locally(&mut batch),
+                    Outcome::Unknown(e) => self.fail(
+                        &mut batch,
+                        &format!("redis did not answer ({e}); the message may or may not be delivered"),
+                    ),
                 }
             }
             self.outbox.retry(&self.redis.loops);
@@ -116,14 +132,13 @@ impl Publisher {
         pipe
     }
 
-    /// Sends one pipeline, returning one result per publish, or `None` when Redis cannot be
-    /// reached. A connection that fails gets one immediate retry on a fresh connection: after
-    /// a Redis restart the first batch fails on the dead socket. So delivery is at-least-once
-    /// across a restart (the old server may have applied part of the batch before dying).
-    fn send(&mut self, pipe: &redis::Pipeline) -> Option<Vec<Value>> {
+    /// Sends one pipeline. A connection that fails gets one immediate retry on a fresh
+    /// connection: after a Redis restart the first batch fails on the dead socket. So delivery
+    /// is at-least-once across a restart (the old server may have applied part of the batch).
+    fn send(&mut self, pipe: &redis::Pipeline) -> Outcome {
         if let Some(con) = &mut self.con {
             match query(con, pipe) {
-                Ok(v) => return Some(v),
+                Ok(v) => return Outcome::Stored(v),
                 Err(e) => {
                     debug!("redis publish failed: {e}; retrying on a new connection");
                     self.con = None;
@@ -132,21 +147,10 @@ impl Publisher {
             }
         }
         if Instant::now() < self.next_attempt {
-            return None;
+            return Outcome::Unsent;
         }
-        let result = connect(&self.redis.client).and_then(|mut con| query(&mut con, pipe).map(|v| (con, v)));
-        match result {
-            Ok((con, values)) => {
-                self.con = Some(con);
-                self.redis.backoff.reset();
-                if let Some((since, n)) = self.outage.take() {
-                    info!(
-                        "redis publisher reconnected after {:.1}s; {n} publishes in that time reached this node's clients only",
-                        since.elapsed().as_secs_f64()
-                    );
-                }
-                Some(values)
-            }
+        let mut con = match connect(&self.redis.client) {
+            Ok(con) => con,
             Err(e) => {
                 self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
                 if self.outage.is_none() {
@@ -155,7 +159,31 @@ impl Publisher {
                     );
                     self.outage = Some((Instant::now(), 0));
                 }
-                None
+                return Outcome::Unsent;
+            }
+        };
+        match query(&mut con, pipe) {
+            Ok(values) => {
+                self.con = Some(con);
+                self.redis.backoff.reset();
+                if let Some((since, n)) = self.outage.take() {
+                    info!(
+                        "redis publisher reconnected after {:.1}s; {n} publishes in that time reached this node's clients only",
+                        since.elapsed().as_secs_f64()
+                    );
+                }
+                Outcome::Stored(values)
+            }
+            Err(e) => {
+                // Connected but no answer (a stalled Redis): the commands may still run later,
+                // so delivering them locally too could duplicate them.
+                self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
+                if self.redis_stalled_log.allow() {
+                    warn!(
+                        "redis did not answer a publish batch: {e}; outcome unknown, not delivered locally"
+                    );
+                }
+                Outcome::Unknown(e.to_string())
             }
         }
     }
@@ -177,6 +205,21 @@ impl Publisher {
                 result,
             };
             self.outbox.reply(&self.redis.loops, ack.to, reply);
+        }
+    }
+
+    /// Answers a batch whose fate is unknown, and counts it.
+    fn fail(&mut self, batch: &mut Vec<Publish>, why: &str) {
+        add(&self.redis.metrics.broker.publish_failed, batch.len() as u64);
+        for p in batch.drain(..) {
+            if let Some(ack) = p.ack {
+                let reply = Reply::Published {
+                    channel: p.channel,
+                    reference: ack.reference,
+                    result: Err(why.to_owned()),
+                };
+                self.outbox.reply(&self.redis.loops, ack.to, reply);
+            }
         }
     }
 

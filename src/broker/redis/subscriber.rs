@@ -20,6 +20,8 @@ use crate::metrics::inc;
 
 /// Read timeout of the Pub/Sub connection between checks for subscription requests.
 const READ_TIMEOUT: Duration = Duration::from_millis(10);
+/// How often the Pub/Sub connection is probed with PING.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 1000;
 
@@ -140,6 +142,8 @@ impl Subscriber {
 
         let mut touched = Vec::new();
         let mut awaiting = Vec::new();
+        let mut last_probe = Instant::now();
+        self.redis.metrics.broker.probe_ok();
         loop {
             // Take every pending request, then bring Redis to the resulting state in at most
             // one SUBSCRIBE and one UNSUBSCRIBE.
@@ -180,6 +184,15 @@ impl Subscriber {
                 }
             }
             self.outbox.retry(&self.redis.loops);
+            if last_probe.elapsed() >= PROBE_EVERY {
+                // A Pub/Sub connection can stop delivering without an error (a stalled or
+                // half-dead Redis): an answered PING is the proof that it still works.
+                if let Err(e) = probe(&mut ps) {
+                    return Exit::Lost(e);
+                }
+                last_probe = Instant::now();
+                self.redis.metrics.broker.probe_ok();
+            }
 
             match ps.get_message() {
                 Ok(msg) => self.route(&msg),
@@ -214,6 +227,13 @@ impl Subscriber {
 }
 
 /// Sends SUBSCRIBE/UNSUBSCRIBE and waits for Redis's reply, with a command-length timeout.
+/// PINGs the Pub/Sub connection, waiting at most a command's time for the answer.
+fn probe(ps: &mut redis::PubSub<'_>) -> redis::RedisResult<()> {
+    ps.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    ps.ping::<redis::Value>()?;
+    ps.set_read_timeout(Some(READ_TIMEOUT))
+}
+
 fn update_subscriptions(
     ps: &mut redis::PubSub<'_>,
     sub: &[String],
