@@ -171,9 +171,22 @@ const REPLY_WAIT: Duration = Duration::from_secs(10);
 impl V1 {
     /// Connects with `wsrelay.v1`, resuming `session` if given, and reads the welcome.
     pub fn connect(addr: SocketAddr, session: Option<&str>) -> io::Result<V1> {
-        let path = match session {
-            Some(id) => format!("/?session={id}"),
-            None => "/".to_owned(),
+        Self::connect_with(addr, session, None)
+    }
+
+    /// Like [`V1::connect`], presenting `token` in the URL.
+    pub fn connect_with(addr: SocketAddr, session: Option<&str>, token: Option<&str>) -> io::Result<V1> {
+        let mut query = Vec::new();
+        if let Some(id) = session {
+            query.push(format!("session={id}"));
+        }
+        if let Some(t) = token {
+            query.push(format!("token={t}"));
+        }
+        let path = if query.is_empty() {
+            "/".to_owned()
+        } else {
+            format!("/?{}", query.join("&"))
         };
         let client = Client::connect_with(addr, &path, Some(crate::envelope::PROTOCOL))?;
         let mut v1 = V1 {

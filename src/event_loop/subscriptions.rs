@@ -310,15 +310,30 @@ impl EventLoop {
         }
         open.resuming = false;
         let protocol = open.protocol;
-        let Some(session) = &open.session else { return };
-        let id = session.id.clone();
+        let Some(session) = &mut open.session else { return };
         let stored = match result {
-            Ok(s) => s.filter(|s| s.subject == session.subject),
+            Ok(Some(s)) if s.subject != session.subject => {
+                // Someone else's session: not resumed, and not overwritten either. The
+                // connection continues under a fresh id (a raw client, whose id is its own
+                // choice, continues without a session).
+                debug!("session {} belongs to another subject", session.id);
+                match protocol {
+                    Protocol::V1 => session.id = super::handshake::new_session_id(),
+                    Protocol::Raw => open.session = None,
+                }
+                None
+            }
+            Ok(s) => s,
             Err(e) => {
-                debug!("session {id} not loaded: {e}");
+                debug!("session {} not loaded: {e}", session.id);
                 None
             }
         };
+        let id = open
+            .session
+            .as_ref()
+            .map(|s| s.id.clone())
+            .unwrap_or_else(|| Arc::from(""));
         let resumed = stored.is_some();
         let channels = stored.map(|s| s.channels).unwrap_or_default();
         match protocol {
