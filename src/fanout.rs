@@ -40,9 +40,10 @@ impl Turn {
 enum Verdict {
     /// Send it.
     Send,
-    /// Send it, after telling a v1 client that the channel's history restarted (new epoch):
-    /// what was published in between may be lost, so the client should reload.
-    SendNewEpoch,
+    /// The channel's history restarted (new epoch, e.g. Redis lost its data): a v1 client is
+    /// told (`recovered: false`: what was published in between may be lost), and the new
+    /// epoch is replayed from its start, this delivery held until then.
+    NewEpoch,
     /// Already delivered, or not for this connection yet.
     Skip,
     /// Kept until the subscription's history arrives.
@@ -72,10 +73,15 @@ pub fn deliver(
         let backlog = match verdict {
             Verdict::Skip => continue,
             Verdict::Held => conn.out.len() + open.held_bytes,
-            Verdict::Send | Verdict::SendNewEpoch => {
-                if matches!(verdict, Verdict::SendNewEpoch) && open.protocol == Protocol::V1 {
+            Verdict::NewEpoch => {
+                let held = open.held_bytes;
+                if open.protocol == Protocol::V1 {
                     conn.out.push(&new_epoch_notice(d));
+                    turn.mark_dirty(key, conn);
                 }
+                conn.out.len() + held
+            }
+            Verdict::Send => {
                 let frame = match open.protocol {
                     Protocol::Raw => &d.raw_frame,
                     Protocol::V1 => d.envelope_frame(),
@@ -137,23 +143,35 @@ fn track(open: &mut Open, d: &Arc<Delivery>, key: usize, turn: &mut Turn) -> Ver
             return Verdict::Held;
         }
     }
-    // Next in sequence, or a new epoch (history restarted): follow it.
-    let new_epoch = sub.epoch.as_deref().is_some_and(|e| e != &*pos.epoch);
+    if sub.epoch.as_deref().is_some_and(|e| e != &*pos.epoch) {
+        sub.epoch = Some(pos.epoch.clone());
+        sub.offset = 0;
+        sub.state = SubState::AwaitingHistory {
+            pending: Pending {
+                reference: None,
+                recover: true,
+                announce: false,
+            },
+            held: vec![d.clone()],
+        };
+        *held_bytes += d.data.len();
+        turn.gaps.push((key, d.channel.clone()));
+        return Verdict::NewEpoch;
+    }
+    // Next in sequence, or the first message with an offset.
     sub.offset = pos.offset;
     sub.epoch = Some(pos.epoch.clone());
     if let Some(s) = session {
         s.offsets_dirty = true;
     }
-    if new_epoch {
-        return Verdict::SendNewEpoch;
-    }
     Verdict::Send
 }
 
-/// An unsolicited `subscribed` reply with `recovered: false`, positioned just before `d`.
+/// An unsolicited `subscribed` reply with `recovered: false`, positioned at the start of the
+/// new epoch (its messages follow).
 fn new_epoch_notice(d: &Delivery) -> bytes::Bytes {
     let position = d.position.as_ref().map(|p| crate::bridge::Position {
-        offset: p.offset.saturating_sub(1),
+        offset: 0,
         epoch: p.epoch.clone(),
     });
     let json = crate::envelope::subscribed(None, &d.channel, position.as_ref(), Some(false));

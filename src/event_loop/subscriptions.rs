@@ -237,9 +237,10 @@ impl EventLoop {
             }
             Err(e) => {
                 debug!("history for {channel:?} unavailable: {e}");
-                if announce && protocol == Protocol::V1 {
-                    let reply =
-                        envelope::subscribed(reference.as_deref(), &channel, None, recover.then_some(false));
+                // No replay: a v1 client is told, whether it asked (subscribe) or not (gap).
+                if protocol == Protocol::V1 && (announce || recover) {
+                    let r = if announce { reference.as_deref() } else { None };
+                    let reply = envelope::subscribed(r, &channel, None, recover.then_some(false));
                     frames.push(crate::frame::encode(crate::frame::Kind::Text, reply.as_bytes()));
                 }
                 false

@@ -85,33 +85,41 @@ impl Requests {
     }
 
     /// Runs `f` on the connection, connecting first if needed (not more often than the
-    /// backoff allows). Errors drop the connection so the next request reconnects.
+    /// backoff allows). A connection that fails gets one retry on a fresh connection: after a
+    /// Redis restart the first request fails on the dead socket, and every request here is
+    /// safe to repeat (reads, whole-session writes).
     fn with_con<T>(
         &mut self,
-        f: impl FnOnce(&mut redis::Connection, &super::Keys, (u64, u64)) -> redis::RedisResult<T>,
+        mut f: impl FnMut(&mut redis::Connection, &super::Keys, (u64, u64)) -> redis::RedisResult<T>,
     ) -> Result<T, String> {
-        if self.con.is_none() {
-            if Instant::now() < self.next_attempt {
-                return Err("redis unreachable".into());
-            }
-            match connect(&self.redis.client) {
-                Ok(c) => {
-                    self.redis.backoff.reset();
-                    self.con = Some(c);
+        let ttls = (self.history_ttl, self.session_ttl);
+        if let Some(con) = &mut self.con {
+            match f(con, &self.redis.keys, ttls) {
+                Ok(v) => return Ok(v),
+                Err(e) if !(e.is_io_error() || e.is_connection_dropped() || e.is_timeout()) => {
+                    return Err(format!("redis: {e}"));
                 }
                 Err(e) => {
-                    self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
-                    return Err(format!("redis unreachable: {e}"));
+                    debug!("redis request failed: {e}; retrying on a new connection");
+                    self.con = None;
+                    self.next_attempt = Instant::now();
                 }
             }
         }
-        let con = self.con.as_mut().expect("connected above");
-        f(con, &self.redis.keys, (self.history_ttl, self.session_ttl)).map_err(|e| {
-            if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
-                self.con = None;
+        if Instant::now() < self.next_attempt {
+            return Err("redis unreachable".into());
+        }
+        let mut con = match connect(&self.redis.client) {
+            Ok(c) => c,
+            Err(e) => {
+                self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
+                return Err(format!("redis unreachable: {e}"));
             }
-            format!("redis: {e}")
-        })
+        };
+        self.redis.backoff.reset();
+        let result = f(&mut con, &self.redis.keys, ttls).map_err(|e| format!("redis: {e}"));
+        self.con = Some(con);
+        result
     }
 }
 
