@@ -25,3 +25,4 @@ pub mod client;
 pub mod auth;
 pub mod origin;
 pub mod ratelimit;
+pub mod load;
