@@ -90,6 +90,15 @@ impl ChannelIndex {
         Some(&e.members)
     }
 
+    /// The shared name of `channel` if some local connection is on it (so a thousand members
+    /// share one allocation), else a new one.
+    pub fn intern(&self, channel: &str) -> Channel {
+        match self.map.get_key_value(channel) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(channel),
+        }
+    }
+
     /// Members of `channel`, for fan-out.
     pub fn members(&self, channel: &str) -> Option<&Members> {
         self.map.get(channel).map(|e| &e.members)
@@ -171,6 +180,8 @@ mod tests {
         assert_eq!(idx.set_live("a", g2).unwrap().len(), 1);
         assert!(idx.is_live("a"));
         assert_eq!(idx.join(&a, 5), Joined::Existing { live: true });
+        assert!(Arc::ptr_eq(&idx.intern("a"), &a));
+        assert_eq!(&*idx.intern("new"), "new");
     }
 
     #[test]

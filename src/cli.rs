@@ -41,7 +41,7 @@ pub struct Cli {
     /// Cap on a connection's unsent output, bytes; past it the client is closed (1008) [default: 262144]
     #[arg(long, value_name = "BYTES")]
     pub max_output: Option<usize>,
-    /// Per-connection read buffer, bytes [default: 512]
+    /// Per-connection read buffer, bytes [default: 64]
     #[arg(long, value_name = "BYTES")]
     pub read_buffer: Option<usize>,
     /// SO_SNDBUF for accepted sockets, bytes [default: kernel auto-tuning]

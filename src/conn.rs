@@ -90,20 +90,90 @@ impl OutBuf {
     }
 }
 
-/// The stream tungstenite sees: reads come from the socket, writes go to the output buffer.
+/// A loop's shared read buffer. A socket is read once, in one large read, into this buffer;
+/// tungstenite then takes the bytes in small pieces. So every connection can have a tiny
+/// per-connection read buffer (`--read-buffer`, 64 bytes is enough) without paying one system
+/// call per tiny read: idle connections stay small, busy ones read in bulk.
+///
+/// Invariant: empty between connections. Bytes a connection did not consume (its read budget
+/// ran out) move to that connection's `pending_input` and come back first on its next read.
+#[derive(Debug)]
+pub struct ReadAhead {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadAhead {
+    /// A buffer of `size` bytes.
+    pub fn new(size: usize) -> Self {
+        ReadAhead {
+            buf: vec![0; size].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Bytes read and not consumed yet.
+    pub fn unread(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// The whole buffer, for reads whose bytes are thrown away.
+    pub fn buf_mut(&mut self) -> &mut [u8] {
+        self.clear();
+        &mut self.buf
+    }
+
+    /// Forgets the unread bytes (the connection they belonged to is done).
+    pub fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Loads bytes saved from an earlier turn; they must fit (they came from this buffer).
+    pub fn load(&mut self, saved: &[u8]) {
+        debug_assert!(
+            self.unread().is_empty(),
+            "read-ahead still holds another connection's bytes"
+        );
+        let n = saved.len().min(self.buf.len());
+        self.buf[..n].copy_from_slice(&saved[..n]);
+        self.start = 0;
+        self.end = n;
+    }
+}
+
+/// The stream tungstenite sees: reads come from the socket (through the loop's read-ahead
+/// buffer when given), writes go to the output buffer.
 pub struct Io<'a> {
     /// The socket.
     pub sock: &'a mut TcpStream,
     /// Where tungstenite's writes go.
     pub out: &'a mut OutBuf,
+    /// The loop's read-ahead buffer; `None` reads the socket directly.
+    pub ahead: Option<&'a mut ReadAhead>,
     /// Set when a read returned bytes (the peer is alive).
     pub got_input: bool,
 }
 
 impl Read for Io<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.sock.read(buf)?;
-        self.got_input |= n > 0;
+        let Some(ahead) = self.ahead.as_deref_mut() else {
+            let n = self.sock.read(buf)?;
+            self.got_input |= n > 0;
+            return Ok(n);
+        };
+        if ahead.start == ahead.end {
+            // One large read; WouldBlock and EOF pass straight through.
+            let n = self.sock.read(&mut ahead.buf)?;
+            ahead.start = 0;
+            ahead.end = n;
+            self.got_input |= n > 0;
+        }
+        let n = buf.len().min(ahead.end - ahead.start);
+        buf[..n].copy_from_slice(&ahead.buf[ahead.start..ahead.start + n]);
+        ahead.start += n;
         Ok(n)
     }
 }
@@ -208,17 +278,17 @@ pub struct Open {
     /// duplicate and gap detection and for resuming; plain raw connections skip it.
     pub tracks_offsets: bool,
     /// The session, if the connection has one.
-    pub session: Option<SessionLink>,
+    pub session: Option<Box<SessionLink>>,
     /// Waiting for the stored session before reading anything (resume in progress).
     pub resuming: bool,
     /// A resuming raw connection's channel, joined once its session is known.
     pub raw_channel: Option<Channel>,
     /// Channels this connection may use (from its token); `None` when tokens are off.
-    pub grant: Option<crate::auth::Grant>,
+    pub grant: Option<Box<crate::auth::Grant>>,
     /// A v1 connection that must authenticate with a `connect` command before anything else.
     pub awaiting_connect: bool,
     /// Publish rate limit, when `--publish-rate` is set.
-    pub bucket: Option<crate::ratelimit::TokenBucket>,
+    pub bucket: Option<Box<crate::ratelimit::TokenBucket>>,
     /// Bytes of deliveries held by subscriptions awaiting history (counted against the cap).
     pub held_bytes: usize,
     /// Last time a ping was queued to it.
@@ -284,6 +354,8 @@ pub struct Conn {
     pub write_shut: bool,
     /// Scheduled for removal at the end of this turn; ignore further events.
     pub dead: bool,
+    /// Input read from the socket but not consumed yet (the read budget ran out).
+    pub pending_input: Option<Box<[u8]>>,
 }
 
 impl Conn {
@@ -302,6 +374,7 @@ impl Conn {
             read_pending: false,
             write_shut: false,
             dead: false,
+            pending_input: None,
         }
     }
 

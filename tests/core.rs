@@ -541,3 +541,34 @@ fn running_out_of_descriptors_pauses_accepting_without_spinning() {
         assert_eq!(status_of(s, WAIT), Some(101));
     }
 }
+
+#[test]
+fn read_budget_spreads_a_burst_over_turns_without_losing_bytes() {
+    // With a budget of 3 messages per turn, a burst of 300 frames in one TCP write is read over
+    // many turns; the bytes read ahead but not consumed must carry over intact.
+    let node = Node::start(&["--read-budget", "3", "--threads", "1"]);
+    let mut c = node.client("/burst");
+    c.sync("ready", WAIT).unwrap();
+    let mut burst = Vec::new();
+    for i in 0..300 {
+        let payload = format!("m{i:03}-{}", "z".repeat(i % 200)).into_bytes();
+        // A masked client text frame, built by hand.
+        burst.push(0x81);
+        if payload.len() < 126 {
+            burst.push(0x80 | payload.len() as u8);
+        } else {
+            burst.push(0x80 | 126);
+            burst.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        let mask = [0x12u8, 0x34, 0x56, (i % 251) as u8];
+        burst.extend_from_slice(&mask);
+        burst.extend(payload.iter().enumerate().map(|(j, b)| b ^ mask[j % 4]));
+    }
+    c.inner().get_mut().write_all(&burst).unwrap();
+    for i in 0..300 {
+        assert_eq!(
+            c.recv_text(WAIT).unwrap(),
+            format!("m{i:03}-{}", "z".repeat(i % 200))
+        );
+    }
+}

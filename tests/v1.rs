@@ -295,6 +295,9 @@ fn redis_losing_its_data_changes_the_epoch() {
     c.client.close();
     redis.kill();
     redis.restart();
+    wait_for("subscriber back", WAIT, || {
+        (n.http_get("/healthz").0 == 200).then_some(())
+    });
     wait_for("wsrelay publishing through the restarted redis", WAIT, || {
         let mut p = V1::connect(n.addr, None).ok()?;
         let ack = p.publish("e", "after restart").ok()?;

@@ -190,7 +190,7 @@ impl EventLoop {
                         now,
                     );
                 }
-                Some(Arc::from(name))
+                Some(self.index.intern(name))
             }
         };
         // A token in the URL is checked now; a v1 client may instead send it in its first
@@ -239,7 +239,7 @@ impl EventLoop {
             } else {
                 cfg.publish_rate.saturating_mul(2)
             };
-            TokenBucket::new(cfg.publish_rate, burst, now)
+            Box::new(TokenBucket::new(cfg.publish_rate, burst, now))
         });
         let offered = (protocol == Protocol::V1).then_some(envelope::PROTOCOL);
         let handshake_timeout = cfg.handshake_timeout;
@@ -252,11 +252,13 @@ impl EventLoop {
             protocol,
             subs: Vec::new(),
             tracks_offsets: protocol == Protocol::V1 || session.is_some(),
-            session: session.map(|id| SessionLink {
-                id,
-                subject: None,
-                offsets_dirty: false,
-                saved_at: now,
+            session: session.map(|id| {
+                Box::new(SessionLink {
+                    id,
+                    subject: None,
+                    offsets_dirty: false,
+                    saved_at: now,
+                })
             }),
             resuming,
             raw_channel,
@@ -301,7 +303,7 @@ impl EventLoop {
         };
         open.awaiting_connect = false;
         if let Some(identity) = identity {
-            open.grant = Some(identity.grant);
+            open.grant = Some(Box::new(identity.grant));
             if let Some(s) = &mut open.session {
                 s.subject = Some(identity.subject);
             }

@@ -54,9 +54,13 @@ impl EventLoop {
             return;
         }
         conn.read_pending = false;
+        if let Some(saved) = conn.pending_input.take() {
+            self.ahead.load(&saved);
+        }
         let mut io = Io {
             sock: &mut conn.sock,
             out: &mut conn.out,
+            ahead: Some(&mut self.ahead),
             got_input: false,
         };
         let mut messages = Vec::new();
@@ -81,6 +85,11 @@ impl EventLoop {
         if io.got_input {
             conn.last_seen = now;
         }
+        // Keep what this connection did not consume; the buffer is shared by the next one.
+        if matches!(end, ReadEnd::BudgetSpent) {
+            conn.pending_input = Some(self.ahead.unread().into());
+        }
+        self.ahead.clear();
         if !conn.out.is_empty() {
             self.mark_dirty(key);
         }
@@ -313,7 +322,7 @@ impl EventLoop {
                 format!("channel names are 1 to {max} bytes"),
             ));
         }
-        Ok(Arc::from(name))
+        Ok(self.index.intern(name))
     }
 
     /// Hands a message to the broker without blocking.

@@ -34,7 +34,7 @@ use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use crate::bridge::{BrokerHandle, Control, LoopInbox, ToLoop};
 use crate::broker::RateLimit;
 use crate::channels::ChannelIndex;
-use crate::conn::{Conn, Io, Phase, Written};
+use crate::conn::{Conn, Io, Phase, ReadAhead, Written};
 use crate::fanout::{self, Turn};
 use crate::frame;
 use crate::http::{self, Status};
@@ -51,8 +51,8 @@ pub const WAKER: Token = Token(usize::MAX - 1);
 const LISTENER: Token = Token(usize::MAX - 2);
 /// How long accepting pauses after the process ran out of descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// Bytes read per call while discarding input of a closing connection.
-const SCRATCH: usize = 16 * 1024;
+/// Size of the loop's shared read buffer: a socket is read in one call of up to this much.
+const READ_AHEAD: usize = 64 * 1024;
 
 fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
@@ -86,7 +86,8 @@ pub struct EventLoop {
     session_changed: Vec<usize>,
     /// Serial number for the next open connection (see `ConnId`).
     next_serial: u64,
-    scratch: Box<[u8]>,
+    /// Shared read buffer: one large read per socket, handed to tungstenite in small pieces.
+    ahead: ReadAhead,
     next_sweep: Instant,
     sweep_every: Duration,
     /// Set when shutting down: the time by which the loop exits regardless.
@@ -137,7 +138,7 @@ impl EventLoop {
             dead: Vec::new(),
             session_changed: Vec::new(),
             next_serial: 0,
-            scratch: vec![0; SCRATCH].into_boxed_slice(),
+            ahead: ReadAhead::new(READ_AHEAD),
             next_sweep: Instant::now() + sweep_every,
             sweep_every,
             shutdown_deadline: None,
@@ -338,7 +339,7 @@ impl EventLoop {
     fn discard_input(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         loop {
-            match io::Read::read(&mut conn.sock, &mut self.scratch) {
+            match io::Read::read(&mut conn.sock, self.ahead.buf_mut()) {
                 Ok(0) => return self.kill(key),
                 Ok(_) => {}
                 Err(e) if would_block(&e) => return,
@@ -454,6 +455,7 @@ impl EventLoop {
             let mut io = Io {
                 sock: &mut conn.sock,
                 out: &mut conn.out,
+                ahead: None,
                 got_input: false,
             };
             let frame = CloseFrame {

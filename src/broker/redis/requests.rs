@@ -106,7 +106,15 @@ impl Requests {
                 }
             }
         }
-        if Instant::now() < self.next_attempt {
+        // Within the backoff, fail fast, unless the subscriber has just reconnected: then
+        // Redis is back and the client waiting for this answer should not wait out the backoff.
+        let subscriber_up = self
+            .redis
+            .metrics
+            .broker
+            .subscriber_up
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if Instant::now() < self.next_attempt && !subscriber_up {
             return Err("redis unreachable".into());
         }
         let mut con = match connect(&self.redis.client) {
