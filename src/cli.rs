@@ -71,6 +71,9 @@ pub struct Cli {
     /// Most publishes per Redis pipeline [default: 512]
     #[arg(long, value_name = "N")]
     pub publish_batch: Option<usize>,
+    /// Longest time output may wait to share a write with later messages [default: 0ms]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub coalesce: Option<Duration>,
     /// Messages read from one connection per loop turn [default: 64]
     #[arg(long, value_name = "N")]
     pub read_budget: Option<usize>,
@@ -147,6 +150,7 @@ impl Cli {
             publish_queue,
             publish_batch,
             read_budget,
+            coalesce,
             redis_backoff_min,
             redis_backoff_max,
             history_size,

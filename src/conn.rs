@@ -347,6 +347,8 @@ pub struct Conn {
     pub deadline: Option<Instant>,
     /// Already in this turn's flush list.
     pub dirty: bool,
+    /// The last write stopped at a full socket buffer: write again when it is writable.
+    pub blocked: bool,
     /// Input may be waiting that the loop has not read yet (read budget spent, or the
     /// channel's subscription is not live yet).
     pub read_pending: bool,
@@ -371,6 +373,7 @@ impl Conn {
             last_seen: now,
             deadline: Some(deadline),
             dirty: false,
+            blocked: false,
             read_pending: false,
             write_shut: false,
             dead: false,

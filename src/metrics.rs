@@ -71,6 +71,8 @@ pub struct LoopMetrics {
     pub deliveries: AtomicU64,
     /// Bytes written to sockets.
     pub bytes_out: AtomicU64,
+    /// Socket writes that sent bytes (deliveries / writes = messages per write).
+    pub writes: AtomicU64,
     /// Connections closed for exceeding `--max-output`.
     pub slow_consumers: AtomicU64,
     /// Connections closed for a message over `--max-message-size`.
@@ -201,13 +203,14 @@ impl Metrics {
             );
         }
         #[rustfmt::skip]
-        let per_loop: [(&str, &str, &str, Field); 17] = [
+        let per_loop: [(&str, &str, &str, Field); 18] = [
             ("websockets", "gauge", "Open WebSocket connections.", |l| &l.websockets),
             ("accepted_total", "counter", "Connections accepted.", |l| &l.accepted),
             ("http_requests_total", "counter", "Plain HTTP requests answered.", |l| &l.http_requests),
             ("messages_received_total", "counter", "Messages received from clients.", |l| &l.messages_in),
             ("deliveries_total", "counter", "Messages queued to clients, one per recipient.", |l| &l.deliveries),
             ("bytes_out_total", "counter", "Bytes written to client sockets.", |l| &l.bytes_out),
+            ("writes_total", "counter", "Socket writes that sent bytes.", |l| &l.writes),
             ("slow_consumer_closes_total", "counter", "Connections closed for exceeding --max-output.", |l| &l.slow_consumers),
             ("oversize_closes_total", "counter", "Connections closed for a message over --max-message-size.", |l| &l.oversize),
             ("protocol_error_closes_total", "counter", "Connections closed for protocol violations.", |l| &l.protocol_errors),

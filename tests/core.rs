@@ -572,3 +572,37 @@ fn read_budget_spreads_a_burst_over_turns_without_losing_bytes() {
         );
     }
 }
+
+/// Sends `n` messages 10 ms apart from `p` and reads them back on `s`; returns the server's
+/// socket writes during that.
+fn paced_writes(node: &Node, n: usize) -> u64 {
+    let mut p = node.client("/paced");
+    let mut s = node.client("/paced");
+    p.sync("p", WAIT).unwrap();
+    s.sync("s", WAIT).unwrap();
+    recv_until(&mut p, "s");
+    let before = node.metric("wsrelay_writes_total");
+    for i in 0..n {
+        p.send_text(&format!("m{i}")).unwrap();
+        // Pacing the publisher, not synchronising: messages must not arrive as one burst.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for i in 0..n {
+        assert_eq!(s.recv_text(WAIT).unwrap(), format!("m{i}"));
+    }
+    for i in 0..n {
+        assert_eq!(p.recv_text(WAIT).unwrap(), format!("m{i}"));
+    }
+    // The /metrics request itself is one more write.
+    node.metric("wsrelay_writes_total") - before - 1
+}
+
+#[test]
+fn coalesce_lets_messages_share_writes() {
+    let eager = Node::start(&["--threads", "1"]);
+    let patient = Node::start(&["--threads", "1", "--coalesce", "500ms"]);
+    let (w_eager, w_patient) = (paced_writes(&eager, 20), paced_writes(&patient, 20));
+    // Two receivers: about one write per message each without coalescing, a handful with.
+    assert!(w_eager >= 30, "eager: {w_eager} writes");
+    assert!(w_patient <= 10, "coalescing: {w_patient} writes");
+}

@@ -84,6 +84,8 @@ pub struct EventLoop {
     dead: Vec<usize>,
     /// Connections whose subscriptions changed: their sessions are written at the end of the turn.
     session_changed: Vec<usize>,
+    /// When the connections in `turn.dirty` are written (`--coalesce`).
+    flush_at: Option<Instant>,
     /// Serial number for the next open connection (see `ConnId`).
     next_serial: u64,
     /// Shared read buffer: one large read per socket, handed to tungstenite in small pieces.
@@ -137,6 +139,7 @@ impl EventLoop {
             read_backlog: Vec::new(),
             dead: Vec::new(),
             session_changed: Vec::new(),
+            flush_at: None,
             next_serial: 0,
             ahead: ReadAhead::new(READ_AHEAD),
             next_sweep: Instant::now() + sweep_every,
@@ -172,7 +175,9 @@ impl EventLoop {
                     LISTENER => self.accept(now),
                     WAKER => self.drain_inbox(now),
                     Token(key) => {
-                        if event.is_writable() {
+                        // Writable matters only to a connection whose last write blocked;
+                        // other output waits for the end-of-turn flush, where it coalesces.
+                        if event.is_writable() && self.conns.get(key).is_some_and(|c| c.blocked) {
                             self.flush(key);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -213,8 +218,16 @@ impl EventLoop {
             self.request_history(key, &channel);
         }
         self.close_slow_consumers(now);
-        for key in std::mem::take(&mut self.turn.dirty) {
-            self.flush(key);
+        // With --coalesce, output waits up to that long so that more messages share a write.
+        let coalesce = self.shared.config.coalesce;
+        if !self.turn.dirty.is_empty() && self.flush_at.is_none() {
+            self.flush_at = Some(now + coalesce);
+        }
+        if self.flush_at.is_some_and(|t| now >= t) {
+            self.flush_at = None;
+            for key in std::mem::take(&mut self.turn.dirty) {
+                self.flush(key);
+            }
         }
         for key in std::mem::take(&mut self.session_changed) {
             self.save_session(key, now);
@@ -229,7 +242,7 @@ impl EventLoop {
         }
         let now = Instant::now();
         let mut until = self.next_sweep;
-        if let Some(t) = self.accept_paused_until {
+        for t in [self.accept_paused_until, self.flush_at].into_iter().flatten() {
             until = until.min(t);
         }
         let mut timeout = until.saturating_duration_since(now);
@@ -423,20 +436,28 @@ impl EventLoop {
         }
         let written = match conn.out.write_to(&mut conn.sock) {
             Ok(Written::All(n)) => {
+                conn.blocked = false;
                 if matches!(conn.phase, Phase::Closing) && !conn.write_shut {
                     conn.write_shut = true;
                     let _ = conn.sock.shutdown(std::net::Shutdown::Write);
                 }
                 n
             }
-            Ok(Written::Blocked(n)) => n,
+            Ok(Written::Blocked(n)) => {
+                conn.blocked = true;
+                n
+            }
             Err(e) => {
                 debug!("{}: write failed: {e}", conn.peer);
                 self.kill(key);
                 return;
             }
         };
-        add(&self.shared.metrics.loops[self.id].bytes_out, written as u64);
+        if written > 0 {
+            let m = &self.shared.metrics.loops[self.id];
+            add(&m.bytes_out, written as u64);
+            inc(&m.writes);
+        }
     }
 
     // ---- closing -------------------------------------------------------------------------
@@ -579,6 +600,7 @@ impl EventLoop {
             debug!("{}: idle past {idle_timeout:?}; closing", self.conns[key].peer);
             self.close(key, CloseCode::Away, "idle timeout", now);
         }
+        self.flush_at = None;
         for key in std::mem::take(&mut self.turn.dirty) {
             self.flush(key);
         }
@@ -604,6 +626,7 @@ impl EventLoop {
                 Phase::Closing => {}
             }
         }
+        self.flush_at = None;
         for key in std::mem::take(&mut self.turn.dirty) {
             self.flush(key);
         }
