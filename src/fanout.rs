@@ -130,30 +130,18 @@ fn track(open: &mut Open, d: &Arc<Delivery>, key: usize, turn: &mut Turn) -> Ver
             return Verdict::Skip;
         }
         if pos.offset > sub.offset + 1 {
-            sub.state = SubState::AwaitingHistory {
-                pending: Pending {
-                    reference: None,
-                    recover: true,
-                    announce: false,
-                },
-                held: vec![d.clone()],
-            };
+            // Recover what was lost between the last delivered offset and this one.
+            sub.state = recover_holding(d);
             *held_bytes += d.data.len();
             turn.gaps.push((key, d.channel.clone()));
             return Verdict::Held;
         }
     }
     if sub.epoch.as_deref().is_some_and(|e| e != &*pos.epoch) {
+        // Recover the new epoch from its start.
         sub.epoch = Some(pos.epoch.clone());
         sub.offset = 0;
-        sub.state = SubState::AwaitingHistory {
-            pending: Pending {
-                reference: None,
-                recover: true,
-                announce: false,
-            },
-            held: vec![d.clone()],
-        };
+        sub.state = recover_holding(d);
         *held_bytes += d.data.len();
         turn.gaps.push((key, d.channel.clone()));
         return Verdict::NewEpoch;
@@ -165,6 +153,18 @@ fn track(open: &mut Open, d: &Arc<Delivery>, key: usize, turn: &mut Turn) -> Ver
         s.offsets_dirty = true;
     }
     Verdict::Send
+}
+
+/// A quiet recovery from the subscription's offset (no `subscribed` reply), holding `d`.
+fn recover_holding(d: &Arc<Delivery>) -> SubState {
+    SubState::AwaitingHistory {
+        pending: Pending {
+            reference: None,
+            recover: true,
+            announce: false,
+        },
+        held: vec![d.clone()],
+    }
 }
 
 /// An unsolicited `subscribed` reply with `recovered: false`, positioned at the start of the

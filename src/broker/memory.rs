@@ -16,8 +16,6 @@ use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Publish, Reply, 
 use crate::config::Config;
 use crate::metrics::{Metrics, inc};
 
-/// How often pending confirmations are retried while some wait.
-const RETRY: Duration = Duration::from_millis(5);
 /// How often expired history and sessions are swept out.
 const SWEEP: Duration = Duration::from_secs(1);
 
@@ -60,7 +58,7 @@ impl MemoryBroker {
     fn run(mut self, inbox: BrokerInbox) {
         let mut next_sweep = Instant::now() + SWEEP;
         loop {
-            let timeout = if self.outbox.is_empty() { SWEEP } else { RETRY };
+            let timeout = self.outbox.idle_wait().min(SWEEP);
             select! {
                 recv(inbox.control) -> c => match c {
                     Ok(c) => self.control(c),
@@ -89,19 +87,9 @@ impl MemoryBroker {
     }
 
     fn control(&mut self, c: Control) {
-        match c {
-            Control::Subscribe {
-                channel,
-                loop_id,
-                generation,
-            } => {
-                self.routes.add(&channel, loop_id);
-                // In-process, a route is live as soon as it is in the table.
-                self.outbox.confirm(&self.loops, loop_id, channel, generation);
-            }
-            Control::Unsubscribe { channel, loop_id } => {
-                self.routes.remove(&channel, loop_id);
-            }
+        // In-process, a route is live as soon as it is in the table.
+        if let (channel, Some((loop_id, generation))) = self.routes.apply(c) {
+            self.outbox.confirm(&self.loops, loop_id, channel, generation);
         }
         self.metrics
             .broker

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 
 use log::warn;
 
-use crate::bridge::{BrokerHandle, Channel, Delivery, LoopHandle, Reply, ReplyTo, ToLoop};
+use crate::bridge::{BrokerHandle, Channel, Control, Delivery, LoopHandle, Reply, ReplyTo, ToLoop};
 use crate::metrics::{Metrics, inc};
 
 pub mod memory;
@@ -77,6 +77,25 @@ impl Routes {
             return true;
         }
         false
+    }
+
+    /// Applies a loop's request. Returns its channel and, for a subscription, the loop and
+    /// generation waiting for the confirmation.
+    pub fn apply(&mut self, c: Control) -> (Channel, Option<(usize, u64)>) {
+        match c {
+            Control::Subscribe {
+                channel,
+                loop_id,
+                generation,
+            } => {
+                self.add(&channel, loop_id);
+                (channel, Some((loop_id, generation)))
+            }
+            Control::Unsubscribe { channel, loop_id } => {
+                self.remove(&channel, loop_id);
+                (channel, None)
+            }
+        }
     }
 
     /// The loops to deliver `channel`'s messages to.
@@ -162,6 +181,16 @@ impl Outbox {
     /// True when nothing waits.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// How long a broker thread may block on its queue: briefly while something waits here
+    /// to be retried, otherwise until work arrives.
+    pub fn idle_wait(&self) -> std::time::Duration {
+        if self.is_empty() {
+            std::time::Duration::from_secs(3600)
+        } else {
+            std::time::Duration::from_millis(5)
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! logged: nothing queues up without bound while Redis is away.
 
 use std::sync::LazyLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, info, warn};
@@ -73,12 +73,7 @@ impl Publisher {
         loop {
             // Block for the first publish (waking now and then while replies wait for room),
             // then take whatever else is already queued.
-            let wait = if self.outbox.is_empty() {
-                Duration::from_secs(3600)
-            } else {
-                Duration::from_millis(5)
-            };
-            match self.queue.recv_timeout(wait) {
+            match self.queue.recv_timeout(self.outbox.idle_wait()) {
                 Ok(p) => batch.push(p),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,

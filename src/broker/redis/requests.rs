@@ -4,7 +4,7 @@
 //! Failures are answered (the client hears `unavailable`), never retried behind its back.
 
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::debug;
@@ -49,12 +49,7 @@ impl Requests {
 
     pub(super) fn run(mut self) {
         loop {
-            let wait = if self.outbox.is_empty() {
-                Duration::from_secs(3600)
-            } else {
-                Duration::from_millis(5)
-            };
-            match self.queue.recv_timeout(wait) {
+            match self.queue.recv_timeout(self.outbox.idle_wait()) {
                 Ok(r) => self.handle(r),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,

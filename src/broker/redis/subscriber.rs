@@ -80,7 +80,7 @@ impl Subscriber {
                 match self.control.recv_timeout(left) {
                     Ok(c) => {
                         // Offline, a route is live as soon as it is in the table.
-                        if let (channel, Some((loop_id, generation))) = self.apply(c) {
+                        if let (channel, Some((loop_id, generation))) = self.routes.apply(c) {
                             self.outbox
                                 .confirm(&self.redis.loops, loop_id, channel, generation);
                         }
@@ -89,25 +89,6 @@ impl Subscriber {
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
                 self.outbox.retry(&self.redis.loops);
-            }
-        }
-    }
-
-    /// Applies one request to the routing table. Returns its channel and, for a subscription,
-    /// the loop and generation waiting for the confirmation.
-    fn apply(&mut self, c: Control) -> (Channel, Option<(usize, u64)>) {
-        match c {
-            Control::Subscribe {
-                channel,
-                loop_id,
-                generation,
-            } => {
-                self.routes.add(&channel, loop_id);
-                (channel, Some((loop_id, generation)))
-            }
-            Control::Unsubscribe { channel, loop_id } => {
-                self.routes.remove(&channel, loop_id);
-                (channel, None)
             }
         }
     }
@@ -150,7 +131,7 @@ impl Subscriber {
             loop {
                 match self.control.try_recv() {
                     Ok(c) => {
-                        let (channel, waiter) = self.apply(c);
+                        let (channel, waiter) = self.routes.apply(c);
                         if let Some((loop_id, generation)) = waiter {
                             awaiting.push((loop_id, channel.clone(), generation));
                         }
