@@ -58,20 +58,9 @@ fn fixture(n: usize) -> Fixture {
         conn.deadline = None;
         // A plain raw-protocol subscriber: no session, no token, no offset tracking, which is
         // what the event loop builds for `GET /bench` with no options.
-        conn.phase = Phase::Open(Box::new(Open {
-            ctx: WebSocketContext::new(Role::Server, None),
-            protocol: Protocol::Raw,
-            subs: vec![Sub::live(channel.clone())],
-            tracks_offsets: false,
-            session: None,
-            resuming: false,
-            raw_channel: None,
-            grant: None,
-            awaiting_connect: false,
-            bucket: None,
-            held_bytes: 0,
-            last_ping: now,
-        }));
+        let mut open = Open::new(WebSocketContext::new(Role::Server, None), Protocol::Raw, now);
+        open.subs.push(Sub::live(channel.clone()));
+        conn.phase = Phase::Open(Box::new(open));
         members.insert(conns.insert(conn));
     }
     Fixture {

@@ -296,6 +296,24 @@ pub struct Open {
 }
 
 impl Open {
+    /// A freshly upgraded connection: no subscriptions, no session, no token, no limits.
+    pub fn new(ctx: WebSocketContext, protocol: Protocol, now: Instant) -> Self {
+        Open {
+            ctx,
+            protocol,
+            subs: Vec::new(),
+            tracks_offsets: protocol == Protocol::V1,
+            session: None,
+            resuming: false,
+            raw_channel: None,
+            grant: None,
+            awaiting_connect: false,
+            bucket: None,
+            held_bytes: 0,
+            last_ping: now,
+        }
+    }
+
     /// Whether the token allows subscribing to `channel`.
     pub fn may_subscribe(&self, channel: &str) -> bool {
         self.grant.as_ref().is_none_or(|g| g.may_subscribe(channel))

@@ -247,27 +247,21 @@ impl EventLoop {
         conn.out.push(&http::upgrade_response(&upgrade.key, offered));
         // A connection that still owes its token must send it within the handshake time.
         conn.deadline = awaiting_connect.then_some(now + handshake_timeout);
-        conn.phase = Phase::Open(Box::new(Open {
-            ctx,
-            protocol,
-            subs: Vec::new(),
-            tracks_offsets: protocol == Protocol::V1 || session.is_some(),
-            session: session.map(|id| {
-                Box::new(SessionLink {
-                    id,
-                    subject: None,
-                    offsets_dirty: false,
-                    saved_at: now,
-                })
-            }),
-            resuming,
-            raw_channel,
-            grant: None,
-            awaiting_connect,
-            bucket,
-            held_bytes: 0,
-            last_ping: now,
-        }));
+        let mut open = Open::new(ctx, protocol, now);
+        open.tracks_offsets = protocol == Protocol::V1 || session.is_some();
+        open.session = session.map(|id| {
+            Box::new(SessionLink {
+                id,
+                subject: None,
+                offsets_dirty: false,
+                saved_at: now,
+            })
+        });
+        open.resuming = resuming;
+        open.raw_channel = raw_channel;
+        open.awaiting_connect = awaiting_connect;
+        open.bucket = bucket;
+        conn.phase = Phase::Open(Box::new(open));
         inc(&self.metrics().websockets);
         self.mark_dirty(key);
         if awaiting_connect {
