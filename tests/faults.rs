@@ -144,7 +144,9 @@ fn redis_killed_restarted_and_paused_during_steady_publishing() {
         }
         // Every acknowledged message arrived, with its own data, unless the subscriber was
         // told explicitly that recovery was impossible.
-        let told = got.iter().any(|m| m["type"] == "subscribed" && m["recovered"] == false);
+        let told = got
+            .iter()
+            .any(|m| m["type"] == "subscribed" && m["recovered"] == false);
         let mut missing = Vec::new();
         for (key, i) in &acked {
             match positions.get(key) {
