@@ -606,3 +606,38 @@ fn coalesce_lets_messages_share_writes() {
     assert!(w_eager >= 30, "eager: {w_eager} writes");
     assert!(w_patient <= 10, "coalescing: {w_patient} writes");
 }
+
+#[test]
+fn redis_over_a_unix_socket() {
+    let dir = std::env::temp_dir().join(format!("wsrelay-unix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("redis.sock");
+    let mut redis = std::process::Command::new("redis-server")
+        .args(["--port", "0", "--unixsocket"])
+        .arg(&sock)
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("redis+unix://{}", sock.display());
+    wait_for("redis on its unix socket", WAIT, || {
+        let mut con = redis::Client::open(url.as_str()).ok()?.get_connection().ok()?;
+        redis::cmd("PING").query::<String>(&mut con).ok()
+    });
+    let node = Node::start(&["--redis", &url]);
+    let mut c = node.client("/u");
+    c.sync("through the unix socket", WAIT).unwrap();
+    let mut con = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("u")
+        .arg("from redis")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(c.recv_text(WAIT).unwrap(), "from redis");
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

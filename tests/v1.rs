@@ -413,3 +413,22 @@ fn sessions_expire_after_their_ttl() {
         assert!(!c3.resumed);
     });
 }
+
+#[test]
+fn expired_history_says_not_recovered() {
+    both_modes(|redis| {
+        let n = node(redis, &["--history-ttl", "1s"]);
+        let mut c = V1::connect(n.addr, None).unwrap();
+        c.subscribe("ttl", None).unwrap();
+        publish(&n, "ttl", "one");
+        let m = c.message(WAIT).unwrap();
+        let (off, ep) = (offset(&m), epoch(&m));
+        c.client.close();
+        // The time to live is the behaviour under test: wait it out.
+        std::thread::sleep(Duration::from_millis(2200));
+        let mut c = V1::connect(n.addr, None).unwrap();
+        let sub = c.subscribe("ttl", Some((off, &ep))).unwrap();
+        assert_eq!(sub["recovered"], false, "{sub}");
+        assert_ne!(epoch(&sub), ep);
+    });
+}
