@@ -53,6 +53,8 @@ bin_dir=$CARGO_TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release
 # long enough to cross the 8 KiB request-head limit.
 lf_flags=(-max_total_time="$duration" -rss_limit_mb=2048 -timeout=10 -max_len=9000 -print_final_stats=1)
 
+stamp=$(mktemp)
+trap 'rm -f "$stamp"' EXIT
 failed=()
 for t in $targets; do
     corpus=fuzz/corpus/$t
@@ -78,12 +80,13 @@ echo
 echo "corpora: fuzz/corpus/<target>/  crashes: fuzz/artifacts/<target>/"
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]}"
+    env_prefix=${FUZZ_STRICT:+FUZZ_STRICT=1 }
     for t in "${failed[@]}"; do
-        for f in fuzz/artifacts/"$t"/*; do
-            [ -f "$f" ] || continue
+        # Only what this run saved.
+        find "fuzz/artifacts/$t" -type f -newer "$stamp" | while read -r f; do
             echo "  $f"
-            echo "    replay: $bin_dir/$t $f"
-            echo "        or: RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $t $f"
+            echo "    replay: $env_prefix$bin_dir/$t $f"
+            echo "        or: ${env_prefix}RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $t $f"
         done
     done
     exit 1
