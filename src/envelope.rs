@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::bridge::{Delivery, Position};
@@ -81,16 +82,29 @@ pub struct Parsed {
 
 /// Parses one text frame from a client. Never panics.
 pub fn parse(frame: &[u8]) -> Parsed {
-    let obj = match serde_json::from_slice::<Value>(frame) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return refused(None, "bad_json", "a command is a JSON object"),
+    // Fields stay raw JSON until needed, so `ref` is echoed byte for byte as the client sent it
+    // (a float or a huge integer reformatted would not match the client's own).
+    let fields = match serde_json::from_slice::<std::collections::HashMap<String, &RawValue>>(frame) {
+        Ok(f) => f,
+        Err(_) if serde_json::from_slice::<Value>(frame).is_ok() => {
+            return refused(None, "bad_json", "a command is a JSON object");
+        }
         Err(e) => return refused(None, "bad_json", format!("not JSON: {e}")),
     };
-    let reference = match obj.get("ref") {
-        None | Some(Value::Null) => None,
-        Some(v @ (Value::String(_) | Value::Number(_))) => Some(v.to_string().into_boxed_str()),
+    let reference = match fields.get("ref").map(|r| r.get()) {
+        None | Some("null") => None,
+        Some(r)
+            if r.starts_with('"') || r.starts_with('-') || r.starts_with(|c: char| c.is_ascii_digit()) =>
+        {
+            Some(r.into())
+        }
         Some(_) => return refused(None, "bad_request", "ref must be a string or a number"),
     };
+    let obj: Map<String, Value> = fields
+        .iter()
+        .filter(|(k, _)| *k != "ref")
+        .filter_map(|(k, v)| Some((k.clone(), serde_json::from_str(v.get()).ok()?)))
+        .collect();
     Parsed {
         command: command(&obj),
         reference,

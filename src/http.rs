@@ -140,15 +140,29 @@ pub fn parse(buf: &[u8]) -> Parse {
             .and_then(|h| std::str::from_utf8(h.value).ok())
             .map(str::trim)
     };
-    let content_length = match header("content-length").map(str::parse::<usize>) {
-        None => 0,
-        Some(Ok(n)) => n,
-        Some(Err(_)) => return Parse::Invalid(Status::BadRequest),
-    };
-    if header("transfer-encoding").is_some() {
+    // Framing headers are checked on raw bytes and strictly (RFC 9112 §6.3): a header that is
+    // ignored because it is not UTF-8, or a length read two ways, is how requests get smuggled.
+    let headers: &[httparse::Header<'_>] = req.headers;
+    let raw = |name: &'static str| headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name));
+    if raw("transfer-encoding").next().is_some() {
         // Chunked bodies are not needed by any endpoint; refusing them avoids request smuggling.
         return Parse::Invalid(Status::BadRequest);
     }
+    let mut content_length = None;
+    for h in raw("content-length") {
+        let v = h.value.trim_ascii();
+        if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+            return Parse::Invalid(Status::BadRequest);
+        }
+        let Some(n) = std::str::from_utf8(v).ok().and_then(|v| v.parse::<usize>().ok()) else {
+            return Parse::Invalid(Status::BadRequest);
+        };
+        if content_length.is_some_and(|m| m != n) {
+            return Parse::Invalid(Status::BadRequest);
+        }
+        content_length = Some(n);
+    }
+    let content_length = content_length.unwrap_or(0);
     let origin = header("origin").map(str::to_owned);
     let authorization = header("authorization").map(str::to_owned);
     let content_type = header("content-type").map(str::to_owned);
@@ -274,8 +288,11 @@ pub fn percent_decode(s: &str) -> Option<String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Exactly two hex digits: from_str_radix alone would also take a sign (`%+2`).
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
