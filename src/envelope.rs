@@ -91,20 +91,25 @@ pub fn parse(frame: &[u8]) -> Parsed {
         }
         Err(e) => return refused(None, "bad_json", format!("not JSON: {e}")),
     };
-    let reference = match fields.get("ref").map(|r| r.get()) {
-        None | Some("null") => None,
-        Some(r)
-            if r.starts_with('"') || r.starts_with('-') || r.starts_with(|c: char| c.is_ascii_digit()) =>
-        {
-            Some(r.into())
-        }
-        Some(_) => return refused(None, "bad_request", "ref must be a string or a number"),
+    let reference = match fields
+        .get("ref")
+        .map(|r| (r.get(), serde_json::from_str::<Value>(r.get())))
+    {
+        None | Some((_, Ok(Value::Null))) => None,
+        Some((raw, Ok(Value::String(_) | Value::Number(_)))) => Some(raw.into()),
+        Some(_) => return refused(None, "bad_request", "ref must be a string or a finite number"),
     };
-    let obj: Map<String, Value> = fields
-        .iter()
-        .filter(|(k, _)| *k != "ref")
-        .filter_map(|(k, v)| Some((k.clone(), serde_json::from_str(v.get()).ok()?)))
-        .collect();
+    // Raw values are only checked for syntax; decoding can still fail (a lone surrogate
+    // escape in a string): then the frame is not JSON after all.
+    let mut obj = Map::new();
+    for (k, v) in fields.iter().filter(|(k, _)| *k != "ref") {
+        match serde_json::from_str(v.get()) {
+            Ok(value) => {
+                obj.insert(k.clone(), value);
+            }
+            Err(e) => return refused(None, "bad_json", format!("not JSON: {e}")),
+        }
+    }
     Parsed {
         command: command(&obj),
         reference,
@@ -370,6 +375,11 @@ mod tests {
             "bad_request"
         );
         assert_eq!(code(r#"{"op":"x","ref":{}}"#), "bad_request");
+        assert_eq!(code(r#"{"op":"ping","ref":97332E009733}"#), "bad_request");
+        assert_eq!(
+            code(r#"{"op":"subscribe","channel":"\uda27","ref":2}"#),
+            "bad_json"
+        );
         let p = parse(br#"{"op":"nope","ref":3}"#);
         assert_eq!(p.reference.as_deref(), Some("3"));
         let e = error(

@@ -139,9 +139,12 @@ fn framing(head: &[u8], content_length: usize) {
         assert_eq!(content_length, 0);
         return;
     };
-    let strict_ok = lengths.iter().all(|v| v == first)
-        && first.is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-        && first.and_then(|v| v.parse().ok()) == Some(content_length);
+    // RFC 9112 §6.3: repeated Content-Length fields may be accepted when they all carry the
+    // same decimal value ("2" and "02" alike); anything else must be refused.
+    let strict_ok = lengths.iter().all(|v| {
+        v.is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            && v.and_then(|v| v.parse().ok()) == Some(content_length)
+    });
     if !strict_ok {
         // The known deviation: the first header, read by `str::parse`, or none if it is not
         // UTF-8.
