@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -104,20 +104,7 @@ impl Chromium {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            // Keeps draining stderr so Chromium never blocks on a full pipe.
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.split("DevTools listening on ").nth(1) {
-                    let _ = tx.send(rest.trim().to_owned());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let (log, rx) = common::watch_stderr(child.stderr.take().unwrap(), "DevTools listening on ", None);
         let mut browser = Chromium {
             child,
             profile,

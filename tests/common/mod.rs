@@ -137,25 +137,12 @@ impl Node {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn wsrelay");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or("").to_owned();
-                    let _ = tx.send(addr);
-                }
-                if std::env::var_os("WSRELAY_TEST_LOG").is_some() {
-                    eprintln!("[wsrelay] {line}");
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let echo = std::env::var_os("WSRELAY_TEST_LOG")
+            .is_some()
+            .then_some("[wsrelay] ");
+        let (log, rx) = watch_stderr(child.stderr.take().unwrap(), "listening on ", echo);
         let addr = match rx.recv_timeout(WAIT) {
-            Ok(a) => a.parse().unwrap(),
+            Ok(a) => a.split_whitespace().next().unwrap_or("").parse().unwrap(),
             Err(_) => {
                 let _ = child.kill();
                 panic!("wsrelay did not start: {:?}", log.lock().unwrap());
@@ -231,6 +218,32 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Collects a child's stderr lines (draining it so the child never blocks on a full pipe) and
+/// sends the rest of every line containing `marker`, after the marker. With `echo`, lines are
+/// also printed with that prefix.
+pub fn watch_stderr(
+    stderr: std::process::ChildStderr,
+    marker: &'static str,
+    echo: Option<&'static str>,
+) -> (Arc<Mutex<Vec<String>>>, std::sync::mpsc::Receiver<String>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split(marker).nth(1) {
+                let _ = tx.send(rest.trim().to_owned());
+            }
+            if let Some(prefix) = echo {
+                eprintln!("{prefix}{line}");
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (log, rx)
 }
 
 /// Sum of the samples of `name` in a Prometheus text body.
