@@ -89,6 +89,12 @@ pub struct Cli {
     /// How long a channel's history lives after its last publish [default: 10m]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub history_ttl: Option<Duration>,
+    /// In-process broker: most channels with history in memory [default: 100000]
+    #[arg(long, value_name = "N")]
+    pub max_history_channels: Option<usize>,
+    /// In-process broker: most sessions kept [default: 1000000]
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
     /// How long a session is kept after its connection ends [default: 10m]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub session_ttl: Option<Duration>,
@@ -155,6 +161,8 @@ impl Cli {
             redis_backoff_max,
             history_size,
             history_ttl,
+            max_history_channels,
+            max_sessions,
             session_ttl,
             session_flush,
             max_channels_per_conn,

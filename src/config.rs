@@ -90,6 +90,14 @@ pub struct Config {
     /// How long a channel's history lives after its last publish. Default 10 min: a client away
     /// longer gets `recovered: false` and reloads.
     pub history_ttl: Duration,
+    /// In-process broker only: most channels with a history in memory. Past it, the histories
+    /// closest to expiry are dropped (their clients get `recovered: false`). Default 100,000:
+    /// with `history_size` messages each, this bounds the history's memory whatever clients
+    /// publish to. With Redis, Redis's own memory policy bounds it.
+    pub max_history_channels: usize,
+    /// In-process broker only: most sessions kept. Past it, those closest to expiry go first.
+    /// Default 1,000,000 (a few hundred bytes each).
+    pub max_sessions: usize,
     /// How long a session (subscriptions and last offsets) is kept after its connection ends.
     /// Default 10 min, matching `history_ttl`: resuming later could not recover anyway.
     pub session_ttl: Duration,
@@ -153,6 +161,8 @@ impl Default for Config {
             redis_backoff_max: Duration::from_secs(5),
             history_size: 1000,
             history_ttl: Duration::from_secs(600),
+            max_history_channels: 100_000,
+            max_sessions: 1_000_000,
             session_ttl: Duration::from_secs(600),
             session_flush: Duration::from_secs(2),
             max_channels_per_conn: 128,
@@ -182,6 +192,8 @@ impl Config {
             (self.publish_batch, "--publish-batch"),
             (self.read_budget, "--read-budget"),
             (self.max_channels_per_conn, "--max-channels-per-conn"),
+            (self.max_history_channels, "--max-history-channels"),
+            (self.max_sessions, "--max-sessions"),
         ];
         if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));

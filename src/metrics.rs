@@ -127,6 +127,8 @@ pub struct BrokerMetrics {
     pub publish_failed: AtomicU64,
     /// Deliveries dropped because a loop's inbox was full.
     pub deliveries_dropped: AtomicU64,
+    /// In-process histories and sessions dropped early to stay under their caps.
+    pub store_evictions: AtomicU64,
 }
 
 impl BrokerMetrics {
@@ -248,7 +250,13 @@ impl Metrics {
             );
         }
         let b = &self.broker;
-        let broker: [(&str, &str, &str, u64); 6] = [
+        let broker: [(&str, &str, &str, u64); 7] = [
+            (
+                "store_evictions_total",
+                "counter",
+                "In-process histories and sessions dropped early to stay under their caps.",
+                b.store_evictions.load(Ordering::Relaxed),
+            ),
             (
                 "redis_subscriber_up",
                 "gauge",

@@ -33,9 +33,14 @@ pub fn spawn(
         routes: Routes::default(),
         outbox: Outbox::default(),
         drop_log: RateLimit::default(),
-        history: (config.history_size > 0)
-            .then(|| HistoryStore::new(config.history_size, config.history_ttl)),
-        sessions: SessionStore::new(config.session_ttl),
+        history: (config.history_size > 0).then(|| {
+            HistoryStore::new(
+                config.history_size,
+                config.history_ttl,
+                config.max_history_channels,
+            )
+        }),
+        sessions: SessionStore::new(config.session_ttl, config.max_sessions),
     };
     std::thread::Builder::new()
         .name("wsrelay-broker".into())
@@ -77,10 +82,16 @@ impl MemoryBroker {
             self.outbox.retry(&self.loops);
             let now = Instant::now();
             if now >= next_sweep {
+                let mut evicted = self.sessions.evicted;
                 if let Some(h) = &mut self.history {
                     h.expire(now);
+                    evicted += h.evicted;
                 }
                 self.sessions.expire(now);
+                self.metrics
+                    .broker
+                    .store_evictions
+                    .store(evicted, Ordering::Relaxed);
                 next_sweep = now + SWEEP;
             }
         }

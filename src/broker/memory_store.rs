@@ -25,27 +25,62 @@ struct Log {
     expires: Instant,
 }
 
-/// Capped message history per channel.
+/// Makes room for one more entry in a map holding at most `cap`: drops expired entries, and if
+/// that is not enough, the sixteenth of the entries closest to expiry (so the cost of the scan
+/// is shared by the next sixteenth of inserts). Returns how many entries were dropped.
+fn make_room<K: Clone + Eq + std::hash::Hash, V>(
+    map: &mut HashMap<K, V>,
+    cap: usize,
+    now: Instant,
+    expires: impl Fn(&V) -> Instant,
+) -> usize {
+    if map.len() < cap {
+        return 0;
+    }
+    let before = map.len();
+    map.retain(|_, v| expires(v) >= now);
+    if map.len() >= cap {
+        let mut by_expiry: Vec<(Instant, K)> = map.iter().map(|(k, v)| (expires(v), k.clone())).collect();
+        let n = (cap / 16).max(1).min(by_expiry.len());
+        by_expiry.select_nth_unstable_by_key(n - 1, |(t, _)| *t);
+        for (_, k) in &by_expiry[..n] {
+            map.remove(k);
+        }
+    }
+    before - map.len()
+}
+
+/// Capped message history per channel, for a bounded number of channels.
 #[derive(Debug)]
 pub struct HistoryStore {
     size: usize,
     ttl: Duration,
+    max_channels: usize,
     logs: HashMap<Channel, Log>,
+    /// Channels dropped early to stay under `max_channels`.
+    pub evicted: u64,
 }
 
 impl HistoryStore {
-    /// Keeps `size` messages per channel for `ttl` after the channel's last publish.
-    pub fn new(size: usize, ttl: Duration) -> Self {
+    /// Keeps `size` messages per channel for `ttl` after the channel's last publish, for at
+    /// most `max_channels` channels (past it, the histories closest to expiry go first: their
+    /// clients get `recovered: false`, as after a Redis eviction).
+    pub fn new(size: usize, ttl: Duration, max_channels: usize) -> Self {
         HistoryStore {
             size,
             ttl,
+            max_channels: max_channels.max(1),
             logs: HashMap::new(),
+            evicted: 0,
         }
     }
 
     /// The channel's log, created (or restarted, when expired) with a fresh epoch and a full
     /// time to live, as the Redis scripts do.
     fn log(&mut self, channel: &Channel, now: Instant) -> &mut Log {
+        if !self.logs.contains_key(channel) {
+            self.evicted += make_room(&mut self.logs, self.max_channels, now, |l| l.expires) as u64;
+        }
         let ttl = self.ttl;
         let fresh = move || Log {
             epoch: new_epoch(),
@@ -114,19 +149,25 @@ impl HistoryStore {
     }
 }
 
-/// Sessions with a time to live.
+/// Sessions with a time to live, a bounded number of them.
 #[derive(Debug)]
 pub struct SessionStore {
     ttl: Duration,
+    max: usize,
     sessions: HashMap<Arc<str>, (SessionState, Instant)>,
+    /// Sessions dropped early to stay under the cap.
+    pub evicted: u64,
 }
 
 impl SessionStore {
-    /// Sessions live `ttl` after their last save.
-    pub fn new(ttl: Duration) -> Self {
+    /// Sessions live `ttl` after their last save; at most `max` are kept (past it, those
+    /// closest to expiry go first).
+    pub fn new(ttl: Duration, max: usize) -> Self {
         SessionStore {
             ttl,
+            max: max.max(1),
             sessions: HashMap::new(),
+            evicted: 0,
         }
     }
 
@@ -140,6 +181,9 @@ impl SessionStore {
 
     /// Replaces the session and restarts its time to live.
     pub fn save(&mut self, id: Arc<str>, state: SessionState, now: Instant) {
+        if !self.sessions.contains_key(&id) {
+            self.evicted += make_room(&mut self.sessions, self.max, now, |(_, t)| *t) as u64;
+        }
         self.sessions.insert(id, (state, now + self.ttl));
     }
 
@@ -167,7 +211,7 @@ mod tests {
     #[test]
     fn offsets_are_gapless_and_history_is_capped() {
         let t = Instant::now();
-        let mut h = HistoryStore::new(3, Duration::from_secs(60));
+        let mut h = HistoryStore::new(3, Duration::from_secs(60), 100);
         let c = ch("c");
         for i in 1..=5u64 {
             let d = h.append(c.clone(), Kind::Text, Bytes::from(i.to_string()), t);
@@ -187,7 +231,7 @@ mod tests {
     fn expiry_starts_a_new_epoch() {
         let t = Instant::now();
         let ttl = Duration::from_secs(10);
-        let mut h = HistoryStore::new(10, ttl);
+        let mut h = HistoryStore::new(10, ttl, 100);
         let c = ch("c");
         let first = h
             .append(c.clone(), Kind::Text, Bytes::new(), t)
@@ -210,7 +254,7 @@ mod tests {
     #[test]
     fn reading_an_unknown_channel_fixes_its_epoch() {
         let t = Instant::now();
-        let mut h = HistoryStore::new(10, Duration::from_secs(10));
+        let mut h = HistoryStore::new(10, Duration::from_secs(10), 100);
         let c = ch("c");
         let before = h.read(&c, None, t);
         assert_eq!(before.top, 0);
@@ -219,9 +263,38 @@ mod tests {
     }
 
     #[test]
+    fn channel_and_session_counts_are_capped() {
+        let t = Instant::now();
+        let mut h = HistoryStore::new(10, Duration::from_secs(60), 32);
+        for i in 0..1000u64 {
+            h.append(
+                ch(&i.to_string()),
+                Kind::Text,
+                Bytes::new(),
+                t + Duration::from_millis(i),
+            );
+        }
+        assert!(h.len() <= 32, "{} channels kept", h.len());
+        assert!(h.evicted >= 1000 - 32);
+        // The most recently published survive.
+        assert_eq!(h.read(&ch("999"), Some(0), t + Duration::from_secs(1)).top, 1);
+        let mut s = SessionStore::new(Duration::from_secs(60), 16);
+        for i in 0..100u64 {
+            s.save(
+                Arc::from(i.to_string()),
+                SessionState::default(),
+                t + Duration::from_millis(i),
+            );
+        }
+        assert!(s.sessions.len() <= 16);
+        assert!(s.load("99", t + Duration::from_secs(1)).is_some());
+        assert!(s.load("0", t + Duration::from_secs(1)).is_none());
+    }
+
+    #[test]
     fn sessions_expire() {
         let t = Instant::now();
-        let mut s = SessionStore::new(Duration::from_secs(5));
+        let mut s = SessionStore::new(Duration::from_secs(5), 100);
         let state = SessionState {
             subject: None,
             channels: vec![(ch("a"), 3, Some(Arc::from("e")))],
