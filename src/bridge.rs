@@ -61,7 +61,7 @@ impl Delivery {
     /// The frame `wsrelay.v1` clients receive: encoded once, shared by every such recipient.
     pub fn envelope_frame(&self) -> &Bytes {
         self.envelope
-            .get_or_init(|| frame::encode(Kind::Text, crate::envelope::message(self).as_bytes()))
+            .get_or_init(|| frame::text(&crate::envelope::message(self)))
     }
 
     /// The offset if this message has one in `epoch`.

@@ -175,5 +175,5 @@ fn new_epoch_notice(d: &Delivery) -> bytes::Bytes {
         epoch: p.epoch.clone(),
     });
     let json = crate::envelope::subscribed(None, &d.channel, position.as_ref(), Some(false));
-    crate::frame::encode(crate::frame::Kind::Text, json.as_bytes())
+    crate::frame::text(&json)
 }

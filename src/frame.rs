@@ -33,6 +33,11 @@ pub fn encode(kind: Kind, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// Encodes a text frame (a `wsrelay.v1` reply, say).
+pub fn text(s: &str) -> Bytes {
+    encode(Kind::Text, s.as_bytes())
+}
+
 /// Encodes a ping frame (payload at most 125 bytes, per RFC 6455 §5.5).
 pub fn ping(payload: &[u8]) -> Bytes {
     debug_assert!(payload.len() <= 125, "control frame payload too long");

@@ -361,7 +361,7 @@ impl EventLoop {
         if conn.dead || !matches!(conn.phase, Phase::Open(_)) {
             return;
         }
-        conn.out.push(&frame::encode(Kind::Text, json.as_bytes()));
+        conn.out.push(&frame::text(json));
         self.mark_dirty(key);
     }
 

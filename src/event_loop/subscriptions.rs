@@ -207,7 +207,7 @@ impl EventLoop {
                         Some(&position),
                         recover.then_some(recovered),
                     );
-                    frames.push(crate::frame::encode(crate::frame::Kind::Text, reply.as_bytes()));
+                    frames.push(crate::frame::text(&reply));
                 } else if recover && !recovered && protocol == Protocol::V1 {
                     // A gap that history cannot fill: tell the client, as on a failed resubscribe.
                     let position = Position {
@@ -215,7 +215,7 @@ impl EventLoop {
                         epoch: h.epoch.clone(),
                     };
                     let reply = envelope::subscribed(None, &channel, Some(&position), Some(false));
-                    frames.push(crate::frame::encode(crate::frame::Kind::Text, reply.as_bytes()));
+                    frames.push(crate::frame::text(&reply));
                 }
                 if recovered {
                     let mut replayed = 0;
@@ -241,7 +241,7 @@ impl EventLoop {
                 if protocol == Protocol::V1 && (announce || recover) {
                     let r = if announce { reference.as_deref() } else { None };
                     let reply = envelope::subscribed(r, &channel, None, recover.then_some(false));
-                    frames.push(crate::frame::encode(crate::frame::Kind::Text, reply.as_bytes()));
+                    frames.push(crate::frame::text(&reply));
                 }
                 false
             }
