@@ -186,6 +186,12 @@ pub enum ToLoop {
         /// The generation from the matching [`Control::Subscribe`].
         generation: u64,
     },
+    /// Deliveries on `channel` were dropped on their way to this loop (its inbox was full, or
+    /// the Redis subscriber was reconnecting): connections that track offsets re-read history.
+    Lost {
+        /// The channel.
+        channel: Channel,
+    },
     /// A reply for one connection.
     Reply {
         /// The connection.

@@ -207,6 +207,21 @@ pub struct Pending {
     pub recover: bool,
     /// Whether to send a `subscribed` reply (v1) once the position is known.
     pub announce: bool,
+    /// Deliveries were lost after the history read was asked for: read again once it is done.
+    pub again: bool,
+}
+
+impl Pending {
+    /// A recovery the client did not ask for (a gap, lost deliveries, a new epoch): no reply
+    /// unless it fails.
+    pub fn quiet() -> Self {
+        Pending {
+            reference: None,
+            recover: true,
+            announce: false,
+            again: false,
+        }
+    }
 }
 
 /// Where one subscription of a connection stands.

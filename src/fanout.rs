@@ -37,7 +37,7 @@ impl Turn {
 }
 
 /// What one delivery means for one connection.
-enum Verdict {
+pub(crate) enum Verdict {
     /// Send it.
     Send,
     /// The channel's history restarted (new epoch, e.g. Redis lost its data): a v1 client is
@@ -102,7 +102,7 @@ pub fn deliver(
 /// Offset bookkeeping for one subscription: duplicates are skipped, deliveries wait while the
 /// history is read, and a jump in offsets (deliveries lost before reaching this loop) starts a
 /// history read from the last delivered offset.
-fn track(open: &mut Open, d: &Arc<Delivery>, key: usize, turn: &mut Turn) -> Verdict {
+pub(crate) fn track(open: &mut Open, d: &Arc<Delivery>, key: usize, turn: &mut Turn) -> Verdict {
     let Open {
         subs,
         held_bytes,
@@ -158,18 +158,14 @@ fn track(open: &mut Open, d: &Arc<Delivery>, key: usize, turn: &mut Turn) -> Ver
 /// A quiet recovery from the subscription's offset (no `subscribed` reply), holding `d`.
 fn recover_holding(d: &Arc<Delivery>) -> SubState {
     SubState::AwaitingHistory {
-        pending: Pending {
-            reference: None,
-            recover: true,
-            announce: false,
-        },
+        pending: Pending::quiet(),
         held: vec![d.clone()],
     }
 }
 
 /// An unsolicited `subscribed` reply with `recovered: false`, positioned at the start of the
 /// new epoch (its messages follow).
-fn new_epoch_notice(d: &Delivery) -> bytes::Bytes {
+pub(crate) fn new_epoch_notice(d: &Delivery) -> bytes::Bytes {
     let position = d.position.as_ref().map(|p| crate::bridge::Position {
         offset: 0,
         epoch: p.epoch.clone(),

@@ -169,3 +169,77 @@ fn redis_killed_restarted_and_paused_during_steady_publishing() {
         assert!(rss < 100 * 1024, "{name}: {rss} KiB resident");
     }
 }
+
+#[test]
+fn a_full_loop_inbox_drops_deliveries_and_v1_clients_recover_them() {
+    // An inbox of one delivery: bursts overflow it; the drops are counted and v1 subscribers
+    // fill the gaps from history by offset. In-process, then through Redis.
+    let flags = ["--threads", "1", "--loop-queue", "1", "--history-size", "100000"];
+    inbox_overflow(Node::start(&flags));
+    let redis = Redis::start();
+    let url = redis.url();
+    inbox_overflow(Node::start(&[&flags[..], &["--redis", &url]].concat()));
+}
+
+fn inbox_overflow(node: Node) {
+    let mut v1 = V1::connect(node.addr, None).unwrap();
+    v1.subscribe("burst", None).unwrap();
+    let mut raw = node.client("/burst");
+    raw.sync("start", WAIT).unwrap();
+    assert_eq!(v1.message(WAIT).unwrap()["data"], "start");
+    // 3,000 messages in one write: the publisher pipelines them, the subscriber thread routes
+    // them faster than one loop turn takes.
+    let mut burst = Vec::new();
+    for i in 0..3000 {
+        let payload = format!("{i}");
+        burst.extend_from_slice(&[0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0]);
+        burst.extend_from_slice(payload.as_bytes());
+    }
+    std::io::Write::write_all(raw.inner().get_mut(), &burst).unwrap();
+    let mut last = 0;
+    for i in 0..3000 {
+        let m = v1
+            .message(WAIT)
+            .unwrap_or_else(|e| panic!("message {i}: {e}; metrics: {}", node.http_get("/metrics").1));
+        assert_eq!(m["data"], i.to_string(), "message {i}");
+        let offset = m["offset"].as_u64().unwrap();
+        assert!(offset > last);
+        last = offset;
+    }
+    assert!(
+        node.metric("wsrelay_deliveries_dropped_total") > 0,
+        "the inbox never overflowed"
+    );
+    assert!(node.log().iter().any(|l| l.contains("inbox full")));
+}
+
+#[test]
+fn a_full_publish_queue_refuses_publishes() {
+    let redis = Redis::start();
+    let node = Node::start(&["--redis", &redis.url(), "--publish-queue", "2"]);
+    let mut v1 = V1::connect(node.addr, None).unwrap();
+    wait_for("subscriber up", WAIT, || {
+        (node.http_get("/healthz").0 == 200).then_some(())
+    });
+    // A stopped Redis holds the publisher in its first batch; the queue behind it fills.
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    let mut refused = 0;
+    for i in 0..20 {
+        v1.send(&serde_json::json!({"op":"publish","channel":"q","data":i.to_string(),"ref":i}))
+            .unwrap();
+    }
+    for _ in 0..20 {
+        let r = v1.next(WAIT).unwrap();
+        if r["code"] == "publish_queue_full" {
+            refused += 1;
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    assert!(refused > 0, "no publish was refused");
+    assert!(node.metric("wsrelay_publish_dropped_total") > 0);
+    assert!(node.log().iter().any(|l| l.contains("publish queue full")));
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::select;
 
 use super::memory_store::{HistoryStore, SessionStore};
-use super::{Outbox, RateLimit, Routes, fan_out};
+use super::{Outbox, RateLimit, Routes};
 use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Publish, Reply, Request};
 use crate::config::Config;
 use crate::metrics::{Metrics, inc};
@@ -129,7 +129,8 @@ impl MemoryBroker {
             self.outbox.reply(&self.loops, ack.to, answer);
         }
         let targets = self.routes.loops(&d.channel);
-        fan_out(&self.loops, targets, &d, &self.metrics, &mut self.drop_log);
+        self.outbox
+            .fan_out(&self.loops, targets, &d, &self.metrics, &mut self.drop_log);
     }
 
     fn request(&mut self, r: Request) {

@@ -9,7 +9,7 @@
 //! delivery to those loops, and the retry of subscription confirmations to loops whose inbox
 //! was momentarily full (a confirmation is never dropped, or the loop would wait forever).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -124,33 +124,15 @@ impl Routes {
     }
 }
 
-/// Sends one delivery to each of `targets`. A full inbox drops the delivery for that loop only:
-/// counted, and logged at most once per second.
-pub fn fan_out(
-    loops: &[LoopHandle],
-    targets: &[usize],
-    d: &Arc<Delivery>,
-    metrics: &Metrics,
-    log: &mut RateLimit,
-) {
-    for &id in targets {
-        if loops[id].try_send(ToLoop::Deliver(d.clone())).is_err() {
-            inc(&metrics.broker.deliveries_dropped);
-            if log.allow() {
-                warn!(
-                    "loop {id} inbox full: dropping deliveries (raise --loop-queue, or the loop is overloaded)"
-                );
-            }
-        }
-    }
-}
-
 /// Messages a loop must not miss (subscription confirmations and replies), with the ones that
 /// found the loop's inbox full kept here and retried: a dropped confirmation or reply would
-/// leave a connection waiting forever.
+/// leave a connection waiting forever. Deliveries may be dropped when a loop falls behind;
+/// then the loop is told, also reliably, which channels lost some, so its connections that
+/// track offsets recover them from history even when no later message reveals the gap.
 #[derive(Debug, Default)]
 pub struct Outbox {
     pending: Vec<(usize, ToLoop)>,
+    lost: HashSet<(usize, Channel)>,
 }
 
 impl Outbox {
@@ -159,6 +141,34 @@ impl Outbox {
         if let Err(msg) = loops[loop_id].try_send(msg) {
             self.pending.push((loop_id, msg));
         }
+    }
+
+    /// Sends one delivery to each of `targets`. A full inbox drops the delivery for that loop
+    /// only: counted, logged at most once per second, and reported to the loop later.
+    pub fn fan_out(
+        &mut self,
+        loops: &[LoopHandle],
+        targets: &[usize],
+        d: &Arc<Delivery>,
+        metrics: &Metrics,
+        log: &mut RateLimit,
+    ) {
+        for &id in targets {
+            if loops[id].try_send(ToLoop::Deliver(d.clone())).is_err() {
+                inc(&metrics.broker.deliveries_dropped);
+                if log.allow() {
+                    warn!(
+                        "loop {id} inbox full: dropping deliveries (raise --loop-queue, or the loop is overloaded)"
+                    );
+                }
+                self.lost.insert((id, d.channel.clone()));
+            }
+        }
+    }
+
+    /// Tells loop `loop_id` (reliably, once) that deliveries on `channel` may have been missed.
+    pub fn lost(&mut self, loop_id: usize, channel: Channel) {
+        self.lost.insert((loop_id, channel));
     }
 
     /// Confirms to `loop_id` that its subscription `generation` to `channel` is live.
@@ -171,16 +181,22 @@ impl Outbox {
         self.send(loops, to.loop_id, ToLoop::Reply { conn: to.conn, reply });
     }
 
-    /// Retries what did not fit earlier, in order.
+    /// Retries what did not fit earlier, in order, then the loss reports.
     pub fn retry(&mut self, loops: &[LoopHandle]) {
         for (loop_id, msg) in std::mem::take(&mut self.pending) {
             self.send(loops, loop_id, msg);
         }
+        self.lost.retain(|(loop_id, channel)| {
+            let msg = ToLoop::Lost {
+                channel: channel.clone(),
+            };
+            loops[*loop_id].try_send(msg).is_err()
+        });
     }
 
     /// True when nothing waits.
     pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+        self.pending.is_empty() && self.lost.is_empty()
     }
 
     /// How long a broker thread may block on its queue: briefly while something waits here

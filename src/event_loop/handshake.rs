@@ -434,6 +434,7 @@ impl EventLoop {
                     reference: None,
                     recover: true,
                     announce: false,
+                    again: false,
                 });
                 open.subs.push(sub);
             }

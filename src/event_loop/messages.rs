@@ -139,11 +139,6 @@ impl EventLoop {
                 match self.publish(channel, kind, data, None) {
                     Ok(()) => true,
                     Err(Refused::QueueFull) => {
-                        if self.log_limit.allow() {
-                            warn!(
-                                "publish queue full: closing raw publisher with 1013 (raise --publish-queue, or the broker is behind)"
-                            );
-                        }
                         self.close(key, CloseCode::Again, "publish queue full", now);
                         false
                     }
@@ -255,6 +250,7 @@ impl EventLoop {
                         reference,
                         recover: recovering,
                         announce: true,
+                        again: false,
                     }),
                     offset,
                     epoch,
@@ -348,6 +344,9 @@ impl EventLoop {
             Ok(()) => Ok(()),
             Err(crossbeam_channel::TrySendError::Full(_)) => {
                 inc(&self.metrics().publish_dropped);
+                if self.log_limit.allow() {
+                    warn!("publish queue full: refusing publishes (raise --publish-queue, or Redis is slow)");
+                }
                 Err(Refused::QueueFull)
             }
             // Shutting down: the message has nowhere to go.

@@ -237,7 +237,7 @@ impl EventLoop {
     }
 
     fn poll_timeout(&self) -> Duration {
-        if !self.read_backlog.is_empty() {
+        if !self.read_backlog.is_empty() || !self.turn.gaps.is_empty() {
             return Duration::ZERO;
         }
         let now = Instant::now();
@@ -396,6 +396,7 @@ impl EventLoop {
                     add(&self.shared.metrics.loops[self.id].deliveries, n as u64);
                 }
                 ToLoop::Live { channel, generation } => self.channel_live(&channel, generation),
+                ToLoop::Lost { channel } => self.channel_lost(&channel),
                 ToLoop::Reply { conn, reply } => self.on_reply(conn, reply, now),
             }
         }

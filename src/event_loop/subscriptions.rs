@@ -19,6 +19,7 @@ use crate::bridge::{Channel, ConnId, History, Position, Reply, ReplyTo, Request,
 use crate::channels::Joined;
 use crate::conn::{Pending, Phase, Protocol, SubState};
 use crate::envelope::{self, Refusal};
+use crate::fanout::{self, Verdict};
 use crate::metrics::{add, dec, inc};
 
 impl EventLoop {
@@ -105,6 +106,42 @@ impl EventLoop {
         }
     }
 
+    /// Deliveries on `channel` were dropped before reaching this loop: every member that
+    /// tracks offsets re-reads the history after its last delivered offset.
+    pub(super) fn channel_lost(&mut self, channel: &Channel) {
+        let Some(members) = self.index.members(channel) else {
+            return;
+        };
+        let members: Vec<usize> = members.iter().copied().collect();
+        for key in members {
+            self.recover_quietly(key, channel);
+        }
+    }
+
+    /// Starts a recovery without a `subscribed` reply (unless it fails) for a subscription that
+    /// tracks offsets; one already reading its history reads again when that is done.
+    fn recover_quietly(&mut self, key: usize, channel: &Channel) {
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        if !open.tracks_offsets {
+            return;
+        }
+        let Some(sub) = open.sub_mut(channel) else { return };
+        match &mut sub.state {
+            SubState::Live => {
+                sub.state = SubState::AwaitingHistory {
+                    pending: Pending::quiet(),
+                    held: Vec::new(),
+                };
+                self.turn.gaps.push((key, channel.clone()));
+            }
+            SubState::AwaitingHistory { pending, .. } => pending.again = true,
+            // Its history read comes after the subscription is live, so it misses nothing.
+            SubState::AwaitingLive(_) => {}
+        }
+    }
+
     /// Asks the broker for the position and history of a subscription in `AwaitingHistory`.
     pub(super) fn request_history(&mut self, key: usize, channel: &Channel) {
         let Some(to) = self.reply_to(key) else { return };
@@ -179,6 +216,7 @@ impl EventLoop {
             reference,
             recover,
             announce,
+            again,
         } = pending;
         let held_bytes: usize = held.iter().map(|d| d.data.len()).sum();
         *open_held -= held_bytes;
@@ -246,28 +284,27 @@ impl EventLoop {
                 false
             }
         };
-        // Held live deliveries: only what comes after the last message sent.
-        for d in &held {
-            match &d.position {
-                Some(p) if sub.epoch.as_deref() == Some(&*p.epoch) => {
-                    if p.offset <= sub.offset {
-                        continue;
-                    }
-                    sub.offset = p.offset;
-                }
-                Some(p) => {
-                    sub.offset = p.offset;
-                    sub.epoch = Some(p.epoch.clone());
-                }
-                None => {}
-            }
-            frames.push(frame_for(protocol, d));
-        }
         if let Some(s) = session {
             s.offsets_dirty = true;
         }
         if recover && !recovered {
             inc(&self.metrics().recovery_failed);
+        }
+        // Held live deliveries go through the same bookkeeping as live ones: duplicates of
+        // the replay are skipped, and a new gap (deliveries lost while the history was read)
+        // starts another recovery, holding the rest again.
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        for d in &held {
+            match fanout::track(open, d, key, &mut self.turn) {
+                Verdict::Send => frames.push(frame_for(protocol, d)),
+                Verdict::NewEpoch if protocol == Protocol::V1 => frames.push(fanout::new_epoch_notice(d)),
+                Verdict::NewEpoch | Verdict::Held | Verdict::Skip => {}
+            }
+        }
+        if again {
+            self.recover_quietly(key, &channel);
         }
         let conn = &mut self.conns[key];
         for f in &frames {
@@ -354,6 +391,7 @@ impl EventLoop {
                         reference: None,
                         recover: true,
                         announce: true,
+                        again: false,
                     });
                     open.subs.push(sub);
                     inc(&self.metrics().recoveries);

@@ -15,7 +15,7 @@ use redis::Value;
 use super::{Shared, connect, ttl_secs};
 use crate::bridge::{Delivery, Position, Publish, Reply};
 use crate::broker::memory_store::new_epoch;
-use crate::broker::{Outbox, RateLimit, fan_out, wire};
+use crate::broker::{Outbox, RateLimit, wire};
 use crate::config::Config;
 use crate::metrics::add;
 
@@ -233,7 +233,7 @@ impl Publisher {
                 self.outbox.reply(&self.redis.loops, ack.to, reply);
             }
             let d = Delivery::new(p.channel, p.kind, p.data, None);
-            fan_out(
+            self.outbox.fan_out(
                 &self.redis.loops,
                 &all,
                 &d,

@@ -15,7 +15,7 @@ use log::{debug, info, warn};
 
 use super::{COMMAND_TIMEOUT, Shared, connect};
 use crate::bridge::{Channel, Control, Delivery};
-use crate::broker::{Outbox, RateLimit, Routes, fan_out, wire};
+use crate::broker::{Outbox, RateLimit, Routes, wire};
 use crate::metrics::inc;
 
 /// Read timeout of the Pub/Sub connection between checks for subscription requests.
@@ -113,6 +113,13 @@ impl Subscriber {
             .store(true, Ordering::Relaxed);
         self.redis.backoff.reset();
         if self.connected_before {
+            // Whatever was published while the subscriber was away never reached the loops:
+            // have their offset-tracking connections catch up from history.
+            for channel in self.routes.channels().cloned().collect::<Vec<_>>() {
+                for &loop_id in self.routes.loops(&channel) {
+                    self.outbox.lost(loop_id, channel.clone());
+                }
+            }
             inc(&self.redis.metrics.broker.redis_reconnects);
             info!(
                 "redis subscriber reconnected; resubscribed {} channels",
@@ -197,7 +204,7 @@ impl Subscriber {
         let decoded = wire::decode(msg.get_payload_bytes());
         let channel: Channel = Arc::from(channel);
         let d = Delivery::new(channel, decoded.kind, decoded.data, decoded.position);
-        fan_out(
+        self.outbox.fan_out(
             &self.redis.loops,
             targets,
             &d,
