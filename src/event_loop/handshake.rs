@@ -77,17 +77,18 @@ impl EventLoop {
                 Parse::Complete(h, len) if start > http::MAX_HEAD => len + h.content_length,
                 _ => http::MAX_HEAD + 1,
             };
-            let want = limit.saturating_sub(start).clamp(1, 4096);
-            head.resize(start + want, 0);
-            match io::Read::read(&mut conn.sock, &mut head[start..]) {
+            // Read into the loop's shared buffer and keep only what arrived: a request head
+            // costs its own size, not a fixed buffer per handshaking connection.
+            let buf = self.ahead.buf_mut();
+            let want = limit.saturating_sub(start).clamp(1, buf.len());
+            match io::Read::read(&mut conn.sock, &mut buf[..want]) {
                 Ok(0) => {
-                    head.truncate(start);
                     self.metrics().handshake_failed(HandshakeFailure::Disconnected);
                     self.kill(key);
                     return;
                 }
                 Ok(n) => {
-                    head.truncate(start + n);
+                    head.extend_from_slice(&buf[..n]);
                     conn.last_seen = now;
                     match http::parse(head) {
                         Parse::Partial => continue,
@@ -118,13 +119,9 @@ impl EventLoop {
                         }
                     }
                 }
-                Err(e) if would_block(&e) => {
-                    head.truncate(start);
-                    return;
-                }
-                Err(e) if interrupted(&e) => head.truncate(start),
+                Err(e) if would_block(&e) => return,
+                Err(e) if interrupted(&e) => {}
                 Err(_) => {
-                    head.truncate(start);
                     self.metrics().handshake_failed(HandshakeFailure::Disconnected);
                     self.kill(key);
                     return;
