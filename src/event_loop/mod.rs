@@ -14,9 +14,10 @@
 //! 4. remove connections that ended (deferred to the end of the turn so a reused slab key never
 //!    sees a stale event), and run timers (handshake, ping, idle, close deadlines, sessions).
 //!
-//! The rest of the loop lives next to this file: `handshake.rs` (HTTP request → WebSocket or
-//! HTTP answer), `messages.rs` (what clients send), `subscriptions.rs` (joining channels,
-//! recovery, sessions and broker replies).
+//! The rest of the loop lives next to this file, in the order of a connection's life:
+//! `handshake.rs` (HTTP request → WebSocket or HTTP answer), `messages.rs` (what clients send),
+//! `subscriptions.rs` (joining channels, recovery, sessions and broker replies), `close.rs`
+//! (closing, removal, timers and shutdown).
 
 use std::collections::VecDeque;
 use std::io;
@@ -24,23 +25,23 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{debug, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
+use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
 use crate::bridge::{BrokerHandle, Control, LoopInbox, ToLoop};
 use crate::broker::RateLimit;
 use crate::channels::ChannelIndex;
-use crate::conn::{Conn, Io, Phase, ReadAhead, Written};
+use crate::conn::{Conn, Phase, ReadAhead, Written};
 use crate::fanout::{self, Turn};
-use crate::frame;
 use crate::http::{self, Status};
-use crate::metrics::{HandshakeFailure, LoopMetrics, add, dec, inc};
+use crate::metrics::{HandshakeFailure, LoopMetrics, add, inc};
 use crate::server::Shared;
 
+mod close;
 mod handshake;
 mod messages;
 mod subscriptions;
@@ -459,180 +460,5 @@ impl EventLoop {
             add(&m.bytes_out, written as u64);
             inc(&m.writes);
         }
-    }
-
-    // ---- closing -------------------------------------------------------------------------
-
-    /// Queues an HTTP response and closes once it is written.
-    fn respond(&mut self, key: usize, response: Vec<u8>, now: Instant) {
-        self.conns[key].out.push(&response);
-        self.enter_closing(key, now);
-    }
-
-    /// Starts a WebSocket close with `code`: the close frame goes out after whatever is
-    /// already queued.
-    fn close(&mut self, key: usize, code: CloseCode, reason: &'static str, now: Instant) {
-        let conn = &mut self.conns[key];
-        if let Phase::Open(open) = &mut conn.phase {
-            let mut io = Io {
-                sock: &mut conn.sock,
-                out: &mut conn.out,
-                ahead: None,
-                got_input: false,
-            };
-            let frame = CloseFrame {
-                code,
-                reason: reason.into(),
-            };
-            let _ = open.ctx.close(&mut io, Some(frame));
-        }
-        self.enter_closing(key, now);
-    }
-
-    /// Leaves every channel and waits for the last bytes to go out and the peer to hang up.
-    fn enter_closing(&mut self, key: usize, now: Instant) {
-        self.end_open(key, now);
-        let close_timeout = self.shared.config.close_timeout;
-        let conn = &mut self.conns[key];
-        conn.phase = Phase::Closing;
-        conn.deadline = Some(now + close_timeout);
-        self.mark_dirty(key);
-    }
-
-    /// Drops the connection at the end of this turn, without a goodbye.
-    fn kill(&mut self, key: usize) {
-        let conn = &mut self.conns[key];
-        if !conn.dead {
-            conn.dead = true;
-            self.dead.push(key);
-        }
-    }
-
-    fn remove_dead(&mut self) {
-        let now = Instant::now();
-        for key in std::mem::take(&mut self.dead) {
-            self.end_open(key, now);
-            let mut conn = self.conns.remove(key);
-            let _ = self.poll.registry().deregister(&mut conn.sock);
-            if conn.ip_counted {
-                if let Some(per_ip) = &self.shared.per_ip {
-                    per_ip
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .release(conn.peer.ip());
-                }
-            }
-            self.shared.connections.fetch_sub(1, Ordering::Relaxed);
-            dec(&self.metrics().connections);
-        }
-        // Unsubscribes from removals go out this turn rather than next.
-        self.send_control();
-    }
-
-    // ---- timers --------------------------------------------------------------------------
-
-    /// Handshake deadlines, pings, idle timeouts, close deadlines and session flushes, in one
-    /// pass over the connections.
-    fn sweep(&mut self, now: Instant) {
-        let cfg = &self.shared.config;
-        let (ping_interval, idle_timeout) = (cfg.ping_interval, cfg.idle_timeout);
-        // A session is rewritten when its offsets moved (every `session_flush`), and at least
-        // every third of its time to live so an open connection's session never expires.
-        let (flush_every, refresh_every) = (cfg.session_flush, cfg.session_ttl / 3);
-        let mut expired_requests = Vec::new();
-        let mut expired_publishes = Vec::new();
-        let mut unauthenticated = Vec::new();
-        let mut idle = Vec::new();
-        let mut sessions = Vec::new();
-        for (key, conn) in self.conns.iter_mut() {
-            if conn.dead {
-                continue;
-            }
-            match &mut conn.phase {
-                Phase::Request(_) if conn.deadline.is_some_and(|d| now >= d) => expired_requests.push(key),
-                Phase::Publishing if conn.deadline.is_some_and(|d| now >= d) => expired_publishes.push(key),
-                Phase::Closing if conn.deadline.is_some_and(|d| now >= d) => {
-                    conn.dead = true;
-                    self.dead.push(key);
-                }
-                Phase::Open(open) => {
-                    if open.awaiting_connect && conn.deadline.is_some_and(|d| now >= d) {
-                        unauthenticated.push(key);
-                        continue;
-                    }
-                    if let Some(s) = &open.session {
-                        let age = now.duration_since(s.saved_at);
-                        if (s.offsets_dirty && age >= flush_every) || age >= refresh_every {
-                            sessions.push(key);
-                        }
-                    }
-                    if now.duration_since(conn.last_seen) >= idle_timeout {
-                        idle.push(key);
-                    } else if now.duration_since(conn.last_seen.max(open.last_ping)) >= ping_interval {
-                        open.last_ping = now;
-                        conn.out.push(&frame::ping(b""));
-                        self.turn.mark_dirty(key, conn);
-                    }
-                }
-                _ => {}
-            }
-        }
-        for key in sessions {
-            self.save_session(key, now);
-        }
-        for key in expired_requests {
-            self.metrics().handshake_failed(HandshakeFailure::Timeout);
-            self.respond(key, http::error_response(Status::RequestTimeout), now);
-        }
-        for key in expired_publishes {
-            let body = br#"{"error":"the broker did not acknowledge in time"}"#;
-            self.respond(
-                key,
-                http::response(Status::GatewayTimeout, "application/json", body),
-                now,
-            );
-        }
-        for key in unauthenticated {
-            self.metrics().handshake_failed(HandshakeFailure::Unauthorized);
-            self.close(key, CloseCode::Policy, "no connect command in time", now);
-        }
-        for key in idle {
-            inc(&self.metrics().idle_closed);
-            debug!("{}: idle past {idle_timeout:?}; closing", self.conns[key].peer);
-            self.close(key, CloseCode::Away, "idle timeout", now);
-        }
-        self.flush_at = None;
-        for key in std::mem::take(&mut self.turn.dirty) {
-            self.flush(key);
-        }
-        self.remove_dead();
-    }
-
-    // ---- shutdown ------------------------------------------------------------------------
-
-    /// Stops accepting and says goodbye (1001) to every open connection.
-    fn begin_shutdown(&mut self, now: Instant) {
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
-        }
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        let mut open = 0;
-        for key in keys {
-            match self.conns[key].phase {
-                Phase::Open(_) => {
-                    open += 1;
-                    self.close(key, CloseCode::Away, "server shutting down", now);
-                }
-                Phase::Request(_) | Phase::Publishing => self.kill(key),
-                Phase::Closing => {}
-            }
-        }
-        self.flush_at = None;
-        for key in std::mem::take(&mut self.turn.dirty) {
-            self.flush(key);
-        }
-        self.remove_dead();
-        info!("loop {}: shutting down, closing {open} connections", self.id);
-        self.shutdown_deadline = Some(now + self.shared.config.shutdown_timeout);
     }
 }
