@@ -427,3 +427,16 @@ impl Drop for Resume {
         unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
     }
 }
+
+#[test]
+fn http_publish_bodies_larger_than_a_request_head() {
+    let key = "backend-key-0123456789";
+    let node = Node::start(&["--api-key", key]);
+    let mut v1 = V1::connect(node.addr, None).unwrap();
+    v1.subscribe("big", None).unwrap();
+    // 20 KB: past the 8 KiB head limit, so the body is read on after the head.
+    let body = "b".repeat(20_000);
+    let (status, reply) = post(&node, "?channel=big", Some(key), "text/plain", body.as_bytes());
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(v1.message(WAIT).unwrap()["data"].as_str().map(str::len), Some(20_000));
+}

@@ -72,10 +72,14 @@ impl EventLoop {
         };
         loop {
             let start = head.len();
-            // Past the head limit only a complete head with a body may be read further.
-            let limit = match http::parse(&head[..start.min(http::MAX_HEAD + 1)]) {
-                Parse::Complete(h, len) if start > http::MAX_HEAD => len + h.content_length,
-                _ => http::MAX_HEAD + 1,
+            // Past the head limit only a complete head with a body may be read further (the
+            // head is parsed again only then; below it, the parse after each read decides).
+            let limit = if start <= http::MAX_HEAD {
+                http::MAX_HEAD + 1
+            } else if let Parse::Complete(h, len) = http::parse(head) {
+                len + h.content_length
+            } else {
+                http::MAX_HEAD + 1
             };
             // Read into the loop's shared buffer and keep only what arrived: a request head
             // costs its own size, not a fixed buffer per handshaking connection.
