@@ -51,10 +51,11 @@ fn init_logging(level: log::LevelFilter) {
         .set_target_level(log::LevelFilter::Off)
         .set_thread_level(log::LevelFilter::Off)
         .build();
-    let _ = simplelog::TermLogger::init(
-        level,
-        config,
-        simplelog::TerminalMode::Stderr,
-        simplelog::ColorChoice::Auto,
-    );
+    // Colours only on a terminal: log files and journald get plain text.
+    let color = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        simplelog::ColorChoice::Auto
+    } else {
+        simplelog::ColorChoice::Never
+    };
+    let _ = simplelog::TermLogger::init(level, config, simplelog::TerminalMode::Stderr, color);
 }
