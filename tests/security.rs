@@ -438,5 +438,8 @@ fn http_publish_bodies_larger_than_a_request_head() {
     let body = "b".repeat(20_000);
     let (status, reply) = post(&node, "?channel=big", Some(key), "text/plain", body.as_bytes());
     assert_eq!(status, 200, "{reply}");
-    assert_eq!(v1.message(WAIT).unwrap()["data"].as_str().map(str::len), Some(20_000));
+    assert_eq!(
+        v1.message(WAIT).unwrap()["data"].as_str().map(str::len),
+        Some(20_000)
+    );
 }
