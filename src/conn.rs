@@ -265,6 +265,17 @@ impl Sub {
             epoch: None,
         }
     }
+
+    /// A subscription waiting for its channel to be live, then for its history read after
+    /// `offset` (the last message the client has) in `epoch`.
+    pub fn awaiting(channel: Channel, offset: u64, epoch: Option<Arc<str>>, pending: Pending) -> Self {
+        Sub {
+            channel,
+            state: SubState::AwaitingLive(pending),
+            offset,
+            epoch,
+        }
+    }
 }
 
 /// A connection's session: stored so that another connection can resume it.

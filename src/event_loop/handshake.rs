@@ -428,16 +428,9 @@ impl EventLoop {
         }
         match from {
             Some((offset, epoch)) => {
-                let mut sub = Sub::live(channel.clone());
-                sub.offset = offset;
-                sub.epoch = epoch;
-                sub.state = crate::conn::SubState::AwaitingLive(crate::conn::Pending {
-                    reference: None,
-                    recover: true,
-                    announce: false,
-                    again: false,
-                });
-                open.subs.push(sub);
+                let pending = crate::conn::Pending::quiet();
+                open.subs
+                    .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
             }
             None => open.subs.push(Sub::live(channel.clone())),
         }

@@ -30,6 +30,14 @@ enum ReadEnd {
     Failed(WsError),
 }
 
+/// Why a client may not publish right now.
+enum Denied {
+    /// Outside its token's grant.
+    Forbidden,
+    /// Over `--publish-rate`.
+    RateLimited,
+}
+
 /// Why a publish was not queued.
 pub(super) enum Refused {
     /// The publish queue is full.
@@ -123,16 +131,11 @@ impl EventLoop {
         match open.protocol {
             Protocol::Raw => {
                 let channel = open.subs[0].channel.clone();
-                let refusal = if !open.may_publish(&channel) {
-                    inc(&self.metrics().forbidden);
-                    Some("forbidden")
-                } else if !open.bucket.as_mut().is_none_or(|b| b.try_take(now)) {
-                    inc(&self.metrics().rate_limited);
-                    Some("rate limited")
-                } else {
-                    None
-                };
-                if let Some(reason) = refusal {
+                if let Err(denied) = self.may_publish_now(key, &channel, now) {
+                    let reason = match denied {
+                        Denied::Forbidden => "forbidden",
+                        Denied::RateLimited => "rate limited",
+                    };
                     self.close(key, CloseCode::Policy, reason, now);
                     return false;
                 }
@@ -244,17 +247,14 @@ impl EventLoop {
                 }
                 let recovering = recover.is_some();
                 let (offset, epoch) = recover.map_or((0, None), |(o, e)| (o, Some(Arc::from(e))));
-                open.subs.push(Sub {
-                    channel: channel.clone(),
-                    state: SubState::AwaitingLive(Pending {
-                        reference,
-                        recover: recovering,
-                        announce: true,
-                        again: false,
-                    }),
-                    offset,
-                    epoch,
-                });
+                let pending = Pending {
+                    reference,
+                    recover: recovering,
+                    announce: true,
+                    again: false,
+                };
+                open.subs
+                    .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
                 if recovering {
                     inc(&self.metrics().recoveries);
                 }
@@ -282,23 +282,14 @@ impl EventLoop {
                     Ok(c) => c,
                     Err(refusal) => return self.send_error(key, r, &refusal),
                 };
-                let Some(open) = self.conns[key].open_mut() else {
-                    return;
-                };
-                // The grant first, so refused publishes do not use up the rate.
-                let refusal = if !open.may_publish(&channel) {
-                    inc(&self.shared.metrics.loops[self.id].forbidden);
-                    Some(Refusal::new(
-                        "forbidden",
-                        format!("the token does not grant publishing to {channel:?}"),
-                    ))
-                } else if !open.bucket.as_mut().is_none_or(|b| b.try_take(now)) {
-                    inc(&self.shared.metrics.loops[self.id].rate_limited);
-                    Some(Refusal::new("rate_limited", "over --publish-rate; slow down"))
-                } else {
-                    None
-                };
-                if let Some(refusal) = refusal {
+                if let Err(denied) = self.may_publish_now(key, &channel, now) {
+                    let refusal = match denied {
+                        Denied::Forbidden => Refusal::new(
+                            "forbidden",
+                            format!("the token does not grant publishing to {channel:?}"),
+                        ),
+                        Denied::RateLimited => Refusal::new("rate_limited", "over --publish-rate; slow down"),
+                    };
                     return self.send_error(key, r, &refusal);
                 }
                 let Some(to) = self.reply_to(key) else { return };
@@ -312,6 +303,24 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// Whether connection `key` may publish on `channel` now: its token's grant first (so a
+    /// refused publish does not use up the rate), then its rate. Refusals are counted here.
+    fn may_publish_now(&mut self, key: usize, channel: &str, now: Instant) -> Result<(), Denied> {
+        let m = &self.shared.metrics.loops[self.id];
+        let Some(open) = self.conns[key].open_mut() else {
+            return Err(Denied::Forbidden);
+        };
+        if !open.may_publish(channel) {
+            inc(&m.forbidden);
+            return Err(Denied::Forbidden);
+        }
+        if !open.bucket.as_mut().is_none_or(|b| b.try_take(now)) {
+            inc(&m.rate_limited);
+            return Err(Denied::RateLimited);
+        }
+        Ok(())
     }
 
     /// Validates a channel name from a command.

@@ -384,16 +384,16 @@ impl EventLoop {
                     if open.subs.len() >= self.shared.config.max_channels_per_conn {
                         break;
                     }
-                    let mut sub = crate::conn::Sub::live(channel.clone());
-                    sub.offset = offset;
-                    sub.epoch = epoch;
-                    sub.state = SubState::AwaitingLive(Pending {
-                        reference: None,
-                        recover: true,
+                    let pending = Pending {
                         announce: true,
-                        again: false,
-                    });
-                    open.subs.push(sub);
+                        ..Pending::quiet()
+                    };
+                    open.subs.push(crate::conn::Sub::awaiting(
+                        channel.clone(),
+                        offset,
+                        epoch,
+                        pending,
+                    ));
                     inc(&self.metrics().recoveries);
                     self.join(key, &channel, now);
                 }
