@@ -59,7 +59,13 @@ pub struct Cli {
     /// Time allowed for a close handshake [default: 5s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub close_timeout: Option<Duration>,
-    /// Upper bound on graceful shutdown [default: 5s]
+    /// After SIGTERM: time to keep serving while /healthz says "draining", so the load balancer stops sending new clients [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_delay: Option<Duration>,
+    /// After the drain delay: clients are closed (1001) at an even rate over this period [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_period: Option<Duration>,
+    /// Time allowed for the last close handshakes and session writes after the drain period [default: 5s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
     /// Capacity of each loop's delivery inbox, messages [default: 65536]
@@ -151,6 +157,8 @@ impl Cli {
             ping_interval,
             idle_timeout,
             close_timeout,
+            drain_delay,
+            drain_period,
             shutdown_timeout,
             loop_queue,
             publish_queue,

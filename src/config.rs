@@ -58,7 +58,21 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long a closing connection may take to finish the close handshake. Default 5 s.
     pub close_timeout: Duration,
-    /// Upper bound on a graceful shutdown (close 1001 to everyone, flush). Default 5 s.
+    /// After SIGTERM: how long the node keeps serving while it reports itself unhealthy
+    /// (`/healthz` 503 "draining", new WebSockets refused with 503) before it closes its
+    /// listener and starts closing clients. It is the time a load balancer needs to see the
+    /// failing health check and stop sending new clients: a client closed earlier could be sent
+    /// straight back to this node. Default 5 s: HAProxy as configured in `deploy/haproxy.cfg`
+    /// (check every 1 s, down after 2 failures) needs 2-3 s. 0 skips it.
+    pub drain_delay: Duration,
+    /// After the drain delay: clients are closed (1001, their sessions stored first) at an
+    /// even rate over this period instead of all at once, so the nodes that take them over see
+    /// a steady stream of reconnects, not a storm. Default 10 s: 100,000 clients arrive
+    /// elsewhere at 10,000 a second. 0 closes everyone at once.
+    pub drain_period: Duration,
+    /// After the last client was asked to close: the time allowed for close handshakes and
+    /// for the last session writes to reach Redis. The process exits at most
+    /// `drain_delay + drain_period + shutdown_timeout` after SIGTERM. Default 5 s.
     pub shutdown_timeout: Duration,
     /// Capacity, in messages, of each loop's inbox (deliveries from the broker). When a loop
     /// falls this far behind, further deliveries to it are dropped and counted. Default 65,536.
@@ -151,6 +165,8 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             close_timeout: Duration::from_secs(5),
+            drain_delay: Duration::from_secs(5),
+            drain_period: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(5),
             loop_queue: 65_536,
             publish_queue: 65_536,

@@ -26,10 +26,12 @@ pub enum HandshakeFailure {
     Unauthorized,
     /// Over `--max-connections-per-ip`.
     PerIpLimit,
+    /// A WebSocket asked for while the node drains (after SIGTERM).
+    Draining,
 }
 
 impl HandshakeFailure {
-    const ALL: [HandshakeFailure; 8] = [
+    const ALL: [HandshakeFailure; 9] = [
         HandshakeFailure::BadRequest,
         HandshakeFailure::TooLarge,
         HandshakeFailure::Timeout,
@@ -38,6 +40,7 @@ impl HandshakeFailure {
         HandshakeFailure::Origin,
         HandshakeFailure::Unauthorized,
         HandshakeFailure::PerIpLimit,
+        HandshakeFailure::Draining,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -49,6 +52,7 @@ impl HandshakeFailure {
             HandshakeFailure::Origin => "origin",
             HandshakeFailure::Unauthorized => "unauthorized",
             HandshakeFailure::PerIpLimit => "per_ip_limit",
+            HandshakeFailure::Draining => "draining",
         }
     }
 }
@@ -95,7 +99,7 @@ pub struct LoopMetrics {
     pub forbidden: AtomicU64,
     /// Publishes over `--publish-rate`.
     pub rate_limited: AtomicU64,
-    handshake_failures: [AtomicU64; 8],
+    handshake_failures: [AtomicU64; HandshakeFailure::ALL.len()],
 }
 
 impl LoopMetrics {

@@ -146,6 +146,17 @@ impl EventLoop {
             self.respond(key, response, now);
             return;
         };
+        if self.draining() {
+            // A balancer that retries on 503 (deploy/haproxy.cfg, deploy/nginx.conf) sends the
+            // client to another node; a client connecting directly retries on its own.
+            return self.refuse(
+                key,
+                HandshakeFailure::Draining,
+                Status::Unavailable,
+                "draining: this node is shutting down\n",
+                now,
+            );
+        }
         let cfg = &self.shared.config;
         if !self.shared.origin.allows(head.origin.as_deref()) {
             debug!("{}: origin {:?} not allowed", self.conns[key].peer, head.origin);
@@ -447,7 +458,9 @@ impl EventLoop {
             ("GET" | "HEAD", "/healthz") => {
                 // Three missed probes make a subscriber stale (see broker/redis/subscriber.rs).
                 let stale = crate::broker::redis::PROBE_EVERY * 3;
-                if self.shared.metrics.broker.subscriber_healthy(stale) {
+                if self.draining() {
+                    http::response(Status::Unavailable, TEXT, b"draining\n")
+                } else if self.shared.metrics.broker.subscriber_healthy(stale) {
                     http::response(Status::Ok, TEXT, b"ok\n")
                 } else {
                     http::response(Status::Unavailable, TEXT, b"redis subscriber down or stale\n")

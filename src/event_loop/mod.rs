@@ -17,7 +17,7 @@
 //! The rest of the loop lives next to this file, in the order of a connection's life:
 //! `handshake.rs` (HTTP request → WebSocket or HTTP answer), `messages.rs` (what clients send),
 //! `subscriptions.rs` (joining channels, recovery, sessions and broker replies), `close.rs`
-//! (closing, removal, timers and shutdown).
+//! (closing, removal and timers), `drain.rs` (the graceful shutdown).
 
 use std::collections::VecDeque;
 use std::io;
@@ -42,6 +42,7 @@ use crate::metrics::{HandshakeFailure, LoopMetrics, add, inc};
 use crate::server::Shared;
 
 mod close;
+mod drain;
 mod handshake;
 mod messages;
 mod subscriptions;
@@ -93,8 +94,8 @@ pub struct EventLoop {
     ahead: ReadAhead,
     next_sweep: Instant,
     sweep_every: Duration,
-    /// Set when shutting down: the time by which the loop exits regardless.
-    shutdown_deadline: Option<Instant>,
+    /// Set when shutting down: which step of the shutdown the loop is in.
+    stopping: Option<drain::Stopping>,
     log_limit: RateLimit,
 }
 
@@ -145,7 +146,7 @@ impl EventLoop {
             ahead: ReadAhead::new(READ_AHEAD),
             next_sweep: Instant::now() + sweep_every,
             sweep_every,
-            shutdown_deadline: None,
+            stopping: None,
             log_limit: RateLimit::default(),
         })
     }
@@ -187,6 +188,7 @@ impl EventLoop {
                     }
                 }
             }
+            self.step_stopping(now);
             self.end_turn(now);
             if now >= self.next_sweep {
                 self.sweep(now);
@@ -196,14 +198,9 @@ impl EventLoop {
                 self.accept_paused_until = None;
                 self.accept(now);
             }
-            if self.shutdown_deadline.is_none() && self.shared.shutdown.load(Ordering::Acquire) {
-                self.begin_shutdown(now);
-            }
-            if let Some(deadline) = self.shutdown_deadline {
-                if self.conns.is_empty() || now >= deadline {
-                    debug!("loop {} done, {} connections left", self.id, self.conns.len());
-                    return Ok(());
-                }
+            if self.stopped(now) {
+                debug!("loop {} done, {} connections left", self.id, self.conns.len());
+                return Ok(());
             }
         }
     }
@@ -243,7 +240,11 @@ impl EventLoop {
         }
         let now = Instant::now();
         let mut until = self.next_sweep;
-        for t in [self.accept_paused_until, self.flush_at].into_iter().flatten() {
+        let stopping = self.stopping.as_ref().map(drain::Stopping::next_step);
+        for t in [self.accept_paused_until, self.flush_at, stopping]
+            .into_iter()
+            .flatten()
+        {
             until = until.min(t);
         }
         let mut timeout = until.saturating_duration_since(now);
@@ -399,6 +400,7 @@ impl EventLoop {
                 ToLoop::Live { channel, generation } => self.channel_live(&channel, generation),
                 ToLoop::Lost { channel } => self.channel_lost(&channel),
                 ToLoop::Reply { conn, reply } => self.on_reply(conn, reply, now),
+                ToLoop::Barrier { conn } => self.on_barrier(conn, now),
             }
         }
     }
