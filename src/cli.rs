@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::config::Config;
+use crate::forwarded::Cidr;
 
 /// wsrelay: a WebSocket pub/sub fan-out server. Without --redis one process is a complete server
 /// (in-process broker); with --redis, any number of nodes share channels through Redis.
@@ -17,6 +18,12 @@ pub struct Cli {
     /// Address to listen on (every loop binds it with SO_REUSEPORT) [default: 127.0.0.1:9000]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Also listen here, requiring a PROXY protocol header (v1 or v2) on every connection: the client's address comes from it [default: none]
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_listen: Option<SocketAddr>,
+    /// Peer whose X-Forwarded-For names the client (e.g. 10.0.0.0/8, 192.0.2.7); repeatable [default: none, the header is ignored]
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    pub trusted_proxies: Vec<Cidr>,
     /// Event-loop threads [default: number of cores]
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -181,6 +188,8 @@ impl Cli {
             log_level,
         );
         c.allowed_origins = self.allowed_origins;
+        c.proxy_listen = self.proxy_listen.or(c.proxy_listen);
+        c.trusted_proxies = self.trusted_proxies;
         // Secrets may come from the environment so they do not show in `ps`.
         c.token_secret = self.token_secret.or_else(|| {
             std::env::var("WSRELAY_TOKEN_SECRET")

@@ -6,12 +6,24 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::forwarded::Cidr;
+
 /// Everything a running wsrelay process needs to know.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Address every loop's listener binds (SO_REUSEPORT). Port 0 picks a free port once and
     /// every loop then binds that same port. Default `127.0.0.1:9000`.
     pub listen: SocketAddr,
+    /// A second address every loop also listens on, where each connection must start with a
+    /// PROXY protocol header (v1 or v2) from a load balancer (HAProxy `send-proxy-v2`, nginx
+    /// `proxy_protocol on`): the client's address is taken from it. A connection without a
+    /// valid header is closed. `None` (default): no such listener. The `listen` address never
+    /// reads PROXY headers, so clients that reach it directly cannot claim another address.
+    pub proxy_listen: Option<SocketAddr>,
+    /// Peers whose `X-Forwarded-For` header names the client (the rightmost address in it that
+    /// is not itself a trusted proxy). Empty (default): the header is ignored. Anyone not in
+    /// the list can write the header, so list only your own proxies.
+    pub trusted_proxies: Vec<Cidr>,
     /// Number of event-loop threads, each with its own listener, poll and connections.
     /// Default: the number of cores. More loops than cores only adds context switches.
     pub threads: usize,
@@ -151,6 +163,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:9000".parse().expect("literal address"),
+            proxy_listen: None,
+            trusted_proxies: Vec::new(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             redis: None,
             redis_prefix: String::new(),
@@ -213,6 +227,14 @@ impl Config {
         ];
         if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));
+        }
+        if let Some(p) = self.proxy_listen {
+            if p.port() != 0 && p.port() == self.listen.port() {
+                return Err(
+                    "--proxy-listen needs a port of its own: on --listen's port the two listeners would share connections"
+                        .into(),
+                );
+            }
         }
         if self.threads > 1024 {
             return Err("--threads must be at most 1024".into());

@@ -32,6 +32,9 @@ pub struct Head {
     pub content_length: usize,
     /// `Content-Type`, if present.
     pub content_type: Option<String>,
+    /// Every `X-Forwarded-For` header, joined with `, ` in order (RFC 9110 §5.3); believed only
+    /// from a trusted proxy (`forwarded.rs`).
+    pub forwarded_for: Option<String>,
 }
 
 /// What a valid WebSocket upgrade request carries.
@@ -169,6 +172,14 @@ pub fn parse(buf: &[u8]) -> Parse {
     let origin = header("origin").map(str::to_owned);
     let authorization = header("authorization").map(str::to_owned);
     let content_type = header("content-type").map(str::to_owned);
+    let forwarded: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
+        .collect();
+    let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(", "));
 
     let wants_upgrade = header("upgrade").is_some_and(|u| has_token(u, "websocket"));
     let upgrade = if wants_upgrade {
@@ -207,6 +218,7 @@ pub fn parse(buf: &[u8]) -> Parse {
             authorization,
             content_length,
             content_type,
+            forwarded_for,
         }),
         len,
     )

@@ -28,10 +28,12 @@ pub enum HandshakeFailure {
     PerIpLimit,
     /// A WebSocket asked for while the node drains (after SIGTERM).
     Draining,
+    /// No valid PROXY protocol header on a `--proxy-listen` connection.
+    ProxyHeader,
 }
 
 impl HandshakeFailure {
-    const ALL: [HandshakeFailure; 9] = [
+    const ALL: [HandshakeFailure; 10] = [
         HandshakeFailure::BadRequest,
         HandshakeFailure::TooLarge,
         HandshakeFailure::Timeout,
@@ -41,6 +43,7 @@ impl HandshakeFailure {
         HandshakeFailure::Unauthorized,
         HandshakeFailure::PerIpLimit,
         HandshakeFailure::Draining,
+        HandshakeFailure::ProxyHeader,
     ];
     fn label(self) -> &'static str {
         match self {
@@ -53,6 +56,7 @@ impl HandshakeFailure {
             HandshakeFailure::Unauthorized => "unauthorized",
             HandshakeFailure::PerIpLimit => "per_ip_limit",
             HandshakeFailure::Draining => "draining",
+            HandshakeFailure::ProxyHeader => "proxy_header",
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::auth::Verifier;
 use crate::bridge::{self, LoopHandle};
 use crate::config::Config;
 use crate::event_loop::{EventLoop, WAKER};
+use crate::forwarded::TrustedProxies;
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
 use crate::ratelimit::PerIpLimit;
@@ -35,6 +36,8 @@ pub struct Shared {
     pub origin: OriginPolicy,
     /// Token verifier, when `--token-secret` is set.
     pub verifier: Option<Verifier>,
+    /// Proxies whose `X-Forwarded-For` is believed (`--trusted-proxy`).
+    pub trusted: TrustedProxies,
     /// Connections per client address, when `--max-connections-per-ip` is set. A lock is
     /// fine here: it is taken once per accept and once per close, never per message, and it
     /// must be shared because SO_REUSEPORT spreads one address's connections over all loops.
@@ -45,6 +48,7 @@ pub struct Shared {
 pub struct Server {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    proxy_addr: Option<SocketAddr>,
     loops: Vec<LoopHandle>,
     loop_threads: Vec<JoinHandle<()>>,
     broker_threads: Vec<JoinHandle<()>>,
@@ -129,6 +133,14 @@ impl Server {
             listener::raise_fd_limit().map_err(|e| format!("cannot read the open-file limit: {e}"))?;
         let (listeners, addr) = listener::bind_all(config.listen, config.threads)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let (mut proxy_listeners, proxy_addr) = match config.proxy_listen {
+            Some(a) => {
+                let (ls, bound) = listener::bind_all(a, config.threads)
+                    .map_err(|e| format!("cannot listen on {a} (--proxy-listen): {e}"))?;
+                (ls.into_iter().map(Some).collect(), Some(bound))
+            }
+            None => ((0..config.threads).map(|_| None).collect::<Vec<_>>(), None),
+        };
         let metrics = Arc::new(Metrics::new(config.threads));
 
         let mut polls = Vec::new();
@@ -155,7 +167,9 @@ impl Server {
         };
         let per_ip = (config.max_connections_per_ip > 0)
             .then(|| Mutex::new(PerIpLimit::new(config.max_connections_per_ip)));
+        let trusted = TrustedProxies::new(config.trusted_proxies.clone());
         let shared = Arc::new(Shared {
+            trusted,
             config,
             metrics,
             stop: OnceLock::new(),
@@ -167,7 +181,8 @@ impl Server {
 
         let mut loop_threads = Vec::new();
         for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
-            let ev = EventLoop::new(id, poll, listener, inbox, broker.handle.clone(), shared.clone())
+            let listeners = [Some(listener), proxy_listeners[id].take()];
+            let ev = EventLoop::new(id, poll, listeners, inbox, broker.handle.clone(), shared.clone())
                 .map_err(|e| format!("cannot start loop {id}: {e}"))?;
             let t = std::thread::Builder::new()
                 .name(format!("wsrelay-loop-{id}"))
@@ -181,9 +196,13 @@ impl Server {
             "listening on {addr} ({} loops, {backplane}, open-file limit {fd_limit})",
             shared.config.threads
         );
+        if let Some(p) = proxy_addr {
+            info!("proxy protocol listener on {p} (a PROXY v1 or v2 header is required)");
+        }
         Ok(Server {
             shared,
             addr,
+            proxy_addr,
             loops,
             loop_threads,
             broker_threads: broker.threads,
@@ -193,6 +212,11 @@ impl Server {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The `--proxy-listen` address actually bound, if any.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy_addr
     }
 
     /// Process-wide state, e.g. for reading metrics.

@@ -77,9 +77,14 @@ fn check(input: &[u8], result: &Parse) {
             assert!(head.path.starts_with('/'), "path {:?}", head.path);
             assert!(!head.method.is_empty());
             framing(&input[..len], head.content_length);
-            for v in [&head.origin, &head.authorization, &head.content_type]
-                .into_iter()
-                .flatten()
+            for v in [
+                &head.origin,
+                &head.authorization,
+                &head.content_type,
+                &head.forwarded_for,
+            ]
+            .into_iter()
+            .flatten()
             {
                 assert!(!v.contains(['\r', '\n']), "header value with CR/LF: {v:?}");
             }

@@ -178,11 +178,13 @@ impl EventLoop {
         }
     }
 
-    /// Stops accepting: the balancer sees refused connections from now on (and the kernel
+    /// Stops accepting (both listeners): the balancer sees refused connections from now on (and the kernel
     /// hands new connections to other processes sharing the port, if any).
     fn close_listener(&mut self) {
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
+        for l in &mut self.listeners {
+            if let Some(mut l) = l.take() {
+                let _ = self.poll.registry().deregister(&mut l);
+            }
         }
     }
 
