@@ -18,21 +18,6 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// The `--proxy-listen` address of a node, from its log.
-fn proxy_addr(node: &Node) -> SocketAddr {
-    let line = node.wait_log("proxy protocol listener on ");
-    let rest = line.split("proxy protocol listener on ").nth(1).unwrap();
-    rest.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-/// Connects to `to` from `from_ip` (any loopback address works on Linux).
-fn connect_from(from_ip: &str, to: SocketAddr) -> TcpStream {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&addr(&format!("{from_ip}:0")).into()).unwrap();
-    s.connect(&to.into()).unwrap();
-    s.into()
-}
-
 /// Sends `preface` and a WebSocket upgrade of `path` with `extra` header lines; returns the
 /// status and the stream, still open (a 101 keeps the connection counted).
 fn upgrade(mut s: TcpStream, preface: &[u8], path: &str, extra: &str) -> (u16, TcpStream) {
@@ -72,7 +57,7 @@ fn read_until_closed(s: &mut TcpStream, timeout: Duration) -> Vec<u8> {
 
 /// A raw client on `path` through the PROXY listener, claiming to be `client`.
 fn proxied_client(node: &Node, client: &str, path: &str) -> Client {
-    let paddr = proxy_addr(node);
+    let paddr = node.proxy_addr();
     let mut s = TcpStream::connect(paddr).unwrap();
     s.write_all(&proxy::v2(addr(client), paddr)).unwrap();
     Client::handshake(s, paddr, path, None).expect("handshake through the PROXY listener")
@@ -88,7 +73,7 @@ fn proxy_protocol_names_the_client_for_the_per_ip_limit_and_logs() {
         "--log-level",
         "debug",
     ]);
-    let paddr = proxy_addr(&node);
+    let paddr = node.proxy_addr();
     let v1 = |client: &str| proxy::v1(addr(client), paddr);
     let v2 = |client: &str| proxy::v2(addr(client), paddr);
     let to_proxy = || TcpStream::connect(paddr).unwrap();
@@ -150,7 +135,7 @@ fn missing_or_broken_proxy_headers_close_the_connection_without_harm() {
         "--threads",
         "1",
     ]);
-    let paddr = proxy_addr(&node);
+    let paddr = node.proxy_addr();
     // A well-behaved client on the same (only) loop, before, during and after.
     let mut good = proxied_client(&node, "192.0.2.1:1", "/good");
     good.sync("ready", WAIT).unwrap();

@@ -23,6 +23,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Connects to `to` from the loopback address `from_ip` (any 127.x.y.z works on Linux), to
+/// play several clients with different addresses.
+pub fn connect_from(from_ip: &str, to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: SocketAddr = format!("{from_ip}:0").parse().unwrap();
+    s.bind(&from.into()).unwrap();
+    s.connect(&to.into())
+        .unwrap_or_else(|e| panic!("connect {to} from {from_ip}: {e}"));
+    s.into()
+}
+
 /// Polls `f` every few milliseconds until it returns `Some`, or panics after `timeout`.
 #[track_caller]
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -154,6 +165,18 @@ impl Node {
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The `--proxy-listen` address, from the node's log.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        let marker = "proxy protocol listener on ";
+        let line = self.wait_log(marker);
+        let rest = line.split(marker).nth(1).unwrap_or_default();
+        rest.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .unwrap()
     }
 
     /// Log lines so far.
