@@ -26,7 +26,7 @@ export WSRELAY_REQUIRE_DEPLOY=1
 
 echo "machine: $(nproc) cores, $(uname -sr), open-file limit $(ulimit -n)"
 echo "command: $0 $WSRELAY_ROLLING_CLIENTS $WSRELAY_ROLLING_RATE $WSRELAY_ROLLING_DRAIN_DELAY $WSRELAY_ROLLING_DRAIN_PERIOD"
-cargo build --release --quiet --tests
+cargo test --release --quiet --test rolling --no-run
 # One scenario at a time, so that neither measures the other's load; node and HAProxy logs
 # (lines starting with "[") are left out.
 cargo test --release --quiet --test rolling -- --nocapture --test-threads 1 \

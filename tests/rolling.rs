@@ -180,14 +180,20 @@ fn sampler(nodes: Vec<SocketAddr>, stop: Arc<AtomicBool>) -> JoinHandle<Vec<u64>
         let mut per_second: Vec<HashMap<u64, u64>> = vec![HashMap::new(); nodes.len()];
         while !stop.load(Ordering::Acquire) {
             for (i, addr) in nodes.iter().enumerate() {
-                let Some(body) = metrics_of(*addr) else {
+                let body = match metrics_of(*addr) {
+                    Ok(body) => body,
                     // Down or restarting: the next process counts from zero.
-                    last[i] = Some(0);
-                    continue;
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        last[i] = Some(0);
+                        continue;
+                    }
+                    // Too busy to answer in time: the next sample covers this one.
+                    Err(_) => continue,
                 };
                 let ws = metric_value(&body, "wsrelay_accepted_total")
                     .saturating_sub(metric_value(&body, "wsrelay_http_requests_total"));
                 let before = last[i].unwrap_or(ws);
+                // A smaller count is a new process (a restart between two samples).
                 let delta = if ws >= before { ws - before } else { ws };
                 last[i] = Some(ws);
                 *per_second[i].entry(start.elapsed().as_secs()).or_default() += delta;
@@ -202,15 +208,17 @@ fn sampler(nodes: Vec<SocketAddr>, stop: Arc<AtomicBool>) -> JoinHandle<Vec<u64>
     })
 }
 
-fn metrics_of(addr: SocketAddr) -> Option<String> {
+fn metrics_of(addr: SocketAddr) -> std::io::Result<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
     let mut resp = Vec::new();
-    s.read_to_end(&mut resp).ok()?;
-    let (status, body) = parse_response(&resp);
-    (status == 200).then_some(body)
+    s.read_to_end(&mut resp)?;
+    match parse_response(&resp) {
+        (200, body) => Ok(body),
+        (status, _) => Err(std::io::Error::other(format!("/metrics: {status}"))),
+    }
 }
 
 /// Waits until every stored session has its channels' positions (offset and epoch): what a
@@ -282,6 +290,7 @@ fn run(scenario: Scenario) {
         .map(|n| n.metric("wsrelay_websockets"))
         .collect();
     let stop_publishing = Arc::new(AtomicBool::new(false));
+    let publishing_since = Instant::now();
     let publishing = publisher(
         cluster.haproxy.addr,
         channels.clone(),
@@ -335,6 +344,7 @@ fn run(scenario: Scenario) {
     // every channel marks the end.
     stop_publishing.store(true, Ordering::Release);
     let published = publishing.join().unwrap();
+    let publish_rate = published.acked.len() as f64 / publishing_since.elapsed().as_secs_f64();
     let mut last = V1::connect(cluster.haproxy.addr, None).unwrap();
     let mut targets = HashMap::new();
     for c in &channels {
@@ -401,7 +411,7 @@ fn run(scenario: Scenario) {
     println!(
         "== {scenario:?}: {} clients through HAProxy, 3 nodes (debug={}), drain delay {} / period {}\n\
          clients per node before: {spread:?}\n\
-         published: {} acknowledged, {} unknown (connection lost before the ack), publisher reconnects {}\n\
+         published: {} acknowledged ({publish_rate:.0}/s of {}/s asked), {} unknown (connection lost before the ack), publisher reconnects {}\n\
          restart steps (node exited or clients back, then node UP and every client back): {:?}\n\
          whole restart: {} s\n\
          clients moved: {moved} ({} reconnects; closes 1001: {closes_1001}, connections dropped: {dropped})\n\
@@ -415,6 +425,7 @@ fn run(scenario: Scenario) {
         scale.drain_delay,
         scale.drain_period,
         published.acked.len(),
+        scale.rate,
         published.unknown,
         published.reconnects,
         steps
