@@ -193,8 +193,13 @@ fn sampler(nodes: Vec<SocketAddr>, stop: Arc<AtomicBool>) -> JoinHandle<Vec<u64>
                 let ws = metric_value(&body, "wsrelay_accepted_total")
                     .saturating_sub(metric_value(&body, "wsrelay_http_requests_total"));
                 let before = last[i].unwrap_or(ws);
-                // A smaller count is a new process (a restart between two samples).
-                let delta = if ws >= before { ws - before } else { ws };
+                // The difference wobbles by a request or two (a health check accepted, not yet
+                // answered); a much smaller count is a new process started between two samples.
+                let delta = if ws + 16 < before {
+                    ws
+                } else {
+                    ws.saturating_sub(before)
+                };
                 last[i] = Some(ws);
                 *per_second[i].entry(start.elapsed().as_secs()).or_default() += delta;
             }
