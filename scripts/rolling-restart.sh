@@ -11,7 +11,7 @@
 #
 #   scripts/rolling-restart.sh [CLIENTS] [RATE] [DRAIN_DELAY] [DRAIN_PERIOD]
 #
-# Defaults: 5000 clients, 100 messages a second, the shipped drain flags (5s, 10s). Needs
+# Defaults: 5000 clients, 50 messages a second, the shipped drain flags (5s, 10s). Needs
 # haproxy (apt-get install haproxy) and redis-server. About 4,000 clients fit per 10,000 open
 # files of the HAProxy process (two descriptors per client) and of this one.
 set -euo pipefail
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 PATH=$PATH:/usr/sbin:/sbin
 
 export WSRELAY_ROLLING_CLIENTS=${1:-5000}
-export WSRELAY_ROLLING_RATE=${2:-100}
+export WSRELAY_ROLLING_RATE=${2:-50}
 export WSRELAY_ROLLING_DRAIN_DELAY=${3:-5s}
 export WSRELAY_ROLLING_DRAIN_PERIOD=${4:-10s}
 export WSRELAY_REQUIRE_DEPLOY=1
