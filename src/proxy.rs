@@ -59,16 +59,18 @@ pub fn parse(buf: &[u8]) -> Header {
 
 fn parse_v1(buf: &[u8]) -> Header {
     let window = &buf[..buf.len().min(V1_MAX)];
-    let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
+    // The first LF decides, so that the verdict does not depend on how the bytes were split.
+    let Some(lf) = window.iter().position(|&b| b == b'\n') else {
         return if buf.len() >= V1_MAX {
             Header::Invalid("PROXY v1 header longer than 107 bytes")
-        } else if window.contains(&b'\n') {
-            Header::Invalid("PROXY v1 header not ended by CRLF")
         } else {
             Header::Partial
         };
     };
-    let len = end + 2;
+    if lf == 0 || window[lf - 1] != b'\r' {
+        return Header::Invalid("PROXY v1 header not ended by CRLF");
+    }
+    let (end, len) = (lf - 1, lf + 1);
     let Ok(line) = std::str::from_utf8(&buf[6..end]) else {
         return Header::Invalid("PROXY v1 header is not ASCII");
     };
@@ -255,6 +257,7 @@ mod tests {
             b"PROXY TCP4  192.0.2.1 198.51.100.2 1 2\r\n",
             b"PROXY UDP4 192.0.2.1 198.51.100.2 1 2\r\n",
             b"PROXY TCP4 192.0.2.1 198.51.100.2 1 2\n",
+            b"PROXY UNKNOWN a\nb\r\n",
             b"PROXY \xff\xfe\r\n",
             b"proxy TCP4 192.0.2.1 198.51.100.2 1 2\r\n",
         ] {
