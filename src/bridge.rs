@@ -150,6 +150,44 @@ pub enum Request {
     },
 }
 
+/// Why a publish was not stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublishError {
+    /// The broker could not be reached: the message went to this node's clients only.
+    Unreachable,
+    /// Sent but not answered (a stalled Redis): it may still be stored and delivered.
+    Unknown(String),
+    /// The broker answered with an error (Redis out of memory, read-only, a key of the wrong
+    /// type): nothing was stored and nothing delivered.
+    Refused(String),
+}
+
+impl PublishError {
+    /// The `wsrelay.v1` error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PublishError::Unreachable | PublishError::Unknown(_) => "unavailable",
+            PublishError::Refused(_) => "refused",
+        }
+    }
+
+    /// What the client is told.
+    pub fn message(&self) -> String {
+        match self {
+            PublishError::Unreachable => "redis unreachable: delivered to this node's clients only".into(),
+            PublishError::Unknown(e) => {
+                format!("redis did not answer ({e}); the message may or may not be delivered")
+            }
+            PublishError::Refused(e) => format!("redis refused the write: {e}"),
+        }
+    }
+
+    /// True when the broker refused for lack of memory (HTTP 507 rather than 503).
+    pub fn out_of_memory(&self) -> bool {
+        matches!(self, PublishError::Refused(e) if e.starts_with("OOM"))
+    }
+}
+
 /// An answer to a [`Request`] or an acknowledged [`Publish`].
 #[derive(Debug)]
 pub enum Reply {
@@ -169,7 +207,7 @@ pub enum Reply {
         /// The command's `ref`.
         reference: Option<Box<str>>,
         /// The message's position (when the channel keeps history), or why it failed.
-        result: Result<Option<Position>, String>,
+        result: Result<Option<Position>, PublishError>,
     },
 }
 

@@ -83,6 +83,8 @@ pub enum Status {
     Unavailable,
     /// 504: the broker did not answer in time.
     GatewayTimeout,
+    /// 507: the broker is out of memory and refuses writes.
+    InsufficientStorage,
 }
 
 impl Status {
@@ -102,6 +104,7 @@ impl Status {
             Status::HeadersTooLarge => (431, "Request Header Fields Too Large"),
             Status::Unavailable => (503, "Service Unavailable"),
             Status::GatewayTimeout => (504, "Gateway Timeout"),
+            Status::InsufficientStorage => (507, "Insufficient Storage"),
         }
     }
 }

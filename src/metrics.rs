@@ -129,12 +129,40 @@ pub struct BrokerMetrics {
     pub deliveries_dropped: AtomicU64,
     /// In-process histories and sessions dropped early to stay under their caps.
     pub store_evictions: AtomicU64,
+    /// Publishes Redis answered with an error (out of memory, read-only, ...): not stored.
+    pub publish_refused: AtomicU64,
+    /// The last refusal that concerns every write (out of memory, read-only replica, failed
+    /// persistence), with when it happened; cleared by the next stored publish.
+    refusing: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl BrokerMetrics {
     /// Records an answered probe of the subscriber connection.
     pub fn probe_ok(&self) {
         self.last_probe_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// Records that Redis refused every write for `reason` (see [`BrokerMetrics::refusing`]).
+    pub fn refusing_writes(&self, reason: &str) {
+        let mut r = self.refusing.lock().unwrap_or_else(|p| p.into_inner());
+        *r = Some((std::time::Instant::now(), reason.to_owned()));
+    }
+
+    /// Records a stored publish: Redis takes writes.
+    pub fn writes_accepted(&self) {
+        let mut r = self.refusing.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_some() {
+            *r = None;
+        }
+    }
+
+    /// Why Redis refuses writes, if it refused one within `window` and took none since. The
+    /// window lets the state clear by itself when nothing is published after Redis recovers.
+    pub fn refusing(&self, window: std::time::Duration) -> Option<String> {
+        let r = self.refusing.lock().unwrap_or_else(|p| p.into_inner());
+        r.as_ref()
+            .filter(|(at, _)| at.elapsed() <= window)
+            .map(|(_, reason)| reason.clone())
     }
 
     /// Healthy: the subscriber is connected and, when probed, answered recently. `stale` is
@@ -250,7 +278,7 @@ impl Metrics {
             );
         }
         let b = &self.broker;
-        let broker: [(&str, &str, &str, u64); 7] = [
+        let broker: [(&str, &str, &str, u64); 8] = [
             (
                 "store_evictions_total",
                 "counter",
@@ -286,6 +314,12 @@ impl Metrics {
                 "counter",
                 "Publishes that could not reach Redis (delivered on this node only).",
                 b.publish_failed.load(Ordering::Relaxed),
+            ),
+            (
+                "publish_refused_total",
+                "counter",
+                "Publishes Redis answered with an error (out of memory, read-only): not stored.",
+                b.publish_refused.load(Ordering::Relaxed),
             ),
             (
                 "deliveries_dropped_total",

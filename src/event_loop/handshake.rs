@@ -13,7 +13,7 @@ use tungstenite::protocol::{Role, WebSocketContext};
 
 use super::{EventLoop, interrupted, would_block};
 use crate::auth::Identity;
-use crate::bridge::{Channel, Position, PublishAck};
+use crate::bridge::{Channel, Position, PublishAck, PublishError};
 use crate::conn::{Open, Phase, Protocol, SessionLink, Sub};
 use crate::envelope;
 use crate::frame::Kind;
@@ -25,6 +25,11 @@ use crate::ratelimit::TokenBucket;
 const CLIENT_JS: &str = include_str!("../../client/wsrelay.js");
 /// The demo chat page, served at `/`.
 const DEMO_HTML: &str = include_str!("../../client/demo.html");
+
+/// How long `/healthz` reports a Redis that refused every write (out of memory, read-only)
+/// when nothing was stored since: long enough for a balancer's health checks to see it, short
+/// enough that a recovered Redis with no publishes to prove it turns healthy by itself.
+const REFUSING_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Seconds since the Unix epoch, for token expiry.
 pub fn unix_now() -> u64 {
@@ -394,7 +399,7 @@ impl EventLoop {
         &mut self,
         key: usize,
         channel: &str,
-        result: Result<Option<Position>, String>,
+        result: Result<Option<Position>, PublishError>,
         now: Instant,
     ) {
         let response = match result {
@@ -404,8 +409,13 @@ impl EventLoop {
                 envelope::published(None, channel, position.as_ref()).as_bytes(),
             ),
             Err(e) => {
-                let body = envelope::error(None, "unavailable", &e);
-                http::response(Status::Unavailable, "application/json", body.as_bytes())
+                let body = envelope::error(None, e.code(), &e.message());
+                let status = if e.out_of_memory() {
+                    Status::InsufficientStorage
+                } else {
+                    Status::Unavailable
+                };
+                http::response(status, "application/json", body.as_bytes())
             }
         };
         self.respond(key, response, now);
@@ -447,10 +457,14 @@ impl EventLoop {
             ("GET" | "HEAD", "/healthz") => {
                 // Three missed probes make a subscriber stale (see broker/redis/subscriber.rs).
                 let stale = crate::broker::redis::PROBE_EVERY * 3;
-                if self.shared.metrics.broker.subscriber_healthy(stale) {
-                    http::response(Status::Ok, TEXT, b"ok\n")
-                } else {
+                let broker = &self.shared.metrics.broker;
+                if !broker.subscriber_healthy(stale) {
                     http::response(Status::Unavailable, TEXT, b"redis subscriber down or stale\n")
+                } else if let Some(reason) = broker.refusing(REFUSING_WINDOW) {
+                    let body = format!("redis refusing writes: {reason}\n");
+                    http::response(Status::Unavailable, TEXT, body.as_bytes())
+                } else {
+                    http::response(Status::Ok, TEXT, b"ok\n")
                 }
             }
             ("GET" | "HEAD", "/metrics") => http::response(

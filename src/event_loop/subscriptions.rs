@@ -187,7 +187,7 @@ impl EventLoop {
                     Ok(position) => {
                         self.send_json(id.key, &envelope::published(r, &channel, position.as_ref()))
                     }
-                    Err(e) => self.send_error(id.key, r, &Refusal::new("unavailable", e)),
+                    Err(e) => self.send_error(id.key, r, &Refusal::new(e.code(), e.message())),
                 }
             }
         }
