@@ -42,6 +42,8 @@ pub struct Delivery {
     pub raw_frame: Bytes,
     /// The `wsrelay.v1` message frame, encoded by the first loop that needs it.
     envelope: OnceLock<Bytes>,
+    /// The same without offset and epoch, for a position foreign to the channel's history.
+    plain_envelope: OnceLock<Bytes>,
 }
 
 impl Delivery {
@@ -55,6 +57,7 @@ impl Delivery {
             position,
             raw_frame,
             envelope: OnceLock::new(),
+            plain_envelope: OnceLock::new(),
         })
     }
 
@@ -62,6 +65,13 @@ impl Delivery {
     pub fn envelope_frame(&self) -> &Bytes {
         self.envelope
             .get_or_init(|| frame::text(&crate::envelope::message(self)))
+    }
+
+    /// The frame `wsrelay.v1` clients receive when the message's position is not one of the
+    /// channel's (a foreign header): the message without offset and epoch.
+    pub fn plain_envelope_frame(&self) -> &Bytes {
+        self.plain_envelope
+            .get_or_init(|| frame::text(&crate::envelope::message_at(self, None)))
     }
 
     /// The offset if this message has one in `epoch`.
@@ -117,8 +127,20 @@ pub struct History {
 pub struct SessionState {
     /// Token subject the session belongs to, when tokens are in use.
     pub subject: Option<String>,
-    /// Subscribed channels with the last delivered offset and its epoch.
+    /// Subscribed channels with the last delivered offset and its epoch (`None`: not known
+    /// yet).
     pub channels: Vec<(Channel, u64, Option<Arc<str>>)>,
+}
+
+/// A session whose subscription to a channel starts at the channel's current position: the
+/// broker writes that position into the session as it reads it, so the position is stored
+/// before anyone can see it (a node dying right after the `subscribed` reply loses nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Session id (the storage key).
+    pub id: Arc<str>,
+    /// Token subject the session belongs to.
+    pub subject: Option<String>,
 }
 
 /// Request/response work for the broker (storage reads and writes), answered through
@@ -131,6 +153,8 @@ pub enum Request {
         channel: Channel,
         /// Return messages with offsets above this.
         since: Option<u64>,
+        /// Write the position read into this session (for a subscription starting now).
+        record: Option<SessionRecord>,
         /// Who asked.
         to: ReplyTo,
     },
@@ -141,7 +165,8 @@ pub enum Request {
         /// Who asked.
         to: ReplyTo,
     },
-    /// Replace a session's stored state and restart its time to live. No reply.
+    /// Replace a session's stored state and restart its time to live; a channel whose
+    /// position is unknown (no epoch) keeps the position stored for it, if any. No reply.
     SaveSession {
         /// Session id.
         id: Arc<str>,

@@ -23,7 +23,7 @@ pub struct Cli {
     /// Redis backplane URL (redis://HOST:PORT or redis+unix:///path); without it, the in-process broker
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
-    /// Prefix added to channel names in Redis [default: empty]
+    /// Prefix added to channel names and keys in Redis; deployments sharing a Redis need prefix-free prefixes [default: empty]
     #[arg(long, value_name = "PREFIX")]
     pub redis_prefix: Option<String>,
     /// Channel of raw clients that connect to `/` [default: chat_channel]

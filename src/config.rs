@@ -18,8 +18,10 @@ pub struct Config {
     /// Redis URL (`redis://host:port`, `redis+unix:///path`). `None` runs the in-process broker:
     /// one process is then a complete server, but nodes do not share messages.
     pub redis: Option<String>,
-    /// Prepended to every channel name to form the Redis channel. Default empty, so a backend's
-    /// `PUBLISH chat_channel hello` reaches clients of `chat_channel`.
+    /// Prepended to every channel name to form the Redis channel, and to every key. Default
+    /// empty, so a backend's `PUBLISH chat_channel hello` reaches clients of `chat_channel`.
+    /// Deployments sharing a Redis must use prefix-free prefixes (none starting with another):
+    /// a node refuses to start next to a live deployment whose prefix is not.
     pub redis_prefix: String,
     /// The channel of a raw-protocol client that connects to `/`. Default `chat_channel`.
     pub default_channel: String,

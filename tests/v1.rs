@@ -432,3 +432,47 @@ fn expired_history_says_not_recovered() {
         assert_ne!(epoch(&sub), ep);
     });
 }
+
+#[test]
+fn a_subscribe_undone_at_once_still_gets_its_reply() {
+    both_modes(|redis| {
+        let n = node(redis, &[]);
+        let mut c = V1::connect(n.addr, None).unwrap();
+        // Both commands in one write: the server reads them in the same turn, before the
+        // channel's subscription can take effect.
+        {
+            use tungstenite::Message;
+            let ws = c.client.inner();
+            for cmd in [
+                json!({"op":"subscribe","channel":"flip","ref":1}),
+                json!({"op":"unsubscribe","channel":"flip","ref":2}),
+                json!({"op":"ping","ref":3}),
+            ] {
+                ws.write(Message::text(cmd.to_string())).unwrap();
+            }
+            ws.flush().unwrap();
+        }
+        let mut replies = Vec::new();
+        loop {
+            let v = c.next(WAIT).unwrap();
+            let done = v["ref"] == 3;
+            replies.push(v);
+            if done {
+                break;
+            }
+        }
+        let of = |r: i64| -> Vec<&Value> { replies.iter().filter(|v| v["ref"] == r).collect() };
+        assert_eq!(of(1).len(), 1, "{replies:?}");
+        assert_eq!(
+            (of(1)[0]["type"].as_str(), of(1)[0]["code"].as_str()),
+            (Some("error"), Some("cancelled"))
+        );
+        assert_eq!(of(2).len(), 1, "{replies:?}");
+        assert_eq!(of(2)[0]["type"], "unsubscribed");
+        assert_eq!(replies.len(), 3, "{replies:?}");
+        // Nothing of it is left behind: subscribing again works as usual.
+        assert_eq!(c.subscribe("flip", None).unwrap()["type"], "subscribed");
+        publish(&n, "flip", "hello");
+        assert_eq!(c.message(WAIT).unwrap()["data"], "hello");
+    });
+}

@@ -12,7 +12,7 @@ use crossbeam_channel::select;
 
 use super::memory_store::{HistoryStore, SessionStore};
 use super::{Outbox, RateLimit, Routes};
-use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Publish, Reply, Request};
+use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Position, Publish, Reply, Request};
 use crate::config::Config;
 use crate::metrics::{Metrics, inc};
 
@@ -136,11 +136,24 @@ impl MemoryBroker {
     fn request(&mut self, r: Request) {
         let now = Instant::now();
         match r {
-            Request::History { channel, since, to } => {
+            Request::History {
+                channel,
+                since,
+                record,
+                to,
+            } => {
                 let result = match &mut self.history {
                     Some(h) => Ok(h.read(&channel, since, now)),
                     None => Err("history is off (--history-size 0)".to_owned()),
                 };
+                if let (Some(r), Ok(h)) = (record, &result) {
+                    let position = Position {
+                        offset: h.top,
+                        epoch: h.epoch.clone(),
+                    };
+                    self.sessions
+                        .record(r.id, r.subject, channel.clone(), position, now);
+                }
                 self.outbox
                     .reply(&self.loops, to, Reply::History { channel, result });
             }

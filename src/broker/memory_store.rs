@@ -179,12 +179,47 @@ impl SessionStore {
             .map(|(s, _)| s.clone())
     }
 
-    /// Replaces the session and restarts its time to live.
-    pub fn save(&mut self, id: Arc<str>, state: SessionState, now: Instant) {
-        if !self.sessions.contains_key(&id) {
-            self.evicted += make_room(&mut self.sessions, self.max, now, |(_, t)| *t) as u64;
+    /// Replaces the session and restarts its time to live. A channel whose position is not
+    /// known (no epoch) keeps the position stored for it, if any: [`SessionStore::record`]
+    /// may have stored it first.
+    pub fn save(&mut self, id: Arc<str>, mut state: SessionState, now: Instant) {
+        match self.sessions.get(&id) {
+            Some((old, _)) => {
+                for (channel, offset, epoch) in state.channels.iter_mut().filter(|c| c.2.is_none()) {
+                    if let Some((_, o, e)) = old.channels.iter().find(|c| c.0 == *channel) {
+                        (*offset, *epoch) = (*o, e.clone());
+                    }
+                }
+            }
+            None => self.evicted += make_room(&mut self.sessions, self.max, now, |(_, t)| *t) as u64,
         }
         self.sessions.insert(id, (state, now + self.ttl));
+    }
+
+    /// Stores `channel`'s position in the session (created if absent, for `subject`) and
+    /// restarts its time to live.
+    pub fn record(
+        &mut self,
+        id: Arc<str>,
+        subject: Option<String>,
+        channel: Channel,
+        position: Position,
+        now: Instant,
+    ) {
+        let entry = (channel, position.offset, Some(position.epoch));
+        if let Some((state, expires)) = self.sessions.get_mut(&id) {
+            match state.channels.iter_mut().find(|c| c.0 == entry.0) {
+                Some(c) => *c = entry,
+                None => state.channels.push(entry),
+            }
+            *expires = now + self.ttl;
+            return;
+        }
+        let state = SessionState {
+            subject,
+            channels: vec![entry],
+        };
+        self.save(id, state, now);
     }
 
     /// Forgets expired sessions.
@@ -289,6 +324,36 @@ mod tests {
         assert!(s.sessions.len() <= 16);
         assert!(s.load("99", t + Duration::from_secs(1)).is_some());
         assert!(s.load("0", t + Duration::from_secs(1)).is_none());
+    }
+
+    #[test]
+    fn a_recorded_position_survives_a_save_that_does_not_know_it() {
+        let t = Instant::now();
+        let mut s = SessionStore::new(Duration::from_secs(5), 100);
+        let e: Arc<str> = Arc::from("e");
+        let at = |offset| Position {
+            offset,
+            epoch: e.clone(),
+        };
+        // The position is recorded before the loop's first save (which does not know it yet).
+        s.record(Arc::from("id"), Some("alice".into()), ch("a"), at(3), t);
+        let unknown = SessionState {
+            subject: Some("alice".into()),
+            channels: vec![(ch("a"), 0, None), (ch("b"), 0, None)],
+        };
+        s.save(Arc::from("id"), unknown, t);
+        let stored = s.load("id", t).unwrap();
+        assert_eq!(stored.channels[0], (ch("a"), 3, Some(e.clone())));
+        assert_eq!(stored.channels[1], (ch("b"), 0, None));
+        // A known position replaces it; a channel left behind is dropped.
+        let known = SessionState {
+            subject: Some("alice".into()),
+            channels: vec![(ch("a"), 5, Some(e.clone()))],
+        };
+        s.save(Arc::from("id"), known.clone(), t);
+        assert_eq!(s.load("id", t), Some(known));
+        s.record(Arc::from("id"), None, ch("c"), at(1), t);
+        assert_eq!(s.load("id", t).unwrap().channels.len(), 2);
     }
 
     #[test]

@@ -99,6 +99,7 @@ impl EventLoop {
         let mut unauthenticated = Vec::new();
         let mut idle = Vec::new();
         let mut sessions = Vec::new();
+        let mut refreshes = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             if conn.dead {
                 continue;
@@ -117,7 +118,9 @@ impl EventLoop {
                     }
                     if let Some(s) = &open.session {
                         let age = now.duration_since(s.saved_at);
-                        if (s.offsets_dirty && age >= flush_every) || age >= refresh_every {
+                        if age >= refresh_every {
+                            refreshes.push(key);
+                        } else if s.offsets_dirty && age >= flush_every {
                             sessions.push(key);
                         }
                     }
@@ -133,7 +136,10 @@ impl EventLoop {
             }
         }
         for key in sessions {
-            self.save_session(key, now);
+            self.save_session(key, now, true);
+        }
+        for key in refreshes {
+            self.save_session(key, now, false);
         }
         for key in expired_requests {
             self.metrics().handshake_failed(HandshakeFailure::Timeout);

@@ -51,6 +51,15 @@ pub fn valid_session_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Where a raw client's chosen session id is stored when it has a token: under a digest of
+/// its subject, so ids chosen by different users never meet.
+pub fn raw_session_key(subject: &str, id: &str) -> Arc<str> {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(subject.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Arc::from(format!("raw.{hex}.{id}"))
+}
+
 /// A new random session id (128 bits from the OS, base62-ish): unguessable, since knowing an
 /// id is what lets a connection resume a session.
 pub fn new_session_id() -> Arc<str> {
@@ -305,6 +314,11 @@ impl EventLoop {
         if let Some(identity) = identity {
             open.grant = Some(Box::new(identity.grant));
             if let Some(s) = &mut open.session {
+                if open.protocol == Protocol::Raw {
+                    // A raw client chooses its id: stored under its subject, so that another
+                    // user choosing the same id gets a session of their own.
+                    s.id = raw_session_key(&identity.subject, &s.id);
+                }
                 s.subject = Some(identity.subject);
             }
         }
@@ -442,6 +456,11 @@ impl EventLoop {
                 open.subs
                     .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
             }
+            // With a session, the position where it joins is read (and stored) first.
+            None if open.session.is_some() => {
+                let pending = crate::conn::Pending::default();
+                open.subs.push(Sub::awaiting(channel.clone(), 0, None, pending));
+            }
             None => open.subs.push(Sub::live(channel.clone())),
         }
         if open.session.is_some() {
@@ -498,5 +517,13 @@ mod tests {
         let a = new_session_id();
         assert!(valid_session_id(&a));
         assert_ne!(a, new_session_id());
+    }
+
+    #[test]
+    fn raw_session_keys_are_per_subject() {
+        let alice = raw_session_key("alice", "chosen-id-1");
+        assert_ne!(alice, raw_session_key("bob", "chosen-id-1"));
+        assert_eq!(alice, raw_session_key("alice", "chosen-id-1"));
+        assert!(alice.ends_with(".chosen-id-1"));
     }
 }

@@ -55,8 +55,14 @@ impl EventLoop {
         let Phase::Open(open) = &mut conn.phase else {
             return;
         };
+        // A raw connection with a session also waits for its subscription's position, so
+        // that its session stores where it joined before the client can do anything.
         let waiting = (open.resuming && !open.awaiting_connect)
-            || (open.protocol == Protocol::Raw && !open.subs.iter().all(|s| self.index.is_live(&s.channel)));
+            || (open.protocol == Protocol::Raw
+                && !open
+                    .subs
+                    .iter()
+                    .all(|s| self.index.is_live(&s.channel) && matches!(s.state, SubState::Live)));
         if waiting {
             conn.read_pending = true;
             return;
@@ -65,6 +71,9 @@ impl EventLoop {
         if let Some(saved) = conn.pending_input.take() {
             self.ahead.load(&saved);
         }
+        // Nothing queued before this read: if the peer now closes, everything it was sent
+        // has been written; whether it arrived, the kernel tells (see `save_session`).
+        let nothing_queued = conn.out.is_empty();
         let mut io = Io {
             sock: &mut conn.sock,
             out: &mut conn.out,
@@ -118,7 +127,16 @@ impl EventLoop {
                 self.conns[key].read_pending = true;
                 self.read_backlog.push(key);
             }
-            ReadEnd::PeerClosed => self.enter_closing(key, now),
+            ReadEnd::PeerClosed => {
+                // A clean close: what the client's TCP acknowledged before it, it has.
+                let conn = &mut self.conns[key];
+                if nothing_queued && crate::conn::unacknowledged(&conn.sock) == Some(0) {
+                    if let Some(open) = conn.open_mut() {
+                        open.subs.iter_mut().for_each(|s| s.delivered_all());
+                    }
+                }
+                self.enter_closing(key, now)
+            }
             ReadEnd::Failed(e) => self.read_failed(key, e, now),
         }
     }
@@ -251,7 +269,7 @@ impl EventLoop {
                     reference,
                     recover: recovering,
                     announce: true,
-                    again: false,
+                    ..Pending::default()
                 };
                 open.subs
                     .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
@@ -270,11 +288,27 @@ impl EventLoop {
                     return self.send_error(key, r, &refusal);
                 };
                 let sub = open.subs.swap_remove(i);
-                if let SubState::AwaitingHistory { held, .. } = &sub.state {
-                    open.held_bytes -= held.iter().map(|d| d.data.len()).sum::<usize>();
-                }
+                let pending = match sub.state {
+                    SubState::AwaitingHistory { pending, held } => {
+                        open.release_held(held.iter().map(|d| d.data.len()).sum());
+                        Some(pending)
+                    }
+                    SubState::AwaitingLive(pending) => Some(pending),
+                    SubState::Live => None,
+                };
                 self.leave(key, sub.channel);
                 self.session_changed.push(key);
+                // A subscribe not answered yet still gets its one reply, before this one.
+                if let Some(Pending {
+                    reference: Some(subscribe_ref),
+                    announce: true,
+                    ..
+                }) = pending
+                {
+                    let refusal =
+                        Refusal::new("cancelled", "unsubscribed before the subscription took effect");
+                    self.send_error(key, Some(&subscribe_ref), &refusal);
+                }
                 self.send_json(key, &envelope::unsubscribed(r, &channel));
             }
             Command::Publish { channel, kind, data } => {

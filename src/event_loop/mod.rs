@@ -231,7 +231,7 @@ impl EventLoop {
             }
         }
         for key in std::mem::take(&mut self.session_changed) {
-            self.save_session(key, now);
+            self.save_session(key, now, false);
         }
         self.send_control();
         self.remove_dead();
