@@ -38,9 +38,18 @@ pub struct Cli {
     /// Largest client message, bytes; larger closes with 1009 [default: 65536]
     #[arg(long, value_name = "BYTES")]
     pub max_message_size: Option<usize>,
-    /// Cap on a connection's unsent output, bytes; past it the client is closed (1008) [default: 262144]
+    /// Hard cap on a connection's unsent output after a write, bytes; past it the client is closed (1008) [default: 16777216]
     #[arg(long, value_name = "BYTES")]
     pub max_output: Option<usize>,
+    /// Soft cap on a connection's unsent output, bytes; staying above it past --soft-output-grace closes (1008) [default: 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub soft_output: Option<usize>,
+    /// How long a connection may stay above --soft-output [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub soft_output_grace: Option<Duration>,
+    /// Cap on the unsent output of one loop's connections together, bytes; past it the largest holders are closed [default: 1073741824]
+    #[arg(long, value_name = "BYTES")]
+    pub loop_output_budget: Option<usize>,
     /// Per-connection read buffer, bytes [default: 64]
     #[arg(long, value_name = "BYTES")]
     pub read_buffer: Option<usize>,
@@ -146,6 +155,9 @@ impl Cli {
             max_connections,
             max_message_size,
             max_output,
+            soft_output,
+            soft_output_grace,
+            loop_output_budget,
             read_buffer,
             handshake_timeout,
             ping_interval,

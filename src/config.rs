@@ -35,11 +35,27 @@ pub struct Config {
     /// close 1009. Default 64 KiB: enough for chat and dashboards, small enough that one client
     /// cannot make the server buffer much.
     pub max_message_size: usize,
-    /// Cap on one connection's unsent output, in bytes. A client whose backlog passes it is a
-    /// slow consumer: it is closed with 1008 and counted; nobody else waits for it. Default
-    /// 256 KiB: about 4,000 64-byte messages of burst before a stalled client is cut off. Worst
-    /// case memory is this times the number of connections.
+    /// Hard cap on one connection's unsent output, in bytes, judged after its socket was
+    /// tried: past it the client is a slow consumer, closed with 1008 and counted; nobody else
+    /// waits for it. Default 16 MiB: 40 of the largest possible v1 envelopes (a 64 KiB message
+    /// of control characters escapes to 384 KiB), so no single message, burst of a few or
+    /// replay of a reading client comes near it. Per-connection worst case; the total is
+    /// bounded by `loop_output_budget`.
     pub max_output: usize,
+    /// Soft cap on one connection's unsent output, in bytes: a connection may stay above it
+    /// only for `soft_output_grace`, then it is closed as a slow consumer. Default 1 MiB: a
+    /// reading client on a 1 Mbit/s link drains it in about 8 s, well within the grace period.
+    pub soft_output: usize,
+    /// How long a connection may stay above `soft_output`. Default 30 s (Redis closes Pub/Sub
+    /// clients that stay over 8 MB for 60 s): long enough for a client whose event loop or
+    /// network stalled for a moment, short enough that a client that stopped reading is cut
+    /// off long before the hard cap matters.
+    pub soft_output_grace: Duration,
+    /// Cap on the unsent output of all of one loop's connections together, in bytes: past it,
+    /// the connections holding the most are closed first (dropping their output at once).
+    /// Default 1 GiB per loop: worst-case memory for unsent output is this times `--threads`,
+    /// whatever the number of connections.
+    pub loop_output_budget: usize,
     /// Per-connection read buffer in bytes (tungstenite's `read_buffer_size`, allocated per
     /// connection up front). Sockets are read in one large read into the loop's shared 64 KiB
     /// buffer, and tungstenite takes the bytes from there in pieces of this size, so it costs
@@ -146,7 +162,10 @@ impl Default for Config {
             max_channel_len: 256,
             max_connections: 1_000_000,
             max_message_size: 64 * 1024,
-            max_output: 256 * 1024,
+            max_output: 16 * 1024 * 1024,
+            soft_output: 1024 * 1024,
+            soft_output_grace: Duration::from_secs(30),
+            loop_output_budget: 1024 * 1024 * 1024,
             read_buffer: 64,
             socket_send_buffer: None,
             handshake_timeout: Duration::from_secs(10),
@@ -181,6 +200,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The slow-consumer limits; a soft limit above the hard one is the hard one.
+    pub fn output_limits(&self) -> crate::backpressure::Limits {
+        crate::backpressure::Limits {
+            hard: self.max_output,
+            soft: self.soft_output.min(self.max_output),
+            grace: self.soft_output_grace,
+        }
+    }
+
     /// Rejects settings that cannot work together. The message names the flag to change.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
@@ -189,6 +217,8 @@ impl Config {
             (self.max_connections, "--max-connections"),
             (self.max_message_size, "--max-message-size"),
             (self.max_output, "--max-output"),
+            (self.soft_output, "--soft-output"),
+            (self.loop_output_budget, "--loop-output-budget"),
             (self.loop_queue, "--loop-queue"),
             (self.publish_queue, "--publish-queue"),
             (self.publish_batch, "--publish-batch"),

@@ -461,6 +461,10 @@ pub struct Conn {
     pub dead: bool,
     /// Input read from the socket but not consumed yet (the read budget ran out).
     pub pending_input: Option<Box<[u8]>>,
+    /// When its unsent output went over the soft limit (see `backpressure.rs`).
+    pub over_soft_since: Option<Instant>,
+    /// Its unsent output as last counted in the loop's total (after its last write).
+    pub accounted: usize,
 }
 
 impl Conn {
@@ -481,6 +485,8 @@ impl Conn {
             write_shut: false,
             dead: false,
             pending_input: None,
+            over_soft_since: None,
+            accounted: 0,
         }
     }
 

@@ -3,8 +3,8 @@
 //! This is the per-message hot path, kept free of sockets and syscalls so it can be measured on
 //! its own (`benches/fanout.rs`). The frame was encoded once for every recipient of a protocol;
 //! here each member gets one copy into its output buffer, is marked for the end-of-turn flush
-//! (once per turn however many messages it got), and is reported when its backlog passes the
-//! cap. Connections that track offsets also drop duplicates, hold deliveries while their
+//! (once per turn however many messages it got); whether its backlog is too large is judged
+//! after that flush (`backpressure.rs`). Connections that track offsets also drop duplicates, hold deliveries while their
 //! history is being read, and report gaps (deliveries lost upstream) for recovery.
 
 use std::sync::Arc;
@@ -18,10 +18,9 @@ use crate::conn::{Conn, Open, Pending, Phase, Protocol, SubState};
 /// What fan-out leaves for the rest of the loop turn.
 #[derive(Debug, Default)]
 pub struct Turn {
-    /// Connections with output to flush at the end of the turn, each once.
+    /// Connections with output to flush at the end of the turn, each once (and then judged
+    /// by the slow-consumer policy, `backpressure.rs`).
     pub dirty: Vec<usize>,
-    /// Connections whose unsent output passed the cap: slow consumers to close.
-    pub slow: Vec<usize>,
     /// Subscriptions that saw a gap in offsets and now wait for a history read.
     pub gaps: Vec<(usize, Channel)>,
 }
@@ -59,14 +58,9 @@ pub(crate) fn frame_of(protocol: Protocol, d: &Delivery, plain: bool) -> &bytes:
     }
 }
 
-/// Appends `d` to every member's output. Returns the number of messages queued.
-pub fn deliver(
-    d: &Arc<Delivery>,
-    members: &Members,
-    conns: &mut Slab<Conn>,
-    max_output: usize,
-    turn: &mut Turn,
-) -> usize {
+/// Appends `d` to every member's output. Returns the number of messages queued. Nobody is
+/// judged here: the end of the turn writes first, then judges what is left.
+pub fn deliver(d: &Arc<Delivery>, members: &Members, conns: &mut Slab<Conn>, turn: &mut Turn) -> usize {
     let mut sent = 0;
     for &key in members {
         let conn = &mut conns[key];
@@ -79,19 +73,14 @@ pub fn deliver(
         } else {
             Verdict::Send
         };
-        let backlog = match verdict {
-            Verdict::Skip => continue,
-            Verdict::Held => conn.out.len() + open.held_bytes,
+        match verdict {
+            Verdict::Skip | Verdict::Held => {}
             Verdict::Send | Verdict::Plain => {
                 conn.out
                     .push(frame_of(open.protocol, d, verdict == Verdict::Plain));
                 sent += 1;
                 turn.mark_dirty(key, conn);
-                conn.out.len()
             }
-        };
-        if backlog > max_output && !conn.dead {
-            turn.slow.push(key);
         }
     }
     sent

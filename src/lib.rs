@@ -17,6 +17,7 @@ pub mod bridge;
 pub mod envelope;
 pub mod broker;
 pub mod fanout;
+pub mod backpressure;
 pub mod recovery;
 pub mod event_loop;
 pub mod backoff;

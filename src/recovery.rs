@@ -9,6 +9,8 @@
 //!   stored message after the offset is replayed, in order.
 //! - Not recovered: nothing is replayed and the subscription continues from the newest
 //!   offset; a v1 client is told (`subscribed`, `recovered: false`), whether it asked or not.
+//! - An unknown epoch on a delivery is checked with a position-only read: the subscription's
+//!   own epoch means the delivery was foreign, and nothing changes.
 //! - A recovery the client did not ask for (a gap, lost deliveries, an unknown epoch on a
 //!   delivery) that finds the history restarted under a new epoch tells the client once
 //!   (`recovered: false` at offset 0 of the new epoch) and reads the new epoch from its start,
@@ -47,6 +49,19 @@ pub enum Settled {
 /// recover after) waiting for `h` as described by `pending`.
 pub fn settle(offset: u64, epoch: Option<&str>, pending: &Pending, h: &History) -> Settled {
     let same_epoch = epoch == Some(&*h.epoch);
+    if pending.checked.is_some() && !pending.restarted && same_epoch {
+        // An epoch check (a position-only read) found the subscription's own epoch: the
+        // delivery's epoch was foreign; nothing to replay, the position stands.
+        return Settled::Done {
+            notice: None,
+            replay: Vec::new(),
+            recovered: true,
+            position: Position {
+                offset,
+                epoch: h.epoch.clone(),
+            },
+        };
+    }
     if pending.recover && !pending.announce && !pending.restarted && epoch.is_some() && !same_epoch {
         return Settled::Restart {
             epoch: h.epoch.clone(),
@@ -246,9 +261,11 @@ mod tests {
     }
 
     #[test]
-    fn an_epoch_check_that_finds_the_known_epoch_recovers_quietly() {
-        // The delivery's epoch was foreign: the history is still the subscription's.
-        let h = history("e", 6, 0..0);
+    fn an_epoch_check_that_finds_the_known_epoch_changes_nothing() {
+        // The delivery's epoch was foreign: the history is still the subscription's. The read
+        // was for the position only, so newer messages are not replayed here: they are held
+        // live deliveries, released in order after it.
+        let h = history("e", 9, 0..0);
         assert_eq!(
             done(settle(6, Some("e"), &Pending::check(Arc::from("x")), &h)),
             (None, vec![], true, 6)

@@ -692,7 +692,16 @@ fn ping_flood(
 #[test]
 fn ping_flood_on_a_busy_channel_is_closed_as_slow_consumer() {
     // Small socket buffers on both sides: the pongs pile up in the server, not in the kernel.
-    let (mut node, mut good) = node_with_client(&["--socket-send-buffer", "4096", "--close-timeout", "30s"]);
+    // Pongs count against the output caps like deliveries; a hard cap of 256 KiB keeps the
+    // flood's bound small enough to see in RSS.
+    let (mut node, mut good) = node_with_client(&[
+        "--socket-send-buffer",
+        "4096",
+        "--close-timeout",
+        "30s",
+        "--max-output",
+        "262144",
+    ]);
     // The flooder is on the well-behaved client's channel: deliveries to it check its backlog.
     let mut flood = non_reader(&node, "/", None);
     still_served(&mut node, &mut good, "flooder connected", &[]);
@@ -710,7 +719,16 @@ fn ping_flood_on_a_busy_channel_is_closed_as_slow_consumer() {
 
 #[test]
 fn ping_flood_on_a_quiet_connection_stays_bounded() {
-    let (mut node, mut good) = node_with_client(&["--socket-send-buffer", "4096", "--close-timeout", "30s"]);
+    // Pongs count against the output caps like deliveries; a hard cap of 256 KiB keeps the
+    // flood's bound small enough to see in RSS.
+    let (mut node, mut good) = node_with_client(&[
+        "--socket-send-buffer",
+        "4096",
+        "--close-timeout",
+        "30s",
+        "--max-output",
+        "262144",
+    ]);
     // A v1 connection without subscriptions: nothing is ever delivered to it.
     let mut flood = non_reader(&node, "/", Some("wsrelay.v1"));
     still_served(&mut node, &mut good, "flooder connected", &[]);

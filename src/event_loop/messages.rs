@@ -108,11 +108,8 @@ impl EventLoop {
         }
         self.ahead.clear();
         if !conn.out.is_empty() {
-            // Replies tungstenite queued (pongs, a close) count against the cap like deliveries:
-            // a client that pings without reading must not grow the server.
-            if conn.out.len() > self.shared.config.max_output {
-                self.turn.slow.push(key);
-            }
+            // Replies tungstenite queued (pongs, a close) are judged with the rest after the
+            // flush: a client that pings without reading must not grow the server.
             self.mark_dirty(key);
         }
         add(&self.metrics().messages_in, messages.len() as u64);

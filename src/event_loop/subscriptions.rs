@@ -161,11 +161,17 @@ impl EventLoop {
         let SubState::AwaitingHistory { pending, .. } = &sub.state else {
             return;
         };
-        let since = pending.recover.then_some(sub.offset);
+        let (since, record) = match (&pending.checked, pending.restarted, pending.recover) {
+            // An epoch check: the history's epoch (and position) is all it needs.
+            (Some(_), false, _) => (None, None),
+            (_, _, true) => (Some(sub.offset), None),
+            // A subscription starting now: its session stores where it starts.
+            (_, _, false) => (None, record),
+        };
         let request = Request::History {
             channel: channel.clone(),
             since,
-            record: record.filter(|_| since.is_none()),
+            record,
             to,
         };
         if self.broker.requests.try_send(request).is_err() {
@@ -344,16 +350,13 @@ impl EventLoop {
         }
     }
 
-    /// Queues frames to a connection, holding it to its output cap like deliveries.
+    /// Queues frames to a connection; like deliveries, they are judged after the flush.
     fn queue_frames(&mut self, key: usize, frames: &[bytes::Bytes]) {
         let conn = &mut self.conns[key];
         for f in frames {
             conn.out.push(f);
         }
         self.mark_dirty(key);
-        if self.conns[key].out.len() > self.shared.config.max_output {
-            self.turn.slow.push(key);
-        }
     }
 
     // ---- sessions ------------------------------------------------------------------------
