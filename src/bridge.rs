@@ -61,6 +61,30 @@ impl Delivery {
         })
     }
 
+    /// A copy for a history store: the same payload and frame (shared, not copied), without
+    /// the envelopes cached for live delivery, so a stored message costs its payload and frame
+    /// only (an escaped v1 envelope can be six times the payload).
+    pub fn stored_copy(&self) -> Arc<Self> {
+        Arc::new(Delivery {
+            channel: self.channel.clone(),
+            kind: self.kind,
+            data: self.data.clone(),
+            position: self.position.clone(),
+            raw_frame: self.raw_frame.clone(),
+            envelope: OnceLock::new(),
+            plain_envelope: OnceLock::new(),
+        })
+    }
+
+    /// The `wsrelay.v1` frame without caching it: for replays of stored messages, which would
+    /// otherwise keep an envelope per stored message for as long as the history.
+    pub fn envelope_frame_uncached(&self) -> Bytes {
+        match self.envelope.get() {
+            Some(f) => f.clone(),
+            None => frame::text(&crate::envelope::message(self)),
+        }
+    }
+
     /// The frame `wsrelay.v1` clients receive: encoded once, shared by every such recipient.
     pub fn envelope_frame(&self) -> &Bytes {
         self.envelope
@@ -155,6 +179,8 @@ pub enum Request {
         since: Option<u64>,
         /// Write the position read into this session (for a subscription starting now).
         record: Option<SessionRecord>,
+        /// Who subscribes (a read can create the channel's history).
+        origin: Option<Origin>,
         /// Who asked.
         to: ReplyTo,
     },
@@ -264,9 +290,17 @@ pub enum ToLoop {
     },
 }
 
+/// Who a publish or a subscription comes from, so that bounded stores can be shared fairly
+/// (one client flooding new channels evicts its own first): `sub:` and the token subject when
+/// the client has one, else `ip:` and its address (an IPv6 client by its /64), `api` for
+/// `POST /publish`.
+pub type Origin = Arc<str>;
+
 /// A client's message on its way to the broker.
 #[derive(Debug)]
 pub struct Publish {
+    /// Who published it.
+    pub origin: Option<Origin>,
     /// Target channel, without prefix.
     pub channel: Channel,
     /// Frame type, kept end to end.

@@ -104,6 +104,15 @@ pub struct Cli {
     /// In-process broker: most sessions kept [default: 1000000]
     #[arg(long, value_name = "N")]
     pub max_sessions: Option<usize>,
+    /// In-process broker: bytes of all stored messages (oldest of channels nobody is on go first) [default: 1073741824]
+    #[arg(long, value_name = "BYTES")]
+    pub history_memory: Option<usize>,
+    /// In-process broker: bytes of one channel's stored messages [default: 16777216]
+    #[arg(long, value_name = "BYTES")]
+    pub history_channel_memory: Option<usize>,
+    /// In-process broker: bytes of all sessions (those closest to expiry go first) [default: 268435456]
+    #[arg(long, value_name = "BYTES")]
+    pub session_memory: Option<usize>,
     /// How long a session is kept after its connection ends [default: 10m]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub session_ttl: Option<Duration>,
@@ -175,6 +184,9 @@ impl Cli {
             history_ttl,
             max_history_channels,
             max_sessions,
+            history_memory,
+            history_channel_memory,
+            session_memory,
             session_ttl,
             session_flush,
             max_channels_per_conn,

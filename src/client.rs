@@ -189,6 +189,12 @@ impl V1 {
             format!("/?{}", query.join("&"))
         };
         let client = Client::connect_with(addr, &path, Some(crate::envelope::PROTOCOL))?;
+        Self::from_client(client)
+    }
+
+    /// Takes over a connection already upgraded with `wsrelay.v1` (e.g. one from a chosen
+    /// source address) and reads the welcome.
+    pub fn from_client(client: Client) -> io::Result<V1> {
         let mut v1 = V1 {
             client,
             session: String::new(),

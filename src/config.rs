@@ -108,14 +108,28 @@ pub struct Config {
     /// How long a channel's history lives after its last publish. Default 10 min: a client away
     /// longer gets `recovered: false` and reloads.
     pub history_ttl: Duration,
-    /// In-process broker only: most channels with a history in memory. Past it, the histories
-    /// closest to expiry are dropped (their clients get `recovered: false`). Default 100,000:
-    /// with `history_size` messages each, this bounds the history's memory whatever clients
-    /// publish to. With Redis, Redis's own memory policy bounds it.
+    /// In-process broker only: most channels with a history in memory. Past it, histories of
+    /// channels without live subscribers go first, those published to longest ago first (their
+    /// clients get `recovered: false`). Default 100,000. With Redis, Redis's own memory policy
+    /// bounds it.
     pub max_history_channels: usize,
+    /// In-process broker only: bytes of all stored messages together (payload, its frame and
+    /// about 192 bytes of bookkeeping each). Past it, the oldest messages of channels without
+    /// live subscribers go first, then those of the others. Default 1 GiB: this is the
+    /// worst case of history memory, whatever clients publish.
+    pub history_memory: usize,
+    /// In-process broker only: bytes of one channel's stored messages; past it its oldest
+    /// go, even if fewer than `history_size` remain. Default 16 MiB: a thousand 8 KiB
+    /// messages, or 128 of the largest (64 KiB, stored with its frame).
+    pub history_channel_memory: usize,
     /// In-process broker only: most sessions kept. Past it, those closest to expiry go first.
-    /// Default 1,000,000 (a few hundred bytes each).
+    /// Default 1,000,000.
     pub max_sessions: usize,
+    /// In-process broker only: bytes of all sessions together (ids, subjects, channel names
+    /// and about 48 bytes per channel, 160 per session). Past it, those closest to expiry go
+    /// first. Default 256 MiB: the worst case of session memory (a session of 128 channels of
+    /// 256-byte names is about 40 KiB, so at least 6,500 such sessions, or a million small ones).
+    pub session_memory: usize,
     /// How long a session (subscriptions and last offsets) is kept after its connection ends.
     /// Default 10 min, matching `history_ttl`: resuming later could not recover anyway.
     pub session_ttl: Duration,
@@ -184,6 +198,9 @@ impl Default for Config {
             history_ttl: Duration::from_secs(600),
             max_history_channels: 100_000,
             max_sessions: 1_000_000,
+            history_memory: 1024 * 1024 * 1024,
+            history_channel_memory: 16 * 1024 * 1024,
+            session_memory: 256 * 1024 * 1024,
             session_ttl: Duration::from_secs(600),
             session_flush: Duration::from_secs(2),
             max_channels_per_conn: 128,
@@ -226,6 +243,9 @@ impl Config {
             (self.max_channels_per_conn, "--max-channels-per-conn"),
             (self.max_history_channels, "--max-history-channels"),
             (self.max_sessions, "--max-sessions"),
+            (self.history_memory, "--history-memory"),
+            (self.history_channel_memory, "--history-channel-memory"),
+            (self.session_memory, "--session-memory"),
         ];
         if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));

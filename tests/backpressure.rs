@@ -126,15 +126,6 @@ fn text_frame(payload: &[u8]) -> Vec<u8> {
     f
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn the_reader_gets_everything_and_only_the_one_that_never_reads_is_closed() {
     let n = node(

@@ -391,7 +391,7 @@ impl EventLoop {
         let close_timeout = cfg.close_timeout;
         let Some(to) = self.reply_to(key) else { return };
         let ack = PublishAck { to, reference: None };
-        match self.publish(Arc::from(channel), kind, body, Some(ack)) {
+        match self.publish(key, Arc::from(channel), kind, body, Some(ack)) {
             Ok(()) => {
                 let conn = &mut self.conns[key];
                 conn.phase = Phase::Publishing;

@@ -154,7 +154,7 @@ impl EventLoop {
                     self.close(key, CloseCode::Policy, reason, now);
                     return false;
                 }
-                match self.publish(channel, kind, data, None) {
+                match self.publish(key, channel, kind, data, None) {
                     Ok(()) => true,
                     Err(Refused::QueueFull) => {
                         self.close(key, CloseCode::Again, "publish queue full", now);
@@ -328,7 +328,7 @@ impl EventLoop {
                     to,
                     reference: reference.clone(),
                 };
-                if let Err(Refused::QueueFull) = self.publish(channel, kind, data, Some(ack)) {
+                if let Err(Refused::QueueFull) = self.publish(key, channel, kind, data, Some(ack)) {
                     let refusal = Refusal::new("publish_queue_full", "the broker is behind; retry later");
                     self.send_error(key, r, &refusal);
                 }
@@ -369,12 +369,14 @@ impl EventLoop {
     /// Hands a message to the broker without blocking.
     pub(super) fn publish(
         &mut self,
+        key: usize,
         channel: Channel,
         kind: Kind,
         data: Bytes,
         ack: Option<PublishAck>,
     ) -> Result<(), Refused> {
         let p = Publish {
+            origin: self.origin(key),
             channel,
             kind,
             data,
@@ -392,6 +394,24 @@ impl EventLoop {
             // Shutting down: the message has nowhere to go.
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => Ok(()),
         }
+    }
+
+    /// Who connection `key` is, for fair shares of bounded stores (see `bridge::Origin`).
+    pub(super) fn origin(&self, key: usize) -> Option<crate::bridge::Origin> {
+        let conn = self.conns.get(key)?;
+        let subject = match &conn.phase {
+            Phase::Open(open) => open.session.as_ref().and_then(|s| s.subject.as_deref()),
+            Phase::Publishing | Phase::Request(_) => return Some(Arc::from("api")),
+            Phase::Closing => None,
+        };
+        Some(Arc::from(match (subject, conn.peer.ip()) {
+            (Some(s), _) => format!("sub:{s}"),
+            (None, std::net::IpAddr::V6(v6)) => {
+                let s = v6.segments();
+                format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+            (None, ip) => format!("ip:{ip}"),
+        }))
     }
 
     /// Queues a JSON text frame to a v1 connection.

@@ -172,6 +172,7 @@ impl EventLoop {
             channel: channel.clone(),
             since,
             record,
+            origin: self.origin(key),
             to,
         };
         if self.broker.requests.try_send(request).is_err() {
@@ -295,7 +296,10 @@ impl EventLoop {
                     )));
                 }
                 add(&m.replayed, replay.len() as u64);
-                frames.extend(replay.iter().map(|d| frame_for(protocol, d)));
+                frames.extend(replay.iter().map(|d| match protocol {
+                    Protocol::Raw => d.raw_frame.clone(),
+                    Protocol::V1 => d.envelope_frame_uncached(),
+                }));
                 if !pending.recover {
                     // The broker stored this position in the session as it read it.
                     sub.stored = Some(Position {

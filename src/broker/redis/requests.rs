@@ -82,6 +82,7 @@ impl Requests {
                 since,
                 record,
                 to,
+                ..
             } => {
                 let result = self.with_con(|con, keys, ttl| {
                     read_history(con, keys, &channel, since, ttl, record.as_ref())
