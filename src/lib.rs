@@ -23,6 +23,7 @@ pub mod event_loop;
 pub mod backoff;
 pub mod metrics;
 pub mod server;
+pub mod trim;
 pub mod client;
 pub mod auth;
 pub mod origin;

@@ -110,6 +110,9 @@ impl Server {
             per_ip,
         });
 
+        let trimmer = shared.clone();
+        crate::trim::spawn(move || trimmer.shutdown.load(Ordering::Acquire))
+            .map_err(|e| format!("cannot start the memory trim thread: {e}"))?;
         let mut loop_threads = Vec::new();
         for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
             let ev = EventLoop::new(id, poll, listener, inbox, broker.handle.clone(), shared.clone())
