@@ -104,7 +104,11 @@ impl Chromium {
             .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let (log, rx) = common::watch_stderr(child.stderr.take().unwrap(), "DevTools listening on ", None);
+        let (log, rx) = common::watch_stderr(
+            child.stderr.take().unwrap(),
+            "DevTools listening on ",
+            common::Echo::Nothing,
+        );
         let mut browser = Chromium {
             child,
             profile,

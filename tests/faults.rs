@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use wsrelay::client::V1;
+use wsrelay_client::V1;
 
 /// Collects every frame a v1 subscriber of `channel` receives until it sees `end`.
 fn subscriber(node: &Node, channel: &'static str) -> std::thread::JoinHandle<Vec<Value>> {
@@ -28,16 +28,6 @@ fn subscriber(node: &Node, channel: &'static str) -> std::thread::JoinHandle<Vec
             }
         }
     })
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 #[test]
@@ -192,8 +182,7 @@ fn inbox_overflow(node: Node) {
     let mut burst = Vec::new();
     for i in 0..3000 {
         let payload = format!("{i}");
-        burst.extend_from_slice(&[0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0]);
-        burst.extend_from_slice(payload.as_bytes());
+        wire::encode_masked(&mut burst, wire::op::TEXT, payload.as_bytes());
     }
     std::io::Write::write_all(raw.inner().get_mut(), &burst).unwrap();
     let mut last = 0;

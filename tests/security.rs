@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::*;
 use serde_json::json;
 use wsrelay::auth::{Claims, mint};
-use wsrelay::client::V1;
+use wsrelay_client::V1;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
 
@@ -32,7 +32,7 @@ fn token(secret: &str, sub: &str, subscribe: &[&str], publish: &[&str], exp: u64
 
 /// A node whose token secret comes from the environment (not visible in `ps`).
 fn auth_node(extra: &[&str]) -> Node {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsrelay"));
+    let mut cmd = Command::new(server_binary());
     cmd.args(["--listen", "127.0.0.1:0"]).args(extra);
     cmd.env("WSRELAY_TOKEN_SECRET", SECRET);
     Node::spawn(&mut cmd)

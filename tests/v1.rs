@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use wsrelay::client::V1;
+use wsrelay_client::V1;
 
 /// A node in-process (`None`) or on a fresh Redis, with extra flags.
 fn node(redis: Option<&Redis>, extra: &[&str]) -> Node {
@@ -431,4 +431,9 @@ fn expired_history_says_not_recovered() {
         assert_eq!(sub["recovered"], false, "{sub}");
         assert_ne!(epoch(&sub), ep);
     });
+}
+
+#[test]
+fn the_client_offers_the_protocol_name_the_server_accepts() {
+    assert_eq!(wsrelay_client::PROTOCOL, wsrelay::envelope::PROTOCOL);
 }
