@@ -79,8 +79,7 @@ pub fn server_binary() -> PathBuf {
         return p.into();
     }
     let exe = std::env::current_exe().expect("the test's own path");
-    exe
-        .ancestors()
+    exe.ancestors()
         .nth(2)
         .map(|dir| dir.join("wsrelay"))
         .filter(|p| p.exists())
@@ -351,7 +350,7 @@ impl Node {
         http_request(self.addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
     }
 
-    /// The value of a metric (summed over label sets) from `/metrics`.
+    /// The value of a metric from `/metrics` (see [`metric_value`]).
     pub fn metric(&self, name: &str) -> u64 {
         let (status, body) = self.http_get("/metrics");
         assert_eq!(status, 200);
@@ -424,11 +423,21 @@ pub fn cpu_time(pid: u32) -> Duration {
     wsrelay_load::sys::proc_cpu(pid).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Sum of the samples of `name` in a Prometheus text body.
+/// The value of `name` in a Prometheus text body: summed over its label sets for a family name
+/// (`wsrelay_handshake_failures_total`), or one series when the name carries its labels
+/// (`wsrelay_handshake_failures_total{reason="timeout"}`). 0 when absent.
 pub fn metric_value(body: &str, name: &str) -> u64 {
+    let series = |l: &&str| {
+        let key = l.split(' ').next().unwrap_or_default();
+        if name.contains('{') {
+            key == name
+        } else {
+            key.split('{').next() == Some(name)
+        }
+    };
     body.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(series)
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
