@@ -4,9 +4,9 @@
 //! counting on the per-message path costs a plain add and no cross-core traffic. Readers sum
 //! over loops when rendering. Broker threads have their own [`BrokerMetrics`].
 //!
-//! Every metric is declared once, as a field in [`metrics!`] with the name, type and help text
-//! it is rendered with; the rendering walks those declarations, so a field cannot be added
-//! without appearing in `/metrics`, nor a row without its field.
+//! Every metric is declared once, as a field in the `metrics!` macro with the name, type and
+//! help text it is rendered with; the rendering walks those declarations, so a field cannot be
+//! added without appearing in `/metrics`, nor a row without its field.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
