@@ -7,6 +7,8 @@
 
 use std::fmt::Write as _;
 
+use tungstenite::http::StatusCode;
+
 /// Largest request head accepted, in bytes. Browsers send 0.5-2 KiB; 8 KiB matches common
 /// proxies. Longer heads get 431 and a close.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -86,22 +88,27 @@ pub enum Status {
 }
 
 impl Status {
-    /// Numeric code and reason phrase.
+    /// Numeric code and reason phrase (the standard one, from the `http` crate).
     pub fn code(self) -> (u16, &'static str) {
+        let status = self.status_code();
+        (status.as_u16(), status.canonical_reason().unwrap_or("Unknown"))
+    }
+
+    fn status_code(self) -> StatusCode {
         match self {
-            Status::Ok => (200, "OK"),
-            Status::BadRequest => (400, "Bad Request"),
-            Status::Unauthorized => (401, "Unauthorized"),
-            Status::Forbidden => (403, "Forbidden"),
-            Status::NotFound => (404, "Not Found"),
-            Status::MethodNotAllowed => (405, "Method Not Allowed"),
-            Status::RequestTimeout => (408, "Request Timeout"),
-            Status::PayloadTooLarge => (413, "Payload Too Large"),
-            Status::UpgradeRequired => (426, "Upgrade Required"),
-            Status::TooManyRequests => (429, "Too Many Requests"),
-            Status::HeadersTooLarge => (431, "Request Header Fields Too Large"),
-            Status::Unavailable => (503, "Service Unavailable"),
-            Status::GatewayTimeout => (504, "Gateway Timeout"),
+            Status::Ok => StatusCode::OK,
+            Status::BadRequest => StatusCode::BAD_REQUEST,
+            Status::Unauthorized => StatusCode::UNAUTHORIZED,
+            Status::Forbidden => StatusCode::FORBIDDEN,
+            Status::NotFound => StatusCode::NOT_FOUND,
+            Status::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Status::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Status::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Status::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Status::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Status::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Status::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Status::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 }
@@ -396,6 +403,25 @@ mod tests {
         let resp = String::from_utf8(upgrade_response(KEY, None)).unwrap();
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(resp.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn status_lines_are_the_standard_ones() {
+        for (status, line) in [
+            (Status::RequestTimeout, "HTTP/1.1 408 Request Timeout\r\n"),
+            (Status::PayloadTooLarge, "HTTP/1.1 413 Payload Too Large\r\n"),
+            (
+                Status::HeadersTooLarge,
+                "HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            ),
+            (Status::Unavailable, "HTTP/1.1 503 Service Unavailable\r\n"),
+        ] {
+            assert!(
+                String::from_utf8(error_response(status))
+                    .unwrap()
+                    .starts_with(line)
+            );
+        }
     }
 
     #[test]
