@@ -337,6 +337,7 @@ impl Metrics {
             );
         }
         for f in BrokerMetrics::FAMILIES {
+            debug_assert_eq!(f.per, Per::Process, "the broker is one per process");
             describe(&mut s, f.name, f.kind, f.help);
             let _ = writeln!(s, "wsrelay_{} {}", f.name, (f.read)(&self.broker));
         }
