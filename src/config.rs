@@ -95,8 +95,9 @@ pub struct Config {
     /// Messages read from one connection per loop turn before the loop serves the others.
     /// Default 64: one flooding client cannot starve the rest of its loop.
     pub read_budget: usize,
-    /// Shortest wait before reconnecting to Redis; doubles up to `redis_backoff_max`, with full
-    /// jitter so a fleet of nodes does not reconnect in lock step. Default 100 ms.
+    /// Reconnect backoff to Redis: the cap on the wait starts here and doubles per failure up
+    /// to `redis_backoff_max`; each wait is uniform between half of this and the cap, so a
+    /// fleet of nodes does not reconnect in lock step. Default 100 ms.
     pub redis_backoff_min: Duration,
     /// Longest wait between Redis reconnect attempts. Default 5 s.
     pub redis_backoff_max: Duration,

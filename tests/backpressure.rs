@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use wsrelay::client::V1;
 
 fn node(redis: Option<&Redis>, extra: &[&str]) -> Node {
     let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();

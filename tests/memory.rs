@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 
 use common::*;
 use serde_json::json;
-use wsrelay::client::{Client, V1};
 
 /// Sends `cmds` without waiting, then reads one reply per command.
 fn pipelined(c: &mut V1, cmds: &[serde_json::Value]) {

@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use wsrelay::client::V1;
 
 /// `INFO stats` field `name` as a number.
 fn info_stat(con: &mut redis::Connection, name: &str) -> u64 {

@@ -11,7 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::*;
 use serde_json::{Value, json};
 use wsrelay::auth::{Claims, mint};
-use wsrelay::client::V1;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
 

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::select;
 
 use super::memory_store::{HistoryLimits, HistoryStore, SessionStore};
-use super::{Outbox, RateLimit, Routes};
+use super::{Outbox, Routes};
 use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Position, Publish, Reply, Request};
 use crate::config::Config;
+use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, inc};
 
 /// How often expired history and sessions are swept out.
@@ -32,7 +33,7 @@ pub fn spawn(
         metrics,
         routes: Routes::default(),
         outbox: Outbox::default(),
-        drop_log: RateLimit::default(),
+        drop_log: LogThrottle::default(),
         history: (config.history_size > 0).then(|| {
             HistoryStore::new(HistoryLimits {
                 size: config.history_size,
@@ -55,7 +56,7 @@ struct MemoryBroker {
     metrics: Arc<Metrics>,
     routes: Routes,
     outbox: Outbox,
-    drop_log: RateLimit,
+    drop_log: LogThrottle,
     /// `None` with `--history-size 0`.
     history: Option<HistoryStore>,
     sessions: SessionStore,

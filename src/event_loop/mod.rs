@@ -34,11 +34,11 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::backpressure::{Backpressure, judge};
 use crate::bridge::{BrokerHandle, Control, LoopInbox, ToLoop};
-use crate::broker::RateLimit;
 use crate::channels::ChannelIndex;
 use crate::conn::{Conn, Phase, ReadAhead, Written};
 use crate::fanout::{self, Turn};
 use crate::http::{self, Status};
+use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{HandshakeFailure, LoopMetrics, add, inc};
 use crate::server::Shared;
 

@@ -17,8 +17,9 @@ use redis::Value;
 use super::{Shared, connect, ttl_secs};
 use crate::bridge::{Delivery, Position, Publish, PublishError, Reply};
 use crate::broker::memory_store::new_epoch;
-use crate::broker::{Outbox, RateLimit, wire};
+use crate::broker::{Outbox, wire};
 use crate::config::Config;
+use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{add, inc};
 
 static PUBLISH_SCRIPT: LazyLock<redis::Script> =
