@@ -1,6 +1,6 @@
 //! End-to-end benchmark on loopback: starts the wsrelay binary (`--threads 1`) with the
 //! in-process broker, and again in Redis mode against a `redis-server` it starts on a free
-//! port, drives it with the load generator library (`wsrelay::load`, the engine of
+//! port, drives it with the load generator library (`wsrelay_load`, the engine of
 //! `wsrelay-load`), and reports per mode:
 //!
 //! - deliveries per second, server CPU-seconds per million deliveries (and deliveries per
@@ -31,14 +31,12 @@
 //! The targets, on a 2-core box: `WSRELAY_BENCH_CONNS=1000 WSRELAY_BENCH_RATE=2000
 //! WSRELAY_BENCH_IDLE=19000 WSRELAY_BENCH_SECS=10 WSRELAY_BENCH_PIN=0:1 cargo bench --bench e2e`.
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
-use wsrelay::load::{self, LoadConfig, Report};
+use wsrelay_load::{self as load, LoadConfig, Report};
+use wsrelay_testkit::{Echo, Node, Redis, command, server_binary};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -88,111 +86,15 @@ impl Settings {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A command, prefixed with `taskset -c CPU` when pinned.
-fn command(program: &str, cpu: Option<usize>) -> Command {
-    match cpu {
-        Some(c) => {
-            let mut cmd = Command::new("taskset");
-            cmd.args(["-c", &c.to_string(), program]);
-            cmd
-        }
-        None => Command::new(program),
-    }
-}
-
-/// A child process killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Redis {
-    url: String,
-    _proc: Proc,
-}
-
-fn start_redis(cpu: Option<usize>) -> Redis {
-    let port = free_port();
-    let child = command("redis-server", cpu)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server on PATH (apt-get install redis-server)");
-    let url = format!("redis://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let ok = redis::Client::open(url.as_str())
-            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-            .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con))
-            .is_ok();
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < deadline, "redis-server did not answer PING");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Redis {
-        url,
-        _proc: Proc(child),
-    }
-}
-
-struct Server {
-    addr: SocketAddr,
-    pid: u32,
-    _proc: Proc,
-}
-
-/// Starts the wsrelay binary with one loop and waits for its "listening on" line.
-fn start_server(redis: Option<&str>, cpu: Option<usize>) -> Server {
-    let mut cmd = command(env!("CARGO_BIN_EXE_wsrelay"), cpu);
+/// Starts the wsrelay binary with one loop (pinned to `cpu` when given), its warnings and
+/// errors echoed.
+fn start_server(redis: Option<&str>, cpu: Option<usize>) -> Node {
+    let mut cmd = command(server_binary(), cpu);
     cmd.args(["--listen", "127.0.0.1:0", "--threads", "1"]);
     if let Some(url) = redis {
         cmd.args(["--redis", url]);
     }
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start wsrelay");
-    let pid = child.id(); // taskset execs the program: same pid
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-            } else if line.contains("WARN") || line.contains("ERROR") {
-                eprintln!("[wsrelay] {line}");
-            }
-        }
-    });
-    let child = Proc(child);
-    let addr = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("wsrelay did not start")
-        .parse()
-        .expect("listen address");
-    Server {
-        addr,
-        pid,
-        _proc: child,
-    }
+    Node::spawn_echo(&mut cmd, Echo::Problems("[wsrelay] "))
 }
 
 /// One line of the table.
@@ -273,11 +175,11 @@ fn main() {
     for mode in &s.modes {
         let redis = match mode.as_str() {
             "memory" => None,
-            "redis" => Some(start_redis(other_cpu)),
+            "redis" => Some(Redis::start_on_cpu(other_cpu)),
             other => panic!("WSRELAY_BENCH_MODES: unknown mode {other:?} (memory, redis)"),
         };
-        let redis_url = redis.as_ref().map(|r| r.url.clone());
-        let base = |server: &Server, rate: f64, conns: usize| LoadConfig {
+        let redis_url = redis.as_ref().map(Redis::url);
+        let base = |server: &Node, rate: f64, conns: usize| LoadConfig {
             targets: load::parse_url(&format!("ws://{}/bench", server.addr)).unwrap(),
             connections: conns,
             channels: 1,
@@ -287,7 +189,7 @@ fn main() {
             duration: Duration::from_secs_f64(s.secs),
             publish_via: redis_url.clone(),
             threads: s.gen_threads,
-            server_pids: vec![server.pid],
+            server_pids: vec![server.pid()],
             connect_timeout: Duration::from_secs(60),
             drain: Duration::from_secs(5),
             ..LoadConfig::default()

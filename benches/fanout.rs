@@ -33,8 +33,6 @@ use wsrelay::fanout::{self, Turn};
 use wsrelay::frame::Kind;
 
 const SIZES: [usize; 3] = [1, 100, 10_000];
-/// The server's default `--max-output`; never reached here (buffers are emptied each time).
-const MAX_OUTPUT: usize = 256 * 1024;
 
 /// `n` open raw-protocol connections on channel `bench`, and the channel's member set.
 struct Fixture {
@@ -81,7 +79,6 @@ fn reset(f: &mut Fixture, turn: &mut Turn) {
         conn.dirty = false;
         conn.out.discard();
     }
-    turn.slow.clear();
     turn.gaps.clear();
 }
 
@@ -97,7 +94,7 @@ fn deliver(c: &mut Criterion) {
                 let mut total = std::time::Duration::ZERO;
                 for _ in 0..iters {
                     let t = Instant::now();
-                    let got = fanout::deliver(&d, &f.members, &mut f.conns, MAX_OUTPUT, &mut turn);
+                    let got = fanout::deliver(&d, &f.members, &mut f.conns, &mut turn);
                     total += t.elapsed();
                     black_box(got);
                     // Emptying the buffers is not part of a delivery: it is timed apart below.
@@ -121,7 +118,7 @@ fn flush_buffers(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = std::time::Duration::ZERO;
                 for _ in 0..iters {
-                    fanout::deliver(&d, &f.members, &mut f.conns, MAX_OUTPUT, &mut turn);
+                    fanout::deliver(&d, &f.members, &mut f.conns, &mut turn);
                     let t = Instant::now();
                     for key in turn.dirty.drain(..) {
                         let conn = &mut f.conns[key];
@@ -129,7 +126,6 @@ fn flush_buffers(c: &mut Criterion) {
                         black_box(conn.out.write_to(&mut std::io::sink()).unwrap());
                     }
                     total += t.elapsed();
-                    turn.slow.clear();
                     turn.gaps.clear();
                 }
                 total

@@ -62,7 +62,8 @@
 //                                       fromEpoch, reason} (reason only when ok is false:
 //                                       "not_covered", "epoch_changed", "unavailable", "gap")
 //   handlers.onError(err)               the server refused the subscription (err.code: "forbidden",
-//                                       "bad_channel", "too_many_channels", ...); it is dropped
+//                                       "bad_channel", "too_many_channels", ...), or ended it later
+//                                       (an unsolicited `unsubscribed` with a reason); it is dropped
 //   handlers.offset, handlers.epoch     optional starting position (e.g. persisted by the app):
 //                                       the first subscribe then already asks for recovery
 //   Subscribing twice to the same channel throws; unsubscribe first.
@@ -419,6 +420,9 @@ export class WsRelay {
       case "subscribed": return this._onSubscribed(m);
       case "published": return this._onPublished(m);
       case "unsubscribed":
+        if (m.ref === undefined && typeof m.reason === "string") return this._onEnded(m);
+        this._pending.delete(m.ref);
+        return;
       case "pong": this._pending.delete(m.ref); return;
       case "welcome":
         this.session = m.session ?? null;
@@ -537,6 +541,18 @@ export class WsRelay {
     if (!p || p.kind !== "publish") return;
     this._pending.delete(m.ref);
     p.resolve({ channel: m.channel, offset: m.offset, epoch: m.epoch });
+  }
+
+  // The server ended a subscription by itself (reason "forbidden": the token no longer grants
+  // it): dropped like a refused subscribe, and not renewed on reconnect.
+  _onEnded(m) {
+    const sub = this._subs.get(m.channel);
+    if (!sub) return;
+    this._subs.delete(m.channel);
+    sub.active = false;
+    const err = new WsRelayError(m.reason, `the server ended the subscription to ${m.channel} (${m.reason})`);
+    if (sub.handlers.onError) this._call(sub, "onError", err);
+    else this._emit("error", err);
   }
 
   _onError(m) {

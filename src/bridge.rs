@@ -42,6 +42,8 @@ pub struct Delivery {
     pub raw_frame: Bytes,
     /// The `wsrelay.v1` message frame, encoded by the first loop that needs it.
     envelope: OnceLock<Bytes>,
+    /// The same without offset and epoch, for a position foreign to the channel's history.
+    plain_envelope: OnceLock<Bytes>,
 }
 
 impl Delivery {
@@ -55,13 +57,45 @@ impl Delivery {
             position,
             raw_frame,
             envelope: OnceLock::new(),
+            plain_envelope: OnceLock::new(),
         })
+    }
+
+    /// A copy for a history store: the same payload and frame (shared, not copied), without
+    /// the envelopes cached for live delivery, so a stored message costs its payload and frame
+    /// only (an escaped v1 envelope can be six times the payload).
+    pub fn stored_copy(&self) -> Arc<Self> {
+        Arc::new(Delivery {
+            channel: self.channel.clone(),
+            kind: self.kind,
+            data: self.data.clone(),
+            position: self.position.clone(),
+            raw_frame: self.raw_frame.clone(),
+            envelope: OnceLock::new(),
+            plain_envelope: OnceLock::new(),
+        })
+    }
+
+    /// The `wsrelay.v1` frame without caching it: for replays of stored messages, which would
+    /// otherwise keep an envelope per stored message for as long as the history.
+    pub fn envelope_frame_uncached(&self) -> Bytes {
+        match self.envelope.get() {
+            Some(f) => f.clone(),
+            None => frame::text(&crate::envelope::message(self)),
+        }
     }
 
     /// The frame `wsrelay.v1` clients receive: encoded once, shared by every such recipient.
     pub fn envelope_frame(&self) -> &Bytes {
         self.envelope
             .get_or_init(|| frame::text(&crate::envelope::message(self)))
+    }
+
+    /// The frame `wsrelay.v1` clients receive when the message's position is not one of the
+    /// channel's (a foreign header): the message without offset and epoch.
+    pub fn plain_envelope_frame(&self) -> &Bytes {
+        self.plain_envelope
+            .get_or_init(|| frame::text(&crate::envelope::message_at(self, None)))
     }
 
     /// The offset if this message has one in `epoch`.
@@ -117,8 +151,20 @@ pub struct History {
 pub struct SessionState {
     /// Token subject the session belongs to, when tokens are in use.
     pub subject: Option<String>,
-    /// Subscribed channels with the last delivered offset and its epoch.
+    /// Subscribed channels with the last delivered offset and its epoch (`None`: not known
+    /// yet).
     pub channels: Vec<(Channel, u64, Option<Arc<str>>)>,
+}
+
+/// A session whose subscription to a channel starts at the channel's current position: the
+/// broker writes that position into the session as it reads it, so the position is stored
+/// before anyone can see it (a node dying right after the `subscribed` reply loses nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Session id (the storage key).
+    pub id: Arc<str>,
+    /// Token subject the session belongs to.
+    pub subject: Option<String>,
 }
 
 /// Request/response work for the broker (storage reads and writes), answered through
@@ -131,6 +177,10 @@ pub enum Request {
         channel: Channel,
         /// Return messages with offsets above this.
         since: Option<u64>,
+        /// Write the position read into this session (for a subscription starting now).
+        record: Option<SessionRecord>,
+        /// Who subscribes (a read can create the channel's history).
+        origin: Option<Origin>,
         /// Who asked.
         to: ReplyTo,
     },
@@ -141,7 +191,8 @@ pub enum Request {
         /// Who asked.
         to: ReplyTo,
     },
-    /// Replace a session's stored state and restart its time to live. No reply.
+    /// Replace a session's stored state and restart its time to live; a channel whose
+    /// position is unknown (no epoch) keeps the position stored for it, if any. No reply.
     SaveSession {
         /// Session id.
         id: Arc<str>,
@@ -156,6 +207,44 @@ pub enum Request {
         /// Who asked.
         to: ReplyTo,
     },
+}
+
+/// Why a publish was not stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublishError {
+    /// The broker could not be reached: the message went to this node's clients only.
+    Unreachable,
+    /// Sent but not answered (a stalled Redis): it may still be stored and delivered.
+    Unknown(String),
+    /// The broker answered with an error (Redis out of memory, read-only, a key of the wrong
+    /// type): nothing was stored and nothing delivered.
+    Refused(String),
+}
+
+impl PublishError {
+    /// The `wsrelay.v1` error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PublishError::Unreachable | PublishError::Unknown(_) => "unavailable",
+            PublishError::Refused(_) => "refused",
+        }
+    }
+
+    /// What the client is told.
+    pub fn message(&self) -> String {
+        match self {
+            PublishError::Unreachable => "redis unreachable: delivered to this node's clients only".into(),
+            PublishError::Unknown(e) => {
+                format!("redis did not answer ({e}); the message may or may not be delivered")
+            }
+            PublishError::Refused(e) => format!("redis refused the write: {e}"),
+        }
+    }
+
+    /// True when the broker refused for lack of memory (HTTP 507 rather than 503).
+    pub fn out_of_memory(&self) -> bool {
+        matches!(self, PublishError::Refused(e) if e.starts_with("OOM"))
+    }
 }
 
 /// An answer to a [`Request`] or an acknowledged [`Publish`].
@@ -177,7 +266,7 @@ pub enum Reply {
         /// The command's `ref`.
         reference: Option<Box<str>>,
         /// The message's position (when the channel keeps history), or why it failed.
-        result: Result<Option<Position>, String>,
+        result: Result<Option<Position>, PublishError>,
     },
 }
 
@@ -214,9 +303,17 @@ pub enum ToLoop {
     },
 }
 
+/// Who a publish or a subscription comes from, so that bounded stores can be shared fairly
+/// (one client flooding new channels evicts its own first): `sub:` and the token subject when
+/// the client has one, else `ip:` and its address (an IPv6 client by its /64), `api` for
+/// `POST /publish`.
+pub type Origin = Arc<str>;
+
 /// A client's message on its way to the broker.
 #[derive(Debug)]
 pub struct Publish {
+    /// Who published it.
+    pub origin: Option<Origin>,
     /// Target channel, without prefix.
     pub channel: Channel,
     /// Frame type, kept end to end.

@@ -30,8 +30,10 @@ pub struct Config {
     /// Redis URL (`redis://host:port`, `redis+unix:///path`). `None` runs the in-process broker:
     /// one process is then a complete server, but nodes do not share messages.
     pub redis: Option<String>,
-    /// Prepended to every channel name to form the Redis channel. Default empty, so a backend's
-    /// `PUBLISH chat_channel hello` reaches clients of `chat_channel`.
+    /// Prepended to every channel name to form the Redis channel, and to every key. Default
+    /// empty, so a backend's `PUBLISH chat_channel hello` reaches clients of `chat_channel`.
+    /// Deployments sharing a Redis must use prefix-free prefixes (none starting with another):
+    /// a node refuses to start next to a live deployment whose prefix is not.
     pub redis_prefix: String,
     /// The channel of a raw-protocol client that connects to `/`. Default `chat_channel`.
     pub default_channel: String,
@@ -45,11 +47,27 @@ pub struct Config {
     /// close 1009. Default 64 KiB: enough for chat and dashboards, small enough that one client
     /// cannot make the server buffer much.
     pub max_message_size: usize,
-    /// Cap on one connection's unsent output, in bytes. A client whose backlog passes it is a
-    /// slow consumer: it is closed with 1008 and counted; nobody else waits for it. Default
-    /// 256 KiB: about 4,000 64-byte messages of burst before a stalled client is cut off. Worst
-    /// case memory is this times the number of connections.
+    /// Hard cap on one connection's unsent output, in bytes, judged after its socket was
+    /// tried: past it the client is a slow consumer, closed with 1008 and counted; nobody else
+    /// waits for it. Default 16 MiB: 40 of the largest possible v1 envelopes (a 64 KiB message
+    /// of control characters escapes to 384 KiB), so no single message, burst of a few or
+    /// replay of a reading client comes near it. Per-connection worst case; the total is
+    /// bounded by `loop_output_budget`.
     pub max_output: usize,
+    /// Soft cap on one connection's unsent output, in bytes: a connection may stay above it
+    /// only for `soft_output_grace`, then it is closed as a slow consumer. Default 1 MiB: a
+    /// reading client on a 1 Mbit/s link drains it in about 8 s, well within the grace period.
+    pub soft_output: usize,
+    /// How long a connection may stay above `soft_output`. Default 30 s (Redis closes Pub/Sub
+    /// clients that stay over 8 MB for 60 s): long enough for a client whose event loop or
+    /// network stalled for a moment, short enough that a client that stopped reading is cut
+    /// off long before the hard cap matters.
+    pub soft_output_grace: Duration,
+    /// Cap on the unsent output of all of one loop's connections together, in bytes: past it,
+    /// the connections holding the most are closed first (dropping their output at once).
+    /// Default 1 GiB per loop: worst-case memory for unsent output is this times `--threads`,
+    /// whatever the number of connections.
+    pub loop_output_budget: usize,
     /// Per-connection read buffer in bytes (tungstenite's `read_buffer_size`, allocated per
     /// connection up front). Sockets are read in one large read into the loop's shared 64 KiB
     /// buffer, and tungstenite takes the bytes from there in pieces of this size, so it costs
@@ -103,8 +121,9 @@ pub struct Config {
     /// Messages read from one connection per loop turn before the loop serves the others.
     /// Default 64: one flooding client cannot starve the rest of its loop.
     pub read_budget: usize,
-    /// Shortest wait before reconnecting to Redis; doubles up to `redis_backoff_max`, with full
-    /// jitter so a fleet of nodes does not reconnect in lock step. Default 100 ms.
+    /// Reconnect backoff to Redis: the cap on the wait starts here and doubles per failure up
+    /// to `redis_backoff_max`; each wait is uniform between half of this and the cap, so a
+    /// fleet of nodes does not reconnect in lock step. Default 100 ms.
     pub redis_backoff_min: Duration,
     /// Longest wait between Redis reconnect attempts. Default 5 s.
     pub redis_backoff_max: Duration,
@@ -116,14 +135,28 @@ pub struct Config {
     /// How long a channel's history lives after its last publish. Default 10 min: a client away
     /// longer gets `recovered: false` and reloads.
     pub history_ttl: Duration,
-    /// In-process broker only: most channels with a history in memory. Past it, the histories
-    /// closest to expiry are dropped (their clients get `recovered: false`). Default 100,000:
-    /// with `history_size` messages each, this bounds the history's memory whatever clients
-    /// publish to. With Redis, Redis's own memory policy bounds it.
+    /// In-process broker only: most channels with a history in memory. Past it, histories of
+    /// channels without live subscribers go first, those published to longest ago first (their
+    /// clients get `recovered: false`). Default 100,000. With Redis, Redis's own memory policy
+    /// bounds it.
     pub max_history_channels: usize,
+    /// In-process broker only: bytes of all stored messages together (payload, its frame and
+    /// about 192 bytes of bookkeeping each). Past it, the oldest messages of channels without
+    /// live subscribers go first, then those of the others. Default 1 GiB: this is the
+    /// worst case of history memory, whatever clients publish.
+    pub history_memory: usize,
+    /// In-process broker only: bytes of one channel's stored messages; past it its oldest
+    /// go, even if fewer than `history_size` remain. Default 16 MiB: a thousand 8 KiB
+    /// messages, or 128 of the largest (64 KiB, stored with its frame).
+    pub history_channel_memory: usize,
     /// In-process broker only: most sessions kept. Past it, those closest to expiry go first.
-    /// Default 1,000,000 (a few hundred bytes each).
+    /// Default 1,000,000.
     pub max_sessions: usize,
+    /// In-process broker only: bytes of all sessions together (ids, subjects, channel names
+    /// and about 48 bytes per channel, 160 per session). Past it, those closest to expiry go
+    /// first. Default 256 MiB: the worst case of session memory (a session of 128 channels of
+    /// 256-byte names is about 40 KiB, so at least 6,500 such sessions, or a million small ones).
+    pub session_memory: usize,
     /// How long a session (subscriptions and last offsets) is kept after its connection ends.
     /// Default 10 min, matching `history_ttl`: resuming later could not recover anyway.
     pub session_ttl: Duration,
@@ -172,7 +205,10 @@ impl Default for Config {
             max_channel_len: 256,
             max_connections: 1_000_000,
             max_message_size: 64 * 1024,
-            max_output: 256 * 1024,
+            max_output: 16 * 1024 * 1024,
+            soft_output: 1024 * 1024,
+            soft_output_grace: Duration::from_secs(30),
+            loop_output_budget: 1024 * 1024 * 1024,
             read_buffer: 64,
             socket_send_buffer: None,
             handshake_timeout: Duration::from_secs(10),
@@ -193,6 +229,9 @@ impl Default for Config {
             history_ttl: Duration::from_secs(600),
             max_history_channels: 100_000,
             max_sessions: 1_000_000,
+            history_memory: 1024 * 1024 * 1024,
+            history_channel_memory: 16 * 1024 * 1024,
+            session_memory: 256 * 1024 * 1024,
             session_ttl: Duration::from_secs(600),
             session_flush: Duration::from_secs(2),
             max_channels_per_conn: 128,
@@ -209,6 +248,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The slow-consumer limits; a soft limit above the hard one is the hard one.
+    pub fn output_limits(&self) -> crate::backpressure::Limits {
+        crate::backpressure::Limits {
+            hard: self.max_output,
+            soft: self.soft_output.min(self.max_output),
+            grace: self.soft_output_grace,
+        }
+    }
+
     /// Rejects settings that cannot work together. The message names the flag to change.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
@@ -217,6 +265,8 @@ impl Config {
             (self.max_connections, "--max-connections"),
             (self.max_message_size, "--max-message-size"),
             (self.max_output, "--max-output"),
+            (self.soft_output, "--soft-output"),
+            (self.loop_output_budget, "--loop-output-budget"),
             (self.loop_queue, "--loop-queue"),
             (self.publish_queue, "--publish-queue"),
             (self.publish_batch, "--publish-batch"),
@@ -224,6 +274,9 @@ impl Config {
             (self.max_channels_per_conn, "--max-channels-per-conn"),
             (self.max_history_channels, "--max-history-channels"),
             (self.max_sessions, "--max-sessions"),
+            (self.history_memory, "--history-memory"),
+            (self.history_channel_memory, "--history-channel-memory"),
+            (self.session_memory, "--session-memory"),
         ];
         if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));

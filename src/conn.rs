@@ -22,7 +22,7 @@ use std::sync::Arc;
 use mio::net::TcpStream;
 use tungstenite::protocol::WebSocketContext;
 
-use crate::bridge::Delivery;
+use crate::bridge::{Delivery, Position};
 use crate::channels::Channel;
 
 /// Bytes queued for a socket and not yet accepted by the kernel.
@@ -199,7 +199,7 @@ pub enum Protocol {
 }
 
 /// What a subscription waits for before messages flow.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Pending {
     /// The subscribe command's `ref`, echoed in the `subscribed` reply.
     pub reference: Option<Box<str>>,
@@ -209,17 +209,31 @@ pub struct Pending {
     pub announce: bool,
     /// Deliveries were lost after the history read was asked for: read again once it is done.
     pub again: bool,
+    /// The read checks this epoch, seen on a delivery but not the subscription's: if the
+    /// history still has the subscription's epoch, deliveries in it are foreign (published
+    /// straight into Redis with a header that only looks like ours).
+    pub checked: Option<Arc<str>>,
+    /// This read follows one that found the history restarted (new epoch): it reads the new
+    /// epoch from its start. Only once: a history that keeps changing is not read forever.
+    pub restarted: bool,
 }
 
 impl Pending {
-    /// A recovery the client did not ask for (a gap, lost deliveries, a new epoch): no reply
-    /// unless it fails.
+    /// A recovery the client did not ask for (a gap, lost deliveries): no reply unless it
+    /// fails.
     pub fn quiet() -> Self {
         Pending {
-            reference: None,
             recover: true,
-            announce: false,
-            again: false,
+            ..Pending::default()
+        }
+    }
+
+    /// A quiet recovery that also checks whether `epoch`, seen on a delivery, is the
+    /// channel's new epoch or a foreign one.
+    pub fn check(epoch: Arc<str>) -> Self {
+        Pending {
+            checked: Some(epoch),
+            ..Pending::quiet()
         }
     }
 }
@@ -253,6 +267,14 @@ pub struct Sub {
     pub offset: u64,
     /// Epoch of `offset`, once known.
     pub epoch: Option<Arc<str>>,
+    /// The position its session stores: every message up to it has reached the client (the
+    /// client's TCP acknowledged every byte queued up to it, or the client named it when
+    /// subscribing), so a resume from it loses nothing. `None` until known. Behind `offset`
+    /// while output is in flight.
+    pub stored: Option<Position>,
+    /// An epoch found to be foreign to this channel (see [`Pending::checked`]): deliveries in
+    /// it are passed on without a position, and never start a recovery again.
+    pub foreign: Option<Arc<str>>,
 }
 
 impl Sub {
@@ -263,19 +285,46 @@ impl Sub {
             state: SubState::Live,
             offset: 0,
             epoch: None,
+            stored: None,
+            foreign: None,
         }
     }
 
     /// A subscription waiting for its channel to be live, then for its history read after
     /// `offset` (the last message the client has) in `epoch`.
     pub fn awaiting(channel: Channel, offset: u64, epoch: Option<Arc<str>>, pending: Pending) -> Self {
+        let stored = epoch.clone().map(|epoch| Position { offset, epoch });
         Sub {
             channel,
             state: SubState::AwaitingLive(pending),
             offset,
             epoch,
+            stored,
+            foreign: None,
         }
     }
+
+    /// Everything delivered so far has reached the client: its position becomes the one its
+    /// session stores. A subscription still reading its history keeps the stored one.
+    pub fn delivered_all(&mut self) {
+        if let (SubState::Live, Some(epoch)) = (&self.state, &self.epoch) {
+            self.stored = Some(Position {
+                offset: self.offset,
+                epoch: epoch.clone(),
+            });
+        }
+    }
+}
+
+/// Bytes the socket has queued that its peer has not acknowledged yet (sent or not), or
+/// `None` when the kernel cannot tell.
+pub fn unacknowledged(sock: &TcpStream) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer; the descriptor is a
+    // connected TCP socket owned by `sock`.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    (r == 0).then(|| usize::try_from(n).ok()).flatten()
 }
 
 /// A connection's session: stored so that another connection can resume it.
@@ -350,6 +399,16 @@ impl Open {
         self.grant.as_ref().is_none_or(|g| g.may_publish(channel))
     }
 
+    /// Counts `n` bytes of held deliveries as released.
+    pub fn release_held(&mut self, n: usize) {
+        debug_assert!(
+            n <= self.held_bytes,
+            "releasing {n} held bytes of {}",
+            self.held_bytes
+        );
+        self.held_bytes = self.held_bytes.saturating_sub(n);
+    }
+
     /// The subscription to `channel`, if any.
     pub fn sub_mut(&mut self, channel: &str) -> Option<&mut Sub> {
         self.subs.iter_mut().find(|s| &*s.channel == channel)
@@ -407,6 +466,10 @@ pub struct Conn {
     pub dead: bool,
     /// Input read from the socket but not consumed yet (the read budget ran out).
     pub pending_input: Option<Box<[u8]>>,
+    /// When its unsent output went over the soft limit (see `backpressure.rs`).
+    pub over_soft_since: Option<Instant>,
+    /// Its unsent output as last counted in the loop's total (after its last write).
+    pub accounted: usize,
 }
 
 impl Conn {
@@ -429,6 +492,8 @@ impl Conn {
             write_shut: false,
             dead: false,
             pending_input: None,
+            over_soft_since: None,
+            accounted: 0,
         }
     }
 

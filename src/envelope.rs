@@ -253,6 +253,16 @@ pub fn unsubscribed(reference: Option<&str>, channel: &str) -> String {
     s
 }
 
+/// An unsolicited `{"type":"unsubscribed",...,"reason":...}`: the server ended the
+/// subscription (`forbidden`: the current token does not grant it).
+pub fn unsubscribed_because(channel: &str, reason: &str) -> String {
+    let mut s = String::from("{\"type\":\"unsubscribed\"");
+    put_str(&mut s, "channel", channel);
+    put_str(&mut s, "reason", reason);
+    s.push('}');
+    s
+}
+
 /// `{"type":"published",...}`
 pub fn published(reference: Option<&str>, channel: &str, position: Option<&Position>) -> String {
     let mut s = String::from("{\"type\":\"published\"");
@@ -283,10 +293,15 @@ pub fn error(reference: Option<&str>, code: &str, message: &str) -> String {
 
 /// `{"type":"message",...}` for a delivery: `data` for text, `data_b64` for binary.
 pub fn message(d: &Delivery) -> String {
+    message_at(d, d.position.as_ref())
+}
+
+/// A delivery's message frame with `position` in place of its own.
+pub fn message_at(d: &Delivery, position: Option<&Position>) -> String {
     let mut s = String::with_capacity(64 + d.data.len() * 4 / 3);
     s.push_str("{\"type\":\"message\"");
     put_str(&mut s, "channel", &d.channel);
-    put_position(&mut s, d.position.as_ref());
+    put_position(&mut s, position);
     match (d.kind, std::str::from_utf8(&d.data)) {
         (Kind::Text, Ok(text)) => put_str(&mut s, "data", text),
         _ => put_str(&mut s, "data_b64", &B64.encode(&d.data)),

@@ -7,6 +7,8 @@
 
 use std::fmt::Write as _;
 
+use tungstenite::http::StatusCode;
+
 /// Largest request head accepted, in bytes. Browsers send 0.5-2 KiB; 8 KiB matches common
 /// proxies. Longer heads get 431 and a close.
 pub const MAX_HEAD: usize = 8 * 1024;
@@ -86,25 +88,33 @@ pub enum Status {
     Unavailable,
     /// 504: the broker did not answer in time.
     GatewayTimeout,
+    /// 507: the broker is out of memory and refuses writes.
+    InsufficientStorage,
 }
 
 impl Status {
-    /// Numeric code and reason phrase.
+    /// Numeric code and reason phrase (the standard one, from the `http` crate).
     pub fn code(self) -> (u16, &'static str) {
+        let status = self.status_code();
+        (status.as_u16(), status.canonical_reason().unwrap_or("Unknown"))
+    }
+
+    fn status_code(self) -> StatusCode {
         match self {
-            Status::Ok => (200, "OK"),
-            Status::BadRequest => (400, "Bad Request"),
-            Status::Unauthorized => (401, "Unauthorized"),
-            Status::Forbidden => (403, "Forbidden"),
-            Status::NotFound => (404, "Not Found"),
-            Status::MethodNotAllowed => (405, "Method Not Allowed"),
-            Status::RequestTimeout => (408, "Request Timeout"),
-            Status::PayloadTooLarge => (413, "Payload Too Large"),
-            Status::UpgradeRequired => (426, "Upgrade Required"),
-            Status::TooManyRequests => (429, "Too Many Requests"),
-            Status::HeadersTooLarge => (431, "Request Header Fields Too Large"),
-            Status::Unavailable => (503, "Service Unavailable"),
-            Status::GatewayTimeout => (504, "Gateway Timeout"),
+            Status::Ok => StatusCode::OK,
+            Status::BadRequest => StatusCode::BAD_REQUEST,
+            Status::Unauthorized => StatusCode::UNAUTHORIZED,
+            Status::Forbidden => StatusCode::FORBIDDEN,
+            Status::NotFound => StatusCode::NOT_FOUND,
+            Status::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Status::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Status::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Status::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Status::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Status::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Status::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Status::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Status::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 }
@@ -224,11 +234,16 @@ pub fn parse(buf: &[u8]) -> Parse {
     )
 }
 
-/// The value of `name` in a query string like `a=1&b=2`, percent-decoded.
+/// The value of `name` in a query string like `a=1&b=2`, with `+` as a space and
+/// percent-decoded; `None` when absent or when its value is not strictly encoded (see
+/// [`percent_decode`]). Keys are compared as sent, not decoded.
+///
+/// Not `form_urlencoded::parse`: it decodes keys, passes bad escapes through and replaces
+/// invalid UTF-8, where a malformed value must be refused, not reinterpreted.
 pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     query?
         .split('&')
-        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
         .find(|(k, _)| *k == name)
         .and_then(|(_, v)| percent_decode(&v.replace('+', " ")))
 }
@@ -296,25 +311,22 @@ fn valid_key(key: &str) -> bool {
 }
 
 /// Decodes `%XX` escapes; `None` for a bad escape or a result that is not UTF-8.
+///
+/// Stricter than `percent_encoding::percent_decode_str`, which passes a `%` without two hex
+/// digits through as it is: here every `%` must be followed by exactly two hex digits (RFC 3986
+/// `pct-encoded`; `%+2` and `%zz` are refused), so a path or value reads one way only.
 pub fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            // Exactly two hex digits: from_str_radix alone would also take a sign (`%+2`).
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let escapes_valid = s.split('%').skip(1).all(|after| {
+        after
+            .as_bytes()
+            .get(..2)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_valid {
+        return None;
     }
-    String::from_utf8(out).ok()
+    let decoded = percent_encoding::percent_decode_str(s).decode_utf8().ok()?;
+    Some(decoded.into_owned())
 }
 
 #[cfg(test)]
@@ -407,10 +419,45 @@ mod tests {
     }
 
     #[test]
+    fn escapes_are_exactly_two_hex_digits() {
+        assert_eq!(percent_decode("/a%20b%2Fc").as_deref(), Some("/a b/c"));
+        assert_eq!(percent_decode("%e2%82%ac").as_deref(), Some("\u{20ac}"));
+        for bad in ["%", "%2", "%+2", "%-2", "%zz", "%%41", "a%2", "%c3%28"] {
+            assert_eq!(percent_decode(bad), None, "{bad:?}");
+        }
+        let q = Some("a=1&session=x%2By+z&flag&bad=%+1");
+        assert_eq!(query_param(q, "session").as_deref(), Some("x+y z"));
+        assert_eq!(query_param(q, "flag").as_deref(), Some(""));
+        assert_eq!(query_param(q, "bad"), None);
+        assert_eq!(query_param(q, "missing"), None);
+        // Keys are compared as sent.
+        assert_eq!(query_param(Some("sess%69on=x"), "session"), None);
+    }
+
+    #[test]
     fn accept_key_matches_rfc_example() {
         let resp = String::from_utf8(upgrade_response(KEY, None)).unwrap();
         assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(resp.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn status_lines_are_the_standard_ones() {
+        for (status, line) in [
+            (Status::RequestTimeout, "HTTP/1.1 408 Request Timeout\r\n"),
+            (Status::PayloadTooLarge, "HTTP/1.1 413 Payload Too Large\r\n"),
+            (
+                Status::HeadersTooLarge,
+                "HTTP/1.1 431 Request Header Fields Too Large\r\n",
+            ),
+            (Status::Unavailable, "HTTP/1.1 503 Service Unavailable\r\n"),
+        ] {
+            assert!(
+                String::from_utf8(error_response(status))
+                    .unwrap()
+                    .starts_with(line)
+            );
+        }
     }
 
     #[test]

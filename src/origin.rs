@@ -27,7 +27,7 @@
 //!   alone allows every host on that scheme and port. Internationalised names must be written
 //!   in their `xn--` form, which is what browsers send.
 
-use crate::auth::wildcard_match;
+use crate::wildcard::wildcard_match;
 
 /// The parsed `--allowed-origin` list. Empty (and `Default`) allows everything.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -179,6 +179,9 @@ impl Server {
             per_ip,
         });
 
+        let trimmer = shared.clone();
+        crate::trim::spawn(move || trimmer.stop.get().is_some())
+            .map_err(|e| format!("cannot start the memory trim thread: {e}"))?;
         let mut loop_threads = Vec::new();
         for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
             let listeners = [Some(listener), proxy_listeners[id].take()];

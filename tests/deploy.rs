@@ -386,10 +386,10 @@ fn systemd_unit_is_valid_and_outlasts_the_drain() {
     );
     let mut node = Node::spawn(std::process::Command::new(bin).args(line.split_whitespace()));
     assert!(
-        wsrelay::client::V1::connect(node.proxy_addr(), None).is_err(),
+        V1::connect(node.proxy_addr(), None).is_err(),
         "the PROXY listener takes no plain clients"
     );
-    let mut c = wsrelay::client::V1::connect(node.addr, None).unwrap();
+    let mut c = V1::connect(node.addr, None).unwrap();
     c.subscribe("unit", None).unwrap();
     let t = Instant::now();
     node.signal(libc::SIGTERM);

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use wsrelay::client::V1;
 
 /// Reads a v1 client until its close; returns the messages before it and the close code.
 fn until_close(c: &mut V1, timeout: Duration) -> (Vec<Value>, Option<u16>) {

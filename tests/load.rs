@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use wsrelay::load::{self, LoadConfig};
+use wsrelay_load::{self as load, LoadConfig};
 
 fn small_run(node: &Node, path: &str) -> LoadConfig {
     LoadConfig {
@@ -67,8 +67,9 @@ fn redis_mode_with_publish_via_redis_and_two_generator_threads() {
 
 #[test]
 fn an_unreachable_server_is_an_error_not_a_report() {
+    let nobody = ClosedPort::new();
     let cfg = LoadConfig {
-        targets: load::parse_url(&format!("ws://127.0.0.1:{}/", free_port())).unwrap(),
+        targets: load::parse_url(&format!("ws://{}/", nobody.addr())).unwrap(),
         connections: 3,
         connect_timeout: WAIT,
         ..LoadConfig::default()

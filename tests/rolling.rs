@@ -32,7 +32,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::*;
-use wsrelay::client::V1;
 
 /// How long the cluster may take for anything (all clients back, a node restarted).
 const SLOW: Duration = Duration::from_secs(60);
@@ -468,11 +467,10 @@ fn node_crash_behind_haproxy_loses_nothing() {
     run(Scenario::Crash);
 }
 
-/// A crash within `--session-flush` of the clients' subscribe: their stored sessions do not
-/// have the channels' positions yet (offset 0, no epoch), so the resume elsewhere answers
-/// `recovered: false` although the history covers the gap.
+/// A crash within `--session-flush` of the clients' subscribe, before any periodic flush:
+/// the stored sessions must already hold the channels' positions (issue 11), or the resume
+/// elsewhere answers `recovered: false` although the history covers the gap.
 #[test]
-#[ignore = "needs issue 11 fix (sessions stored before their position is known)"]
 fn node_crash_right_after_subscribing_loses_nothing() {
     run(Scenario::CrashBeforeFlush);
 }

@@ -401,6 +401,22 @@ test("a refused subscribe reaches onError and is dropped; subscribing twice thro
   assert.equal(last().take("subscribe").length, 0);
 });
 
+test("a subscription the server ends reaches onError, stops delivering and is not renewed", () => {
+  const { relay, clock, last } = setup();
+  const c = collector();
+  relay.subscribe("private:payroll", c.handlers);
+  last().accept();
+  confirm(last(), "private:payroll", { offset: 0, epoch: "e" });
+  last().push({ type: "unsubscribed", channel: "private:payroll", reason: "forbidden" });
+  assert.equal(c.errors[0].code, "forbidden");
+  last().push(msg("private:payroll", 1, "e", "salaries"));
+  assert.deepEqual(c.data(), []);
+  last().drop();
+  clock.advance(10_000);
+  last().accept();
+  assert.equal(last().take("subscribe").length, 0);
+});
+
 test("subscribe answered with `unavailable` stays live and reports a failed recovery", () => {
   const { relay, clock, last } = setup();
   const c = collector();

@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::select;
 
-use super::memory_store::{HistoryStore, SessionStore};
-use super::{Outbox, RateLimit, Routes};
-use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Publish, Reply, Request};
+use super::memory_store::{HistoryLimits, HistoryStore, SessionStore};
+use super::{Outbox, Routes};
+use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Position, Publish, Reply, Request};
 use crate::config::Config;
+use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, inc};
 
 /// How often expired history and sessions are swept out.
@@ -32,15 +33,17 @@ pub fn spawn(
         metrics,
         routes: Routes::default(),
         outbox: Outbox::default(),
-        drop_log: RateLimit::default(),
+        drop_log: LogThrottle::default(),
         history: (config.history_size > 0).then(|| {
-            HistoryStore::new(
-                config.history_size,
-                config.history_ttl,
-                config.max_history_channels,
-            )
+            HistoryStore::new(HistoryLimits {
+                size: config.history_size,
+                ttl: config.history_ttl,
+                max_channels: config.max_history_channels,
+                max_bytes: config.history_memory,
+                channel_bytes: config.history_channel_memory,
+            })
         }),
-        sessions: SessionStore::new(config.session_ttl, config.max_sessions),
+        sessions: SessionStore::new(config.session_ttl, config.max_sessions, config.session_memory),
     };
     std::thread::Builder::new()
         .name("wsrelay-broker".into())
@@ -53,7 +56,7 @@ struct MemoryBroker {
     metrics: Arc<Metrics>,
     routes: Routes,
     outbox: Outbox,
-    drop_log: RateLimit,
+    drop_log: LogThrottle,
     /// `None` with `--history-size 0`.
     history: Option<HistoryStore>,
     sessions: SessionStore,
@@ -111,13 +114,19 @@ impl MemoryBroker {
     fn publish(&mut self, p: Publish) {
         inc(&self.metrics.broker.published);
         let Publish {
+            origin,
             channel,
             kind,
             data,
             ack,
         } = p;
         let d = match &mut self.history {
-            Some(h) => h.append(channel, kind, data, Instant::now()),
+            Some(h) => {
+                let routes = &self.routes;
+                h.append(channel, kind, data, Instant::now(), origin.as_ref(), &|c| {
+                    routes.contains(c)
+                })
+            }
             None => Delivery::new(channel, kind, data, None),
         };
         if let Some(ack) = ack {
@@ -136,11 +145,25 @@ impl MemoryBroker {
     fn request(&mut self, r: Request) {
         let now = Instant::now();
         match r {
-            Request::History { channel, since, to } => {
+            Request::History {
+                channel,
+                since,
+                record,
+                origin,
+                to,
+            } => {
                 let result = match &mut self.history {
-                    Some(h) => Ok(h.read(&channel, since, now)),
+                    Some(h) => Ok(h.read(&channel, since, now, origin.as_ref())),
                     None => Err("history is off (--history-size 0)".to_owned()),
                 };
+                if let (Some(r), Ok(h)) = (record, &result) {
+                    let position = Position {
+                        offset: h.top,
+                        epoch: h.epoch.clone(),
+                    };
+                    self.sessions
+                        .record(r.id, r.subject, channel.clone(), position, now);
+                }
                 self.outbox
                     .reply(&self.loops, to, Reply::History { channel, result });
             }

@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use log::warn;
 
 use crate::bridge::{BrokerHandle, Channel, Control, Delivery, LoopHandle, Reply, ReplyTo, ToLoop};
+use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, inc};
 
 pub mod memory;
@@ -151,7 +152,7 @@ impl Outbox {
         targets: &[usize],
         d: &Arc<Delivery>,
         metrics: &Metrics,
-        log: &mut RateLimit,
+        log: &mut LogThrottle,
     ) {
         for &id in targets {
             if loops[id].try_send(ToLoop::Deliver(d.clone())).is_err() {
@@ -210,24 +211,6 @@ impl Outbox {
     }
 }
 
-/// Lets an event through at most once per second (for log lines about repeated conditions).
-#[derive(Debug, Default)]
-pub struct RateLimit {
-    last: Option<std::time::Instant>,
-}
-
-impl RateLimit {
-    /// True at most once per second.
-    pub fn allow(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t).as_secs() < 1) {
-            return false;
-        }
-        self.last = Some(now);
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,12 +228,5 @@ mod tests {
         assert!(!r.contains("a"));
         assert!(!r.remove("a", 1));
         assert!(r.loops("a").is_empty());
-    }
-
-    #[test]
-    fn rate_limit_allows_once_per_second() {
-        let mut l = RateLimit::default();
-        assert!(l.allow());
-        assert!(!l.allow());
     }
 }

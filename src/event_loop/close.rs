@@ -68,6 +68,7 @@ impl EventLoop {
         for key in std::mem::take(&mut self.dead) {
             self.end_open(key, now);
             let mut conn = self.conns.remove(key);
+            self.unsent = self.unsent.saturating_sub(conn.accounted);
             let _ = self.poll.registry().deregister(&mut conn.sock);
             if conn.ip_counted {
                 if let Some(per_ip) = &self.shared.per_ip {
@@ -99,6 +100,8 @@ impl EventLoop {
         let mut unauthenticated = Vec::new();
         let mut idle = Vec::new();
         let mut sessions = Vec::new();
+        let mut refreshes = Vec::new();
+        let mut over_soft = Vec::new();
         for (key, conn) in self.conns.iter_mut() {
             if conn.dead {
                 continue;
@@ -111,13 +114,20 @@ impl EventLoop {
                     self.dead.push(key);
                 }
                 Phase::Open(open) => {
+                    if conn.over_soft_since.is_some() {
+                        // Over the soft limit and not written to since: its grace runs out
+                        // here, not only when more output comes.
+                        over_soft.push(key);
+                    }
                     if open.awaiting_connect && conn.deadline.is_some_and(|d| now >= d) {
                         unauthenticated.push(key);
                         continue;
                     }
                     if let Some(s) = &open.session {
                         let age = now.duration_since(s.saved_at);
-                        if (s.offsets_dirty && age >= flush_every) || age >= refresh_every {
+                        if age >= refresh_every {
+                            refreshes.push(key);
+                        } else if s.offsets_dirty && age >= flush_every {
                             sessions.push(key);
                         }
                     }
@@ -132,8 +142,14 @@ impl EventLoop {
                 _ => {}
             }
         }
+        for key in over_soft {
+            self.judge_output(key, now);
+        }
         for key in sessions {
-            self.save_session(key, now);
+            self.save_session(key, now, true);
+        }
+        for key in refreshes {
+            self.save_session(key, now, false);
         }
         for key in expired_requests {
             self.metrics().handshake_failed(HandshakeFailure::Timeout);

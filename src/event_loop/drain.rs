@@ -10,12 +10,13 @@
 //!              on another node)
 //! ```
 //!
-//! A client is closed only after its session is stored: its subscriptions leave their channels
-//! (nothing more is delivered past the stored position), the session is written, and a
-//! [`Request::Barrier`] behind that write comes back once it is in Redis. Only then does the
-//! 1001 close frame go out, after every message already queued. A client that resumes on
-//! another node therefore reads exactly the position it reached here: the replay starts at
-//! the next message, with no duplicate and no gap.
+//! A client is closed only after its session is stored at the position it really reached: its
+//! subscriptions leave their channels (nothing more is queued to it), the loop waits until the
+//! kernel has seen the client acknowledge everything queued (a round trip, usually), the
+//! session is written at that position, and a [`Request::Barrier`] behind that write comes back
+//! once it is in Redis. Only then does the 1001 close frame go out. A client that resumes on
+//! another node therefore reads exactly the position it reached here: the replay starts at the
+//! next message, with no duplicate and no gap.
 //!
 //! SIGINT (or [`crate::server::ShutdownHandle::trigger`]) runs the same steps with no delay and
 //! no period: everyone is closed at once.
@@ -109,6 +110,7 @@ impl EventLoop {
         let Some(stop) = self.shared.stop.get().copied() else {
             return;
         };
+        self.settle(now);
         let config = &self.shared.config;
         let (delay, period, deadline) = (stop.delay(config), stop.period(config), stop.deadline(config));
         if self.stopping.is_none() {
@@ -188,41 +190,65 @@ impl EventLoop {
         }
     }
 
-    /// Closes one client of a draining node: its session is stored first (see the module
-    /// documentation), then it gets 1001 once the store has confirmed.
+    /// Closes one client of a draining node (see the module documentation): it leaves its
+    /// channels, so nothing more is queued to it; once it has acknowledged what was queued,
+    /// its session is stored at that position; once the store has confirmed, it gets 1001.
     fn drain_close(&mut self, id: ConnId, now: Instant) {
-        let Some(to) = self.reply_to(id.key).filter(|to| to.conn == id) else {
+        if !self.is_open(id) {
+            return;
+        }
+        let Some(open) = self.conns[id.key].open_mut() else {
             return;
         };
-        let conn = &self.conns[id.key];
-        if conn.dead || !matches!(conn.phase, Phase::Open(_)) {
-            return;
+        if open.session.is_none() {
+            return self.close(id.key, CloseCode::Away, "server shutting down", now);
         }
-        let has_session = self.conns[id.key].open_mut().is_some_and(|o| o.session.is_some());
-        if has_session {
-            // The position the client will have received when the close frame arrives.
-            self.save_session(id.key, now);
+        // The subscriptions stay: the session is stored from them.
+        let channels: Vec<_> = open.subs.iter().map(|s| s.channel.clone()).collect();
+        for channel in channels {
+            self.leave(id.key, channel);
+        }
+        let give_up = now + self.shared.config.close_timeout;
+        self.settling.push((id, give_up));
+    }
+
+    /// Draining clients whose last messages the kernel has not seen acknowledged yet: each is
+    /// stored and closed once they are, or at its give-up time (a client that stopped reading;
+    /// its stored position is then the last acknowledged one, and it may see a few messages
+    /// twice after resuming).
+    fn settle(&mut self, now: Instant) {
+        for (id, give_up) in std::mem::take(&mut self.settling) {
+            if !self.is_open(id) {
+                continue;
+            }
+            let conn = &self.conns[id.key];
+            let acknowledged = conn.out.is_empty() && crate::conn::unacknowledged(&conn.sock) == Some(0);
+            if !acknowledged && now < give_up {
+                self.settling.push((id, give_up));
+                continue;
+            }
+            self.save_session(id.key, now, false);
             if let Some(open) = self.conns[id.key].open_mut() {
-                // Stored: later deliveries would move past it, and the close must not write
-                // the session again.
+                // Stored: the close must not write it again.
                 open.session = None;
-                let subs = std::mem::take(&mut open.subs);
-                open.held_bytes = 0;
-                for sub in subs {
-                    self.leave(id.key, sub.channel);
-                }
             }
-            if self.broker.requests.try_send(Request::Barrier { to }).is_ok() {
-                return;
+            let Some(to) = self.reply_to(id.key) else { continue };
+            if self.broker.requests.try_send(Request::Barrier { to }).is_err() {
+                self.close(id.key, CloseCode::Away, "server shutting down", now);
             }
         }
-        self.close(id.key, CloseCode::Away, "server shutting down", now);
+    }
+
+    /// Whether `id` is still the open WebSocket it was.
+    fn is_open(&self, id: ConnId) -> bool {
+        self.reply_to(id.key).is_some_and(|to| to.conn == id)
+            && !self.conns[id.key].dead
+            && matches!(self.conns[id.key].phase, Phase::Open(_))
     }
 
     /// The session writes a draining client's close was waiting for are done.
     pub(super) fn on_barrier(&mut self, id: ConnId, now: Instant) {
-        let current = self.reply_to(id.key).is_some_and(|to| to.conn == id);
-        if current && !self.conns[id.key].dead && matches!(self.conns[id.key].phase, Phase::Open(_)) {
+        if self.is_open(id) {
             self.close(id.key, CloseCode::Away, "server shutting down", now);
         }
     }

@@ -14,7 +14,7 @@ use tungstenite::protocol::{Role, WebSocketContext};
 
 use super::{EventLoop, count_ip, interrupted, would_block};
 use crate::auth::Identity;
-use crate::bridge::{Channel, Position, PublishAck};
+use crate::bridge::{Channel, Position, PublishAck, PublishError};
 use crate::conn::{Open, Phase, Protocol, SessionLink, Sub};
 use crate::envelope;
 use crate::frame::Kind;
@@ -27,6 +27,11 @@ use crate::ratelimit::TokenBucket;
 const CLIENT_JS: &str = include_str!("../../client/wsrelay.js");
 /// The demo chat page, served at `/`.
 const DEMO_HTML: &str = include_str!("../../client/demo.html");
+
+/// How long `/healthz` reports a Redis that refused every write (out of memory, read-only)
+/// when nothing was stored since: long enough for a balancer's health checks to see it, short
+/// enough that a recovered Redis with no publishes to prove it turns healthy by itself.
+const REFUSING_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Seconds since the Unix epoch, for token expiry.
 pub fn unix_now() -> u64 {
@@ -46,6 +51,15 @@ pub fn valid_session_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Where a raw client's chosen session id is stored when it has a token: under a digest of
+/// its subject, so ids chosen by different users never meet.
+pub fn raw_session_key(subject: &str, id: &str) -> Arc<str> {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(subject.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Arc::from(format!("raw.{hex}.{id}"))
 }
 
 /// A new random session id (128 bits from the OS, base62-ish): unguessable, since knowing an
@@ -382,6 +396,11 @@ impl EventLoop {
         if let Some(identity) = identity {
             open.grant = Some(Box::new(identity.grant));
             if let Some(s) = &mut open.session {
+                if open.protocol == Protocol::Raw {
+                    // A raw client chooses its id: stored under its subject, so that another
+                    // user choosing the same id gets a session of their own.
+                    s.id = raw_session_key(&identity.subject, &s.id);
+                }
                 s.subject = Some(identity.subject);
             }
         }
@@ -454,7 +473,7 @@ impl EventLoop {
         let close_timeout = cfg.close_timeout;
         let Some(to) = self.reply_to(key) else { return };
         let ack = PublishAck { to, reference: None };
-        match self.publish(Arc::from(channel), kind, body, Some(ack)) {
+        match self.publish(key, Arc::from(channel), kind, body, Some(ack)) {
             Ok(()) => {
                 let conn = &mut self.conns[key];
                 conn.phase = Phase::Publishing;
@@ -476,7 +495,7 @@ impl EventLoop {
         &mut self,
         key: usize,
         channel: &str,
-        result: Result<Option<Position>, String>,
+        result: Result<Option<Position>, PublishError>,
         now: Instant,
     ) {
         let response = match result {
@@ -486,8 +505,13 @@ impl EventLoop {
                 envelope::published(None, channel, position.as_ref()).as_bytes(),
             ),
             Err(e) => {
-                let body = envelope::error(None, "unavailable", &e);
-                http::response(Status::Unavailable, "application/json", body.as_bytes())
+                let body = envelope::error(None, e.code(), &e.message());
+                let status = if e.out_of_memory() {
+                    Status::InsufficientStorage
+                } else {
+                    Status::Unavailable
+                };
+                http::response(status, "application/json", body.as_bytes())
             }
         };
         self.respond(key, response, now);
@@ -514,6 +538,11 @@ impl EventLoop {
                 open.subs
                     .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
             }
+            // With a session, the position where it joins is read (and stored) first.
+            None if open.session.is_some() => {
+                let pending = crate::conn::Pending::default();
+                open.subs.push(Sub::awaiting(channel.clone(), 0, None, pending));
+            }
             None => open.subs.push(Sub::live(channel.clone())),
         }
         if open.session.is_some() {
@@ -529,12 +558,16 @@ impl EventLoop {
             ("GET" | "HEAD", "/healthz") => {
                 // Three missed probes make a subscriber stale (see broker/redis/subscriber.rs).
                 let stale = crate::broker::redis::PROBE_EVERY * 3;
+                let broker = &self.shared.metrics.broker;
                 if self.draining() {
                     http::response(Status::Unavailable, TEXT, b"draining\n")
-                } else if self.shared.metrics.broker.subscriber_healthy(stale) {
-                    http::response(Status::Ok, TEXT, b"ok\n")
-                } else {
+                } else if !broker.subscriber_healthy(stale) {
                     http::response(Status::Unavailable, TEXT, b"redis subscriber down or stale\n")
+                } else if let Some(reason) = broker.refusing(REFUSING_WINDOW) {
+                    let body = format!("redis refusing writes: {reason}\n");
+                    http::response(Status::Unavailable, TEXT, body.as_bytes())
+                } else {
+                    http::response(Status::Ok, TEXT, b"ok\n")
                 }
             }
             ("GET" | "HEAD", "/metrics") => http::response(
@@ -568,5 +601,13 @@ mod tests {
         let a = new_session_id();
         assert!(valid_session_id(&a));
         assert_ne!(a, new_session_id());
+    }
+
+    #[test]
+    fn raw_session_keys_are_per_subject() {
+        let alice = raw_session_key("alice", "chosen-id-1");
+        assert_ne!(alice, raw_session_key("bob", "chosen-id-1"));
+        assert_eq!(alice, raw_session_key("alice", "chosen-id-1"));
+        assert!(alice.ends_with(".chosen-id-1"));
     }
 }

@@ -55,8 +55,14 @@ impl EventLoop {
         let Phase::Open(open) = &mut conn.phase else {
             return;
         };
+        // A raw connection with a session also waits for its subscription's position, so
+        // that its session stores where it joined before the client can do anything.
         let waiting = (open.resuming && !open.awaiting_connect)
-            || (open.protocol == Protocol::Raw && !open.subs.iter().all(|s| self.index.is_live(&s.channel)));
+            || (open.protocol == Protocol::Raw
+                && !open
+                    .subs
+                    .iter()
+                    .all(|s| self.index.is_live(&s.channel) && matches!(s.state, SubState::Live)));
         if waiting {
             conn.read_pending = true;
             return;
@@ -65,6 +71,9 @@ impl EventLoop {
         if let Some(saved) = conn.pending_input.take() {
             self.ahead.load(&saved);
         }
+        // Nothing queued before this read: if the peer now closes, everything it was sent
+        // has been written; whether it arrived, the kernel tells (see `save_session`).
+        let nothing_queued = conn.out.is_empty();
         let mut io = Io {
             sock: &mut conn.sock,
             out: &mut conn.out,
@@ -99,11 +108,8 @@ impl EventLoop {
         }
         self.ahead.clear();
         if !conn.out.is_empty() {
-            // Replies tungstenite queued (pongs, a close) count against the cap like deliveries:
-            // a client that pings without reading must not grow the server.
-            if conn.out.len() > self.shared.config.max_output {
-                self.turn.slow.push(key);
-            }
+            // Replies tungstenite queued (pongs, a close) are judged with the rest after the
+            // flush: a client that pings without reading must not grow the server.
             self.mark_dirty(key);
         }
         add(&self.metrics().messages_in, messages.len() as u64);
@@ -118,7 +124,16 @@ impl EventLoop {
                 self.conns[key].read_pending = true;
                 self.read_backlog.push(key);
             }
-            ReadEnd::PeerClosed => self.enter_closing(key, now),
+            ReadEnd::PeerClosed => {
+                // A clean close: what the client's TCP acknowledged before it, it has.
+                let conn = &mut self.conns[key];
+                if nothing_queued && crate::conn::unacknowledged(&conn.sock) == Some(0) {
+                    if let Some(open) = conn.open_mut() {
+                        open.subs.iter_mut().for_each(|s| s.delivered_all());
+                    }
+                }
+                self.enter_closing(key, now)
+            }
             ReadEnd::Failed(e) => self.read_failed(key, e, now),
         }
     }
@@ -139,7 +154,7 @@ impl EventLoop {
                     self.close(key, CloseCode::Policy, reason, now);
                     return false;
                 }
-                match self.publish(channel, kind, data, None) {
+                match self.publish(key, channel, kind, data, None) {
                     Ok(()) => true,
                     Err(Refused::QueueFull) => {
                         self.close(key, CloseCode::Again, "publish queue full", now);
@@ -251,7 +266,7 @@ impl EventLoop {
                     reference,
                     recover: recovering,
                     announce: true,
-                    again: false,
+                    ..Pending::default()
                 };
                 open.subs
                     .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
@@ -270,11 +285,27 @@ impl EventLoop {
                     return self.send_error(key, r, &refusal);
                 };
                 let sub = open.subs.swap_remove(i);
-                if let SubState::AwaitingHistory { held, .. } = &sub.state {
-                    open.held_bytes -= held.iter().map(|d| d.data.len()).sum::<usize>();
-                }
+                let pending = match sub.state {
+                    SubState::AwaitingHistory { pending, held } => {
+                        open.release_held(held.iter().map(|d| d.data.len()).sum());
+                        Some(pending)
+                    }
+                    SubState::AwaitingLive(pending) => Some(pending),
+                    SubState::Live => None,
+                };
                 self.leave(key, sub.channel);
                 self.session_changed.push(key);
+                // A subscribe not answered yet still gets its one reply, before this one.
+                if let Some(Pending {
+                    reference: Some(subscribe_ref),
+                    announce: true,
+                    ..
+                }) = pending
+                {
+                    let refusal =
+                        Refusal::new("cancelled", "unsubscribed before the subscription took effect");
+                    self.send_error(key, Some(&subscribe_ref), &refusal);
+                }
                 self.send_json(key, &envelope::unsubscribed(r, &channel));
             }
             Command::Publish { channel, kind, data } => {
@@ -297,7 +328,7 @@ impl EventLoop {
                     to,
                     reference: reference.clone(),
                 };
-                if let Err(Refused::QueueFull) = self.publish(channel, kind, data, Some(ack)) {
+                if let Err(Refused::QueueFull) = self.publish(key, channel, kind, data, Some(ack)) {
                     let refusal = Refusal::new("publish_queue_full", "the broker is behind; retry later");
                     self.send_error(key, r, &refusal);
                 }
@@ -338,12 +369,14 @@ impl EventLoop {
     /// Hands a message to the broker without blocking.
     pub(super) fn publish(
         &mut self,
+        key: usize,
         channel: Channel,
         kind: Kind,
         data: Bytes,
         ack: Option<PublishAck>,
     ) -> Result<(), Refused> {
         let p = Publish {
+            origin: self.origin(key),
             channel,
             kind,
             data,
@@ -361,6 +394,24 @@ impl EventLoop {
             // Shutting down: the message has nowhere to go.
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => Ok(()),
         }
+    }
+
+    /// Who connection `key` is, for fair shares of bounded stores (see `bridge::Origin`).
+    pub(super) fn origin(&self, key: usize) -> Option<crate::bridge::Origin> {
+        let conn = self.conns.get(key)?;
+        let subject = match &conn.phase {
+            Phase::Open(open) => open.session.as_ref().and_then(|s| s.subject.as_deref()),
+            Phase::Publishing | Phase::Request(_) => return Some(Arc::from("api")),
+            Phase::Closing => None,
+        };
+        Some(Arc::from(match (subject, conn.peer.ip()) {
+            (Some(s), _) => format!("sub:{s}"),
+            (None, std::net::IpAddr::V6(v6)) => {
+                let s = v6.segments();
+                format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+            (None, ip) => format!("ip:{ip}"),
+        }))
     }
 
     /// Queues a JSON text frame to a v1 connection.

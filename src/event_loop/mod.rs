@@ -33,12 +33,13 @@ use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::backpressure::{Backpressure, judge};
 use crate::bridge::{BrokerHandle, Control, LoopInbox, ToLoop};
-use crate::broker::RateLimit;
 use crate::channels::ChannelIndex;
 use crate::conn::{Conn, Phase, ReadAhead, Written};
 use crate::fanout::{self, Turn};
 use crate::http::{self, Status};
+use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{HandshakeFailure, LoopMetrics, add, inc};
 use crate::server::Shared;
 
@@ -101,8 +102,13 @@ pub struct EventLoop {
     ws_config: WebSocketConfig,
     /// Subscription requests that did not fit in the control queue yet, in order.
     pending_control: VecDeque<Control>,
-    /// Connections to flush, slow consumers and gaps, gathered during the turn.
+    /// Connections to flush and gaps, gathered during the turn.
     turn: Turn,
+    /// Unsent output of all connections as of their last write (see `Conn::accounted`):
+    /// held to `--loop-output-budget`.
+    unsent: usize,
+    /// The slow-consumer limits.
+    limits: crate::backpressure::Limits,
     /// Connections to continue reading next turn.
     read_backlog: Vec<usize>,
     /// Connections to drop at the end of the turn.
@@ -119,6 +125,9 @@ pub struct EventLoop {
     sweep_every: Duration,
     /// Set when shutting down: which step of the shutdown the loop is in.
     stopping: Option<drain::Stopping>,
+    /// Draining clients waiting for their last messages to be acknowledged, with when to stop
+    /// waiting (`drain.rs`).
+    settling: Vec<(crate::bridge::ConnId, Instant)>,
     log_limit: RateLimit,
 }
 
@@ -151,6 +160,7 @@ impl EventLoop {
             .min(c.close_timeout)
             .min(c.session_flush);
         let sweep_every = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let limits = c.output_limits();
         Ok(EventLoop {
             id,
             poll,
@@ -164,6 +174,8 @@ impl EventLoop {
             ws_config,
             pending_control: VecDeque::new(),
             turn: Turn::default(),
+            unsent: 0,
+            limits,
             read_backlog: Vec::new(),
             dead: Vec::new(),
             session_changed: Vec::new(),
@@ -173,6 +185,7 @@ impl EventLoop {
             next_sweep: Instant::now() + sweep_every,
             sweep_every,
             stopping: None,
+            settling: Vec::new(),
             log_limit: RateLimit::default(),
         })
     }
@@ -208,6 +221,7 @@ impl EventLoop {
                         // other output waits for the end-of-turn flush, where it coalesces.
                         if event.is_writable() && self.conns.get(key).is_some_and(|c| c.blocked) {
                             self.flush(key);
+                            self.judge_output(key, now);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.read(key, now);
@@ -233,9 +247,9 @@ impl EventLoop {
         }
     }
 
-    /// Everything that happens once per turn after the events: deferred reads, slow
-    /// consumers, gap recovery, one flush per connection, subscription requests, session
-    /// writes, removals.
+    /// Everything that happens once per turn after the events: deferred reads, gap recovery,
+    /// one flush per connection and then the slow-consumer judgement, subscription requests,
+    /// session writes, removals.
     fn end_turn(&mut self, now: Instant) {
         for key in std::mem::take(&mut self.read_backlog) {
             self.read(key, now);
@@ -243,7 +257,6 @@ impl EventLoop {
         for (key, channel) in std::mem::take(&mut self.turn.gaps) {
             self.request_history(key, &channel);
         }
-        self.close_slow_consumers(now);
         // With --coalesce, output waits up to that long so that more messages share a write.
         let coalesce = self.shared.config.coalesce;
         if !self.turn.dirty.is_empty() && self.flush_at.is_none() {
@@ -253,10 +266,12 @@ impl EventLoop {
             self.flush_at = None;
             for key in std::mem::take(&mut self.turn.dirty) {
                 self.flush(key);
+                self.judge_output(key, now);
             }
+            self.hold_to_budget(now);
         }
         for key in std::mem::take(&mut self.session_changed) {
-            self.save_session(key, now);
+            self.save_session(key, now, false);
         }
         self.send_control();
         self.remove_dead();
@@ -278,6 +293,10 @@ impl EventLoop {
         let mut timeout = until.saturating_duration_since(now);
         if !self.pending_control.is_empty() {
             timeout = timeout.min(Duration::from_millis(1));
+        }
+        if !self.settling.is_empty() {
+            // Acknowledgements come with no event: look again soon (a round trip is short).
+            timeout = timeout.min(Duration::from_millis(2));
         }
         timeout
     }
@@ -424,8 +443,7 @@ impl EventLoop {
                     let Some(members) = self.index.members(&d.channel) else {
                         continue;
                     };
-                    let max_output = self.shared.config.max_output;
-                    let n = fanout::deliver(&d, members, &mut self.conns, max_output, &mut self.turn);
+                    let n = fanout::deliver(&d, members, &mut self.conns, &mut self.turn);
                     add(&self.shared.metrics.loops[self.id].deliveries, n as u64);
                 }
                 ToLoop::Live { channel, generation } => self.channel_live(&channel, generation),
@@ -436,21 +454,65 @@ impl EventLoop {
         }
     }
 
-    fn close_slow_consumers(&mut self, now: Instant) {
-        for key in std::mem::take(&mut self.turn.slow) {
-            let conn = &self.conns[key];
-            if !matches!(conn.phase, Phase::Open(_)) || conn.dead {
-                continue;
-            }
+    /// The slow-consumer policy (`backpressure.rs`), after the connection's socket was tried:
+    /// its unsent output and the deliveries it holds for a history read, against the hard
+    /// limit and the soft limit's grace period.
+    pub(super) fn judge_output(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Phase::Open(open) = &conn.phase else {
+            return;
+        };
+        if conn.dead {
+            return;
+        }
+        let unsent = conn.out.len() + open.held_bytes;
+        if let Backpressure::Close(why) = judge(unsent, &mut conn.over_soft_since, now, &self.limits) {
+            self.close_slow_consumer(key, why, now);
+        }
+    }
+
+    /// Closes a slow consumer with 1008 (after what is queued), counted and logged.
+    fn close_slow_consumer(&mut self, key: usize, why: &str, now: Instant) {
+        inc(&self.metrics().slow_consumers);
+        let conn = &self.conns[key];
+        warn!(
+            "slow consumer {} closed: {} bytes unsent ({why})",
+            conn.peer,
+            conn.out.len()
+        );
+        self.close(key, CloseCode::Policy, "slow consumer", now);
+    }
+
+    /// Past `--loop-output-budget`, the connections holding the most unsent output are dropped
+    /// at once, their output with them, until the rest fits.
+    fn hold_to_budget(&mut self, now: Instant) {
+        let budget = self.shared.config.loop_output_budget;
+        if self.unsent <= budget {
+            return;
+        }
+        let holders: Vec<(usize, usize)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.accounted > 0 && !c.dead)
+            .map(|(k, c)| (c.accounted, k))
+            .collect();
+        for key in crate::backpressure::over_budget(holders, self.unsent, budget) {
             inc(&self.metrics().slow_consumers);
+            let conn = &mut self.conns[key];
             warn!(
-                "slow consumer {} closed: {} bytes unsent (--max-output {})",
+                "slow consumer {} dropped: {} bytes unsent, the loop holds {} (--loop-output-budget {budget})",
                 conn.peer,
                 conn.out.len(),
-                self.shared.config.max_output
+                self.unsent
             );
-            self.close(key, CloseCode::Policy, "slow consumer", now);
+            conn.out.discard();
+            self.unsent = self.unsent.saturating_sub(conn.accounted);
+            conn.accounted = 0;
+            self.kill(key);
         }
+        let _ = now;
     }
 
     // ---- writing -------------------------------------------------------------------------
@@ -469,7 +531,11 @@ impl EventLoop {
         if conn.dead {
             return;
         }
-        let written = match conn.out.write_to(&mut conn.sock) {
+        let result = conn.out.write_to(&mut conn.sock);
+        // The loop's total follows every connection's output after each write.
+        self.unsent = (self.unsent + conn.out.len()).saturating_sub(conn.accounted);
+        conn.accounted = conn.out.len();
+        let written = match result {
             Ok(Written::All(n)) => {
                 conn.blocked = false;
                 if matches!(conn.phase, Phase::Closing) && !conn.write_shut {

@@ -15,12 +15,15 @@ use std::time::Instant;
 use log::debug;
 
 use super::EventLoop;
-use crate::bridge::{Channel, ConnId, History, Position, Reply, ReplyTo, Request, SessionState};
+use crate::bridge::{
+    Channel, ConnId, Delivery, History, Position, Reply, ReplyTo, Request, SessionRecord, SessionState,
+};
 use crate::channels::Joined;
 use crate::conn::{Pending, Phase, Protocol, SubState};
 use crate::envelope::{self, Refusal};
 use crate::fanout::{self, Verdict};
 use crate::metrics::{add, dec, inc};
+use crate::recovery::{self, Settled};
 
 impl EventLoop {
     /// Where the broker should answer connection `key`.
@@ -143,19 +146,33 @@ impl EventLoop {
     }
 
     /// Asks the broker for the position and history of a subscription in `AwaitingHistory`.
+    /// A subscription that starts at the channel's current position (no recovery) in a
+    /// session has the broker store that position in the session as it reads it.
     pub(super) fn request_history(&mut self, key: usize, channel: &Channel) {
         let Some(to) = self.reply_to(key) else { return };
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
+        let record = open.session.as_ref().map(|s| SessionRecord {
+            id: s.id.clone(),
+            subject: s.subject.clone(),
+        });
         let Some(sub) = open.sub_mut(channel) else { return };
         let SubState::AwaitingHistory { pending, .. } = &sub.state else {
             return;
         };
-        let since = pending.recover.then_some(sub.offset);
+        let (since, record) = match (&pending.checked, pending.restarted, pending.recover) {
+            // An epoch check: the history's epoch (and position) is all it needs.
+            (Some(_), false, _) => (None, None),
+            (_, _, true) => (Some(sub.offset), None),
+            // A subscription starting now: its session stores where it starts.
+            (_, _, false) => (None, record),
+        };
         let request = Request::History {
             channel: channel.clone(),
             since,
+            record,
+            origin: self.origin(key),
             to,
         };
         if self.broker.requests.try_send(request).is_err() {
@@ -187,24 +204,26 @@ impl EventLoop {
                     Ok(position) => {
                         self.send_json(id.key, &envelope::published(r, &channel, position.as_ref()))
                     }
-                    Err(e) => self.send_error(id.key, r, &Refusal::new("unavailable", e)),
+                    Err(e) => self.send_error(id.key, r, &Refusal::new(e.code(), e.message())),
                 }
             }
         }
     }
 
-    /// The position (and history) of a subscription arrived: announce, replay, release.
+    /// The position (and history) of a subscription arrived: announce, replay, release the
+    /// deliveries held meanwhile. See `recovery.rs` for the decisions.
     fn on_history(&mut self, key: usize, channel: Channel, result: Result<History, String>) {
-        let Some(open) = self.conns[key].open_mut() else {
+        let m = &self.shared.metrics.loops[self.id];
+        let Some(crate::conn::Open {
+            subs,
+            session,
+            protocol,
+            ..
+        }) = self.conns[key].open_mut()
+        else {
             return;
         };
-        let protocol = open.protocol;
-        let crate::conn::Open {
-            subs,
-            held_bytes: open_held,
-            session,
-            ..
-        } = open;
+        let protocol = *protocol;
         let Some(sub) = subs.iter_mut().find(|s| s.channel == channel) else {
             return;
         };
@@ -212,108 +231,136 @@ impl EventLoop {
         else {
             return;
         };
-        let Pending {
-            reference,
-            recover,
-            announce,
-            again,
-        } = pending;
-        let held_bytes: usize = held.iter().map(|d| d.data.len()).sum();
-        *open_held -= held_bytes;
-        let since = sub.offset;
         let mut frames = Vec::new();
-        let recovered = match result {
-            Ok(h) => {
-                // Recovered when the epoch is the one the client knows and the stored history
-                // starts right after its offset (or nothing was published since).
-                let covers = h.top == since
-                    || h.entries
-                        .first()
-                        .and_then(|d| d.position.as_ref())
-                        .map(|p| p.offset)
-                        == Some(since + 1);
-                let recovered =
-                    recover && sub.epoch.as_deref() == Some(&*h.epoch) && h.top >= since && covers;
-                if announce && protocol == Protocol::V1 {
-                    let position = Position {
-                        offset: h.top,
-                        epoch: h.epoch.clone(),
-                    };
-                    let reply = envelope::subscribed(
-                        reference.as_deref(),
-                        &channel,
-                        Some(&position),
-                        recover.then_some(recovered),
-                    );
-                    frames.push(crate::frame::text(&reply));
-                } else if recover && !recovered && protocol == Protocol::V1 {
-                    // A gap that history cannot fill: tell the client, as on a failed resubscribe.
-                    let position = Position {
-                        offset: h.top,
-                        epoch: h.epoch.clone(),
-                    };
-                    let reply = envelope::subscribed(None, &channel, Some(&position), Some(false));
-                    frames.push(crate::frame::text(&reply));
-                }
-                if recovered {
-                    let mut replayed = 0;
-                    for d in h
-                        .entries
-                        .iter()
-                        .filter(|d| d.offset_in(&h.epoch).is_some_and(|o| o > since))
-                    {
-                        frames.push(frame_for(protocol, d));
-                        sub.offset = d.offset_in(&h.epoch).unwrap_or(sub.offset);
-                        replayed += 1;
-                    }
-                    add(&self.shared.metrics.loops[self.id].replayed, replayed);
-                } else {
-                    sub.offset = h.top;
-                }
-                sub.epoch = Some(h.epoch);
-                recovered
-            }
+        let settled = match &result {
+            Ok(h) => recovery::settle(sub.offset, sub.epoch.as_deref(), &pending, h),
             Err(e) => {
                 debug!("history for {channel:?} unavailable: {e}");
                 // No replay: a v1 client is told, whether it asked (subscribe) or not (gap).
-                if protocol == Protocol::V1 && (announce || recover) {
-                    let r = if announce { reference.as_deref() } else { None };
-                    let reply = envelope::subscribed(r, &channel, None, recover.then_some(false));
+                if protocol == Protocol::V1 && (pending.announce || pending.recover) {
+                    let r = if pending.announce {
+                        pending.reference.as_deref()
+                    } else {
+                        None
+                    };
+                    let reply = envelope::subscribed(r, &channel, None, pending.recover.then_some(false));
                     frames.push(crate::frame::text(&reply));
                 }
-                false
+                if pending.recover {
+                    inc(&m.recovery_failed);
+                }
+                return self.release_held(key, &channel, pending, held, false, frames);
             }
         };
-        if let Some(s) = session {
-            s.offsets_dirty = true;
+        match settled {
+            Settled::Restart { epoch } => {
+                // Tell the client once, then read the new epoch from its start, still holding.
+                if protocol == Protocol::V1 {
+                    let position = Position {
+                        offset: 0,
+                        epoch: epoch.clone(),
+                    };
+                    let notice = envelope::subscribed(None, &channel, Some(&position), Some(false));
+                    frames.push(crate::frame::text(&notice));
+                }
+                inc(&m.recovery_failed);
+                sub.epoch = Some(epoch);
+                sub.offset = 0;
+                sub.state = SubState::AwaitingHistory {
+                    pending: Pending {
+                        restarted: true,
+                        ..pending
+                    },
+                    held,
+                };
+                self.turn.gaps.push((key, channel));
+                self.queue_frames(key, &frames);
+            }
+            Settled::Done {
+                notice,
+                replay,
+                recovered,
+                position,
+            } => {
+                if let (Some((at, recovered)), Protocol::V1) = (notice, protocol) {
+                    let r = if pending.announce {
+                        pending.reference.as_deref()
+                    } else {
+                        None
+                    };
+                    frames.push(crate::frame::text(&envelope::subscribed(
+                        r,
+                        &channel,
+                        Some(&at),
+                        recovered,
+                    )));
+                }
+                add(&m.replayed, replay.len() as u64);
+                frames.extend(replay.iter().map(|d| match protocol {
+                    Protocol::Raw => d.raw_frame.clone(),
+                    Protocol::V1 => d.envelope_frame_uncached(),
+                }));
+                if !pending.recover {
+                    // The broker stored this position in the session as it read it.
+                    sub.stored = Some(Position {
+                        offset: h_top(&result),
+                        epoch: position.epoch.clone(),
+                    });
+                }
+                sub.offset = position.offset;
+                sub.epoch = Some(position.epoch);
+                if pending.recover && !recovered {
+                    inc(&m.recovery_failed);
+                }
+                if let Some(s) = session {
+                    s.offsets_dirty = true;
+                }
+                self.release_held(key, &channel, pending, held, true, frames);
+            }
         }
-        if recover && !recovered {
-            inc(&self.metrics().recovery_failed);
-        }
-        // Held live deliveries go through the same bookkeeping as live ones: duplicates of
-        // the replay are skipped, and a new gap (deliveries lost while the history was read)
-        // starts another recovery, holding the rest again.
+    }
+
+    /// Sends `frames`, then the deliveries held during a history read (through the same
+    /// bookkeeping as live ones: duplicates of the replay are skipped, a new gap or an epoch
+    /// not seen before starts another read, holding the rest again).
+    fn release_held(
+        &mut self,
+        key: usize,
+        channel: &Channel,
+        pending: Pending,
+        held: Vec<Arc<Delivery>>,
+        read_ok: bool,
+        mut frames: Vec<bytes::Bytes>,
+    ) {
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
+        open.release_held(held.iter().map(|d| d.data.len()).sum());
+        let protocol = open.protocol;
         for d in &held {
-            match fanout::track(open, d, key, &mut self.turn) {
+            match fanout::release(open, d, key, pending.checked.as_deref(), read_ok, &mut self.turn) {
                 Verdict::Send => frames.push(frame_for(protocol, d)),
-                Verdict::NewEpoch if protocol == Protocol::V1 => frames.push(fanout::new_epoch_notice(d)),
-                Verdict::NewEpoch | Verdict::Held | Verdict::Skip => {}
+                Verdict::Plain => frames.push(fanout::frame_of(protocol, d, true).clone()),
+                Verdict::Held | Verdict::Skip => {}
             }
         }
-        if again {
-            self.recover_quietly(key, &channel);
+        if pending.again {
+            self.recover_quietly(key, channel);
         }
+        self.queue_frames(key, &frames);
+        // A raw connection's input waits for its subscription (see `read_frames`).
+        if self.conns[key].read_pending {
+            self.read_backlog.push(key);
+        }
+    }
+
+    /// Queues frames to a connection; like deliveries, they are judged after the flush.
+    fn queue_frames(&mut self, key: usize, frames: &[bytes::Bytes]) {
         let conn = &mut self.conns[key];
-        for f in &frames {
+        for f in frames {
             conn.out.push(f);
         }
         self.mark_dirty(key);
-        if self.conns[key].out.len() > self.shared.config.max_output {
-            self.turn.slow.push(key);
-        }
     }
 
     // ---- sessions ------------------------------------------------------------------------
@@ -377,12 +424,25 @@ impl EventLoop {
         match protocol {
             Protocol::V1 => {
                 self.send_json(key, &envelope::welcome(None, &id, resumed));
+                let mut dropped = false;
                 for (channel, offset, epoch) in channels {
                     let Some(open) = self.conns[key].open_mut() else {
                         return;
                     };
-                    if open.subs.len() >= self.shared.config.max_channels_per_conn {
-                        break;
+                    // Restored subscriptions are authorized again against the current token;
+                    // what it does not grant is ended, said so, and removed from the session.
+                    let refusal = if !open.may_subscribe(&channel) {
+                        inc(&self.shared.metrics.loops[self.id].forbidden);
+                        Some("forbidden")
+                    } else if open.subs.len() >= self.shared.config.max_channels_per_conn {
+                        Some("too_many_channels")
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = refusal {
+                        dropped = true;
+                        self.send_json(key, &envelope::unsubscribed_because(&channel, reason));
+                        continue;
                     }
                     let pending = Pending {
                         announce: true,
@@ -397,15 +457,20 @@ impl EventLoop {
                     inc(&self.metrics().recoveries);
                     self.join(key, &channel, now);
                 }
+                if dropped {
+                    self.session_changed.push(key);
+                }
             }
             Protocol::Raw => {
                 // The raw channel is the path's; it was kept aside until now.
                 let Some(channel) = self.pending_raw_channel(key) else {
                     return;
                 };
+                // A position never learned ("0 -") is no position: join as new, which
+                // stores the current one.
                 let from = channels
                     .into_iter()
-                    .find(|(c, _, _)| *c == channel)
+                    .find(|(c, _, e)| *c == channel && e.is_some())
                     .map(|(_, offset, epoch)| (offset, epoch));
                 if from.is_some() {
                     inc(&self.metrics().recoveries);
@@ -424,11 +489,21 @@ impl EventLoop {
         open.raw_channel.take()
     }
 
-    /// Writes the connection's session as it stands.
-    pub(super) fn save_session(&mut self, key: usize, now: Instant) {
+    /// Writes the connection's session as it stands: each subscription at its stored
+    /// position, which first catches up with the delivered one when the client has
+    /// acknowledged everything queued to it (nothing unsent, nothing unacknowledged in the
+    /// kernel). A connection that broke (reset, write error) is not asked: a reset socket's
+    /// queue is empty because it was thrown away, not because it arrived.
+    ///
+    /// With `only_if_moved` (the periodic flush of delivered offsets), nothing is written
+    /// unless a stored position moves: until the client has acknowledged, the session stays
+    /// due and is tried again at the next sweep.
+    pub(super) fn save_session(&mut self, key: usize, now: Instant, only_if_moved: bool) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        let acknowledged =
+            !conn.dead && conn.out.is_empty() && crate::conn::unacknowledged(&conn.sock) == Some(0);
         let Phase::Open(open) = &mut conn.phase else {
             return;
         };
@@ -436,6 +511,12 @@ impl EventLoop {
             return;
         }
         let Some(session) = &mut open.session else { return };
+        if only_if_moved && !acknowledged {
+            return;
+        }
+        if acknowledged {
+            open.subs.iter_mut().for_each(|s| s.delivered_all());
+        }
         session.offsets_dirty = false;
         session.saved_at = now;
         let state = SessionState {
@@ -443,7 +524,10 @@ impl EventLoop {
             channels: open
                 .subs
                 .iter()
-                .map(|s| (s.channel.clone(), s.offset, s.epoch.clone()))
+                .map(|s| match &s.stored {
+                    Some(p) => (s.channel.clone(), p.offset, Some(p.epoch.clone())),
+                    None => (s.channel.clone(), 0, None),
+                })
                 .collect(),
         };
         let id = session.id.clone();
@@ -466,7 +550,7 @@ impl EventLoop {
         if !matches!(self.conns[key].phase, Phase::Open(_)) {
             return;
         }
-        self.save_session(key, now);
+        self.save_session(key, now, false);
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
@@ -479,9 +563,11 @@ impl EventLoop {
     }
 }
 
-fn frame_for(protocol: Protocol, d: &Arc<crate::bridge::Delivery>) -> bytes::Bytes {
-    match protocol {
-        Protocol::Raw => d.raw_frame.clone(),
-        Protocol::V1 => d.envelope_frame().clone(),
-    }
+fn frame_for(protocol: Protocol, d: &Delivery) -> bytes::Bytes {
+    fanout::frame_of(protocol, d, false).clone()
+}
+
+/// The newest offset of a history answer (0 for a failed read).
+fn h_top(result: &Result<History, String>) -> u64 {
+    result.as_ref().map_or(0, |h| h.top)
 }

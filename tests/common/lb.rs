@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::common::{WAIT, free_port, http_request, wait_for, watch_stderr};
+use crate::common::{Echo, WAIT, http_request, unused_port, wait_for, watch_stderr};
 
 /// The repository's `deploy/` directory.
 pub fn deploy_dir() -> PathBuf {
@@ -98,7 +98,8 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
         let echo = std::env::var_os("WSRELAY_TEST_LOG").is_some().then_some(echo);
-        let (log, _) = watch_stderr(child.stderr.take().unwrap(), "\u{0}", echo);
+        let shown = echo.map_or(Echo::Nothing, Echo::All);
+        let (log, _) = watch_stderr(child.stderr.take().unwrap(), "\u{0}", shown);
         let stdout = child.stdout.take().unwrap();
         let sink = log.clone();
         std::thread::spawn(move || {
@@ -158,8 +159,8 @@ impl Haproxy {
     /// Starts HAProxy with the committed configuration, its three servers at `servers` (the
     /// nodes' `--proxy-listen` addresses: the configuration sends PROXY v2).
     pub fn start(bin: &Path, servers: [SocketAddr; 3]) -> Haproxy {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let stats: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", unused_port()).parse().unwrap();
+        let stats: SocketAddr = format!("127.0.0.1:{}", unused_port()).parse().unwrap();
         let committed = std::fs::read_to_string(deploy_dir().join("haproxy.cfg")).unwrap();
         let cfg = render(
             &committed,
@@ -258,7 +259,7 @@ impl Nginx {
     /// Starts nginx with the committed site, its three upstream servers at `servers` (the
     /// nodes' `--listen` addresses).
     pub fn start(bin: &Path, servers: [SocketAddr; 3]) -> Nginx {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", unused_port()).parse().unwrap();
         let committed = std::fs::read_to_string(deploy_dir().join("nginx.conf")).unwrap();
         let site = render(
             &committed,

@@ -50,6 +50,12 @@ pub fn spawn(
     redis::cmd("PING")
         .query::<String>(&mut con)
         .map_err(|e| format!("Redis at {url} does not answer PING: {e}"))?;
+    let prefix = &config.redis_prefix;
+    match register(&mut con, prefix) {
+        Ok(None) => {}
+        Ok(Some(other)) => return Err(prefix_conflict(prefix, &other)),
+        Err(e) => return Err(format!("cannot register the key prefix in Redis at {url}: {e}")),
+    }
     let shared = Shared {
         client,
         keys: Keys {
@@ -83,6 +89,42 @@ struct Shared {
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
     backoff: Backoff,
+}
+
+/// The registry of key prefixes of the deployments sharing a Redis (not prefixed itself).
+pub const PREFIX_REGISTRY: &str = "wsrelay:prefixes";
+/// How often a running node renews its deployment's prefix in the registry.
+const REGISTER_EVERY: Duration = Duration::from_secs(60);
+/// A prefix not renewed for this long belongs to a deployment that is gone.
+const REGISTRATION_STALE: Duration = Duration::from_secs(180);
+
+static REGISTER_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("register.lua")));
+
+/// Registers `prefix` in the registry. Returns the prefix of another live deployment that is
+/// not prefix-free with it (one starts with the other: their channels and keys could meet),
+/// in which case `prefix` is not registered.
+fn register(con: &mut redis::Connection, prefix: &str) -> redis::RedisResult<Option<String>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let stale = now.saturating_sub(REGISTRATION_STALE.as_secs());
+    let answer: String = REGISTER_SCRIPT
+        .key(PREFIX_REGISTRY)
+        .arg(prefix)
+        .arg(now)
+        .arg(stale)
+        .invoke(con)?;
+    Ok(answer.strip_prefix('=').map(str::to_owned))
+}
+
+/// Why `prefix` may not share a Redis with `other`.
+fn prefix_conflict(prefix: &str, other: &str) -> String {
+    format!(
+        "--redis-prefix {prefix:?} is not safe next to prefix {other:?}, used by another wsrelay \
+         deployment on this Redis: one starts with the other, so their channels and keys can meet. \
+         Prefixes sharing a Redis must be prefix-free (e.g. \"a:\" and \"b:\")"
+    )
 }
 
 /// A connection for commands, with timeouts so a stalled Redis cannot hang a thread.

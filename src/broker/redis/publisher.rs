@@ -3,7 +3,9 @@
 //! `publish.lua` script (offset, stream append, expiry, PUBLISH); otherwise a plain PUBLISH of
 //! the wire-encoded payload. Acknowledgements with offsets go back to the publishing
 //! connection. What cannot reach Redis is delivered to this node's loops only, counted and
-//! logged: nothing queues up without bound while Redis is away.
+//! logged: nothing queues up without bound while Redis is away. What Redis answers with an
+//! error (out of memory, read-only) was not applied: it is reported to its publisher as
+//! refused, delivered nowhere, and the connection is kept.
 
 use std::sync::LazyLock;
 use std::time::Instant;
@@ -13,11 +15,12 @@ use log::{debug, info, warn};
 use redis::Value;
 
 use super::{Shared, connect, ttl_secs};
-use crate::bridge::{Delivery, Position, Publish, Reply};
+use crate::bridge::{Delivery, Position, Publish, PublishError, Reply};
 use crate::broker::memory_store::new_epoch;
-use crate::broker::{Outbox, RateLimit, wire};
+use crate::broker::{Outbox, wire};
 use crate::config::Config;
-use crate::metrics::add;
+use crate::log_throttle::LogThrottle as RateLimit;
+use crate::metrics::{add, inc};
 
 static PUBLISH_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("publish.lua")));
@@ -35,12 +38,14 @@ pub(super) struct Publisher {
     outbox: Outbox,
     drop_log: RateLimit,
     redis_stalled_log: RateLimit,
+    refused_log: RateLimit,
 }
 
 /// What became of a pipelined batch.
 enum Outcome {
-    /// Redis ran it: one result per publish.
-    Stored(Vec<Value>),
+    /// Redis answered: one result per publish, each a stored message or an error reply
+    /// (`Value::ServerError`: that command was not applied).
+    Answered(Vec<Value>),
     /// It never reached Redis (no connection).
     Unsent,
     /// It was sent but not answered: Redis may still run it.
@@ -65,6 +70,7 @@ impl Publisher {
             outbox: Outbox::default(),
             drop_log: RateLimit::default(),
             redis_stalled_log: RateLimit::default(),
+            refused_log: RateLimit::default(),
         }
     }
 
@@ -85,23 +91,22 @@ impl Publisher {
                 }
             }
             if !batch.is_empty() {
-                let pipe = self.pipeline(&batch);
-                match self.send(&pipe) {
-                    Outcome::Stored(results) => self.acknowledge(&mut batch, results),
+                match self.send(&batch) {
+                    Outcome::Answered(results) => self.acknowledge(&mut batch, results),
                     Outcome::Unsent => self.deliver_locally(&mut batch),
-                    Outcome::Unknown(e) => self.fail(
-                        &mut batch,
-                        &format!("redis did not answer ({e}); the message may or may not be delivered"),
-                    ),
+                    Outcome::Unknown(e) => self.fail(&mut batch, &e),
                 }
             }
             self.outbox.retry(&self.redis.loops);
         }
     }
 
-    fn pipeline(&self, batch: &[Publish]) -> redis::Pipeline {
+    /// The batch as one pipeline. Errors come back per command (`ignore_errors`), so one
+    /// refused publish does not hide the outcome of the others.
+    fn pipeline<'a>(&self, batch: impl Iterator<Item = &'a Publish>) -> redis::Pipeline {
         let keys = &self.redis.keys;
         let mut pipe = redis::pipe();
+        pipe.ignore_errors();
         for p in batch {
             match self.history {
                 Some((maxlen, ttl)) => {
@@ -127,16 +132,20 @@ impl Publisher {
         pipe
     }
 
-    /// Sends one pipeline. A connection that fails gets one immediate retry on a fresh
-    /// connection: after a Redis restart the first batch fails on the dead socket. So delivery
-    /// is at-least-once across a restart (the old server may have applied part of the batch).
-    fn send(&mut self, pipe: &redis::Pipeline) -> Outcome {
-        if let Some(con) = &mut self.con {
-            match query(con, pipe) {
-                Ok(v) => return Outcome::Stored(v),
+    /// Sends the batch as one pipeline. A connection that fails gets one immediate retry on a
+    /// fresh connection: after a Redis restart the first batch fails on the dead socket. So
+    /// delivery is at-least-once across a restart (the old server may have applied part of the
+    /// batch). Error replies are answers, not failures: the connection is kept.
+    fn send(&mut self, batch: &[Publish]) -> Outcome {
+        let pipe = self.pipeline(batch.iter());
+        if let Some(mut con) = self.con.take() {
+            match self.query(&mut con, &pipe, batch) {
+                Ok(v) => {
+                    self.con = Some(con);
+                    return Outcome::Answered(v);
+                }
                 Err(e) => {
                     debug!("redis publish failed: {e}; retrying on a new connection");
-                    self.con = None;
                     self.next_attempt = Instant::now();
                 }
             }
@@ -157,7 +166,7 @@ impl Publisher {
                 return Outcome::Unsent;
             }
         };
-        match query(&mut con, pipe) {
+        match self.query(&mut con, &pipe, batch) {
             Ok(values) => {
                 self.con = Some(con);
                 self.redis.backoff.reset();
@@ -167,7 +176,7 @@ impl Publisher {
                         since.elapsed().as_secs_f64()
                     );
                 }
-                Outcome::Stored(values)
+                Outcome::Answered(values)
             }
             Err(e) => {
                 // Connected but no answer (a stalled Redis): the commands may still run later,
@@ -183,17 +192,65 @@ impl Publisher {
         }
     }
 
-    /// Counts the batch as published and answers the publishes that asked for it.
+    /// Runs a pipeline. When Redis has lost the publish script (restart, SCRIPT FLUSH), the
+    /// commands that failed with NOSCRIPT ran nothing: the script is loaded and exactly those
+    /// run again, in order (they are a suffix of the batch: once the script is gone, every
+    /// later EVALSHA fails alike).
+    fn query(
+        &self,
+        con: &mut redis::Connection,
+        pipe: &redis::Pipeline,
+        batch: &[Publish],
+    ) -> redis::RedisResult<Vec<Value>> {
+        let mut values: Vec<Value> = pipe.query(con)?;
+        let missing: Vec<usize> = (0..values.len()).filter(|&i| is_noscript(&values[i])).collect();
+        if missing.is_empty() {
+            return Ok(values);
+        }
+        info!("loading the publish script into redis");
+        PUBLISH_SCRIPT.prepare_invoke().load(con)?;
+        let again: Vec<Value> = self.pipeline(missing.iter().map(|&i| &batch[i])).query(con)?;
+        for (i, v) in missing.into_iter().zip(again) {
+            values[i] = v;
+        }
+        Ok(values)
+    }
+
+    /// Answers each publish of an answered batch: stored (with its position), or refused by
+    /// Redis (counted, logged at most once a second, and delivered nowhere).
     fn acknowledge(&mut self, batch: &mut Vec<Publish>, results: Vec<Value>) {
-        add(&self.redis.metrics.broker.published, batch.len() as u64);
+        let metrics = &self.redis.metrics.broker;
+        // Before any answer goes out: whoever hears "published" finds /healthz agreeing.
+        let stored = results
+            .iter()
+            .filter(|v| !matches!(v, Value::ServerError(_)))
+            .count();
+        if stored > 0 {
+            metrics.writes_accepted();
+        }
         for (p, v) in batch.drain(..).zip(results) {
-            let Some(ack) = p.ack else { continue };
-            let result = match self.history {
-                Some(_) => position(&v)
-                    .ok_or_else(|| "unexpected reply from the publish script".to_owned())
+            let result = match (&v, self.history) {
+                (Value::ServerError(e), _) => {
+                    let reason = format!(
+                        "{}{}",
+                        e.code(),
+                        e.details().map(|d| format!(" {d}")).unwrap_or_default()
+                    );
+                    inc(&metrics.publish_refused);
+                    if refuses_every_write(e.code()) {
+                        metrics.refusing_writes(&reason);
+                    }
+                    if self.refused_log.allow() {
+                        warn!("redis refused a publish on {:?}: {reason}", p.channel);
+                    }
+                    Err(PublishError::Refused(reason))
+                }
+                (_, Some(_)) => position(&v)
+                    .ok_or_else(|| PublishError::Refused("unexpected reply from the publish script".into()))
                     .map(Some),
-                None => Ok(None),
+                (_, None) => Ok(None),
             };
+            let Some(ack) = p.ack else { continue };
             let reply = Reply::Published {
                 channel: p.channel,
                 reference: ack.reference,
@@ -201,6 +258,7 @@ impl Publisher {
             };
             self.outbox.reply(&self.redis.loops, ack.to, reply);
         }
+        add(&metrics.published, stored as u64);
     }
 
     /// Answers a batch whose fate is unknown, and counts it.
@@ -211,7 +269,7 @@ impl Publisher {
                 let reply = Reply::Published {
                     channel: p.channel,
                     reference: ack.reference,
-                    result: Err(why.to_owned()),
+                    result: Err(PublishError::Unknown(why.to_owned())),
                 };
                 self.outbox.reply(&self.redis.loops, ack.to, reply);
             }
@@ -228,7 +286,7 @@ impl Publisher {
                 let reply = Reply::Published {
                     channel: p.channel.clone(),
                     reference: ack.reference,
-                    result: Err("redis unreachable: delivered to this node's clients only".into()),
+                    result: Err(PublishError::Unreachable),
                 };
                 self.outbox.reply(&self.redis.loops, ack.to, reply);
             }
@@ -248,17 +306,15 @@ impl Publisher {
     }
 }
 
-/// Runs a pipeline; when Redis has lost the publish script (restart, SCRIPT FLUSH), loads it
-/// and runs the pipeline again. Nothing ran the first time: NOSCRIPT fails every EVALSHA alike.
-fn query(con: &mut redis::Connection, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<Value>> {
-    match pipe.query::<Vec<Value>>(con) {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            info!("loading the publish script into redis");
-            PUBLISH_SCRIPT.prepare_invoke().load(con)?;
-            pipe.query(con)
-        }
-        other => other,
-    }
+fn is_noscript(v: &Value) -> bool {
+    matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+}
+
+/// Error codes by which Redis refuses every write, not just this one: out of memory, a
+/// read-only replica, failed persistence (`stop-writes-on-bgsave-error`). `/healthz` reports
+/// them; a refusal about one key (WRONGTYPE) concerns only its publish.
+fn refuses_every_write(code: &str) -> bool {
+    matches!(code, "OOM" | "READONLY" | "MISCONF" | "NOREPLICAS")
 }
 
 /// `{offset, epoch}` from the publish script.

@@ -11,13 +11,16 @@ use log::debug;
 use redis::Value;
 
 use super::{Shared, connect, ttl_secs};
-use crate::bridge::{Channel, Delivery, History, Position, Reply, Request, SessionState, ToLoop};
+use crate::bridge::{
+    Channel, Delivery, History, Position, Reply, Request, SessionRecord, SessionState, ToLoop,
+};
 use crate::broker::Outbox;
 use crate::broker::memory_store::new_epoch;
 use crate::config::Config;
 use crate::frame::Kind;
 
 static READ_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("read.lua")));
+static SAVE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("save.lua")));
 
 /// Field holding the session's token subject.
 const SUBJECT: &str = "sub";
@@ -48,20 +51,44 @@ impl Requests {
     }
 
     pub(super) fn run(mut self) {
+        let mut next_register = Instant::now() + super::REGISTER_EVERY;
         loop {
-            match self.queue.recv_timeout(self.outbox.idle_wait()) {
+            let wait = self
+                .outbox
+                .idle_wait()
+                .min(next_register.saturating_duration_since(Instant::now()));
+            match self.queue.recv_timeout(wait) {
                 Ok(r) => self.handle(r),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             self.outbox.retry(&self.redis.loops);
+            if Instant::now() >= next_register {
+                next_register = Instant::now() + super::REGISTER_EVERY;
+                let prefix = self.redis.keys.prefix.clone();
+                match self.with_con(|con, _, _| super::register(con, &prefix)) {
+                    Ok(None) => {}
+                    // Only if this deployment's registration lapsed (Redis unreachable for
+                    // minutes) and a conflicting one started meanwhile.
+                    Ok(Some(other)) => log::error!("{}", super::prefix_conflict(&prefix, &other)),
+                    Err(e) => debug!("prefix registration not renewed: {e}"),
+                }
+            }
         }
     }
 
     fn handle(&mut self, r: Request) {
         match r {
-            Request::History { channel, since, to } => {
-                let result = self.with_con(|con, keys, ttl| read_history(con, keys, &channel, since, ttl.0));
+            Request::History {
+                channel,
+                since,
+                record,
+                to,
+                ..
+            } => {
+                let result = self.with_con(|con, keys, ttl| {
+                    read_history(con, keys, &channel, since, ttl, record.as_ref())
+                });
                 self.outbox
                     .reply(&self.redis.loops, to, Reply::History { channel, result });
             }
@@ -130,21 +157,29 @@ impl Requests {
     }
 }
 
+/// Reads the channel's position and history; with `record`, stores the position in that
+/// session in the same script.
 fn read_history(
     con: &mut redis::Connection,
     keys: &super::Keys,
     channel: &Channel,
     since: Option<u64>,
-    ttl: u64,
+    (history_ttl, session_ttl): (u64, u64),
+    record: Option<&SessionRecord>,
 ) -> redis::RedisResult<History> {
     let start = since.map(|s| format!("{}-0", s + 1)).unwrap_or_default();
-    let v: Value = READ_SCRIPT
-        .key(keys.meta(channel))
-        .key(keys.stream(channel))
+    let mut call = READ_SCRIPT.key(keys.meta(channel));
+    call.key(keys.stream(channel))
         .arg(start)
         .arg(&*new_epoch())
-        .arg(ttl)
-        .invoke(con)?;
+        .arg(history_ttl);
+    if let Some(r) = record {
+        call.key(keys.session(&r.id))
+            .arg(format!("{CHANNEL}{channel}"))
+            .arg(session_ttl)
+            .arg(subject_arg(r.subject.as_deref()));
+    }
+    let v: Value = call.invoke(con)?;
     parse_history(channel, &v).ok_or_else(|| {
         redis::RedisError::from((
             redis::ErrorKind::Parse,
@@ -221,26 +256,30 @@ fn load_session(con: &mut redis::Connection, key: &str) -> redis::RedisResult<Op
     Ok(Some(state))
 }
 
+/// The subject as the scripts take it: "" for none, else "=" and the subject (so that an
+/// empty subject is still a subject).
+fn subject_arg(subject: Option<&str>) -> String {
+    subject.map(|s| format!("={s}")).unwrap_or_default()
+}
+
+/// Replaces the session (`save.lua`): positions not known yet keep the stored ones.
 fn save_session(
     con: &mut redis::Connection,
     key: &str,
     state: &SessionState,
     ttl: u64,
 ) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
-    pipe.atomic().cmd("DEL").arg(key).ignore();
-    let mut hset = redis::cmd("HSET");
-    hset.arg(key).arg("v").arg(1);
-    if let Some(s) = &state.subject {
-        hset.arg(SUBJECT).arg(s);
-    }
+    let mut call = SAVE_SCRIPT.key(key);
+    call.arg(ttl).arg(subject_arg(state.subject.as_deref()));
     for (channel, offset, epoch) in &state.channels {
-        hset.arg(format!("{CHANNEL}{channel}"))
-            .arg(format!("{offset} {}", epoch.as_deref().unwrap_or("-")));
+        call.arg(format!("{CHANNEL}{channel}")).arg(
+            epoch
+                .as_ref()
+                .map(|e| format!("{offset} {e}"))
+                .unwrap_or_default(),
+        );
     }
-    pipe.add_command(hset).ignore();
-    pipe.cmd("EXPIRE").arg(key).arg(ttl).ignore();
-    pipe.query(con)
+    call.invoke(con)
 }
 
 #[cfg(test)]

@@ -15,7 +15,8 @@ use log::{debug, info, warn};
 
 use super::{COMMAND_TIMEOUT, Shared, connect};
 use crate::bridge::{Channel, Control, Delivery};
-use crate::broker::{Outbox, RateLimit, Routes, wire};
+use crate::broker::{Outbox, Routes, wire};
+use crate::log_throttle::LogThrottle;
 use crate::metrics::inc;
 
 /// Read timeout of the Pub/Sub connection between checks for subscription requests.
@@ -38,7 +39,7 @@ pub(super) struct Subscriber {
     routes: Routes,
     outbox: Outbox,
     control: Receiver<Control>,
-    drop_log: RateLimit,
+    drop_log: LogThrottle,
     connected_before: bool,
 }
 
@@ -49,7 +50,7 @@ impl Subscriber {
             routes: Routes::default(),
             outbox: Outbox::default(),
             control,
-            drop_log: RateLimit::default(),
+            drop_log: LogThrottle::default(),
             connected_before: false,
         }
     }

@@ -59,13 +59,22 @@ fn parse_stat_cpu(stat: &str, ticks_per_sec: u64) -> Option<Duration> {
 
 /// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/PID/status`).
 pub fn proc_rss(pid: u32) -> io::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    parse_status_rss(&status).ok_or_else(|| io::Error::other(format!("no VmRSS in /proc/{pid}/status")))
+    proc_status(pid, "VmRSS")
 }
 
-fn parse_status_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+/// A memory field of `/proc/PID/status` (`VmRSS`, `VmHWM` for the peak, ...), in bytes.
+pub fn proc_status(pid: u32, field: &str) -> io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_status_field(&status, field)
+        .ok_or_else(|| io::Error::other(format!("no {field} in /proc/{pid}/status")))
+}
+
+/// `field` of a `/proc/PID/status` text, whose value is in kB, in bytes.
+fn parse_status_field(status: &str, field: &str) -> Option<u64> {
+    let value = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    let kib: u64 = value.split_whitespace().next()?.parse().ok()?;
     Some(kib * 1024)
 }
 
@@ -73,7 +82,7 @@ fn parse_status_rss(status: &str) -> Option<u64> {
 /// keeping `reserve` descriptors for everything else. The error says what to do.
 pub fn ensure_fd_room(connections: usize, reserve: usize) -> Result<u64, String> {
     let limit =
-        crate::listener::raise_fd_limit().map_err(|e| format!("cannot read the open-file limit: {e}"))?;
+        wsrelay::listener::raise_fd_limit().map_err(|e| format!("cannot read the open-file limit: {e}"))?;
     let need = (connections + reserve) as u64;
     if need > limit {
         return Err(format!(
@@ -166,13 +175,16 @@ mod tests {
     #[test]
     fn rss_from_status() {
         let s = "Name:\tx\nVmPeak:\t 100 kB\nVmRSS:\t    2048 kB\nThreads: 3\n";
-        assert_eq!(parse_status_rss(s), Some(2 * 1024 * 1024));
+        assert_eq!(parse_status_field(s, "VmRSS"), Some(2 * 1024 * 1024));
+        assert_eq!(parse_status_field(s, "VmPeak"), Some(100 * 1024));
+        assert_eq!(parse_status_field(s, "Vm"), None);
     }
 
     #[test]
     fn own_process_is_readable() {
         let pid = std::process::id();
         assert!(proc_rss(pid).unwrap() > 0);
+        assert!(proc_status(pid, "VmHWM").unwrap() >= proc_rss(pid).unwrap() / 2);
         proc_cpu(pid).unwrap();
         // Burn a little CPU so the counters move.
         let mut x = 0u64;

@@ -2,7 +2,7 @@
 //! phases, samples CPU and memory at the edges of the measured window, and builds the
 //! [`Report`] with its warnings.
 //!
-//! Threads share only [`Shared`]: atomics for the phase, the schedule and the progress
+//! Threads share only `Shared`: atomics for the phase, the schedule and the progress
 //! counters. The orchestrator watches those counters every few milliseconds; nothing on the
 //! per-frame path touches a shared cache line except once per loop turn.
 

@@ -21,7 +21,7 @@ use super::payload::{self, Payload, now_nanos};
 use super::run::{Phase, Shared};
 use super::stats::{Arrival, Histogram, SeqTracker};
 use super::sys;
-use super::wire::{self, Parsed, Response, op};
+use wsrelay_client::wire::{self, Parsed, Response, op};
 
 /// Bytes read per `read` call; the buffer is shared by all of the loop's connections.
 const READ_BUF: usize = 256 * 1024;

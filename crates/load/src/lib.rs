@@ -5,7 +5,7 @@
 //! delivered to every client of that channel, sender included), so the same run works against
 //! wsrelay and against the Node baseline in `shared/baseline/node-ws-redis`.
 //!
-//! A run goes through fixed phases, driven by [`run`] on the calling thread:
+//! A run goes through fixed phases, driven by [`run()`] on the calling thread:
 //!
 //! ```text
 //!  Connect ──▶ Probe ──▶ Run (warmup, then measured window) ──▶ Drain ──▶ Done
@@ -18,11 +18,14 @@
 //! (wsrelay confirms a channel's Redis subscription asynchronously): measuring before every
 //! subscriber provably receives would count the server's start-up as loss.
 //!
-//! Connections live in `--threads` mio loops ([`worker`]), nonblocking and edge-triggered, with
+//! Connections live in `--threads` mio loops (`worker`), nonblocking and edge-triggered, with
 //! one shared read buffer per loop: an idle connection costs its socket and ~150 bytes.
-//! Files: [`payload`] (what a message carries), [`wire`] (WebSocket framing), [`stats`]
-//! (histogram, loss accounting), [`sys`] (CPU, memory, sockets), [`run`] (the phases and the
-//! report), `worker` (one loop), `redis_pub` (the `--publish-via` publisher thread).
+//! Files: [`payload`] (what a message carries), [`stats`] (histogram, loss accounting), [`sys`]
+//! (CPU, memory, sockets), [`run`](mod@run) (the phases and the report), `worker` (one loop),
+//! `redis_pub` (the `--publish-via` publisher thread), `main.rs` (the command line). WebSocket
+//! framing is `wsrelay_client::wire`, shared with the tests.
+
+#![deny(missing_docs, rust_2018_idioms)]
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -34,7 +37,6 @@ mod redis_pub;
 pub mod run;
 pub mod stats;
 pub mod sys;
-pub mod wire;
 mod worker;
 
 pub use run::{run, run_with_progress};

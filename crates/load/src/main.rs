@@ -1,6 +1,6 @@
 //! `wsrelay-load`: the load generator's command line. Parses the flags, resolves them into a
 //! [`LoadConfig`], runs it and prints the report (a table, or JSON with `--json`). Everything
-//! it measures and how is in `wsrelay::load`; `--help` lists the flags.
+//! it measures and how is in the `wsrelay_load` library; `--help` lists the flags.
 //!
 //! Exit status: 0 when every expected delivery arrived once and in order, 2 when the run
 //! measured loss, reordering or duplicates, 1 when it could not run.
@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use wsrelay::cli::parse_duration;
-use wsrelay::load::{self, LoadConfig, sys};
+use wsrelay_load::{self as load, LoadConfig, sys};
 
 const EXAMPLES: &str = "\
 Examples (server pid in $SRV; the report's WARNING lines say when the generator, not the

@@ -1,0 +1,274 @@
+//! How a subscription settles a history answer: whether the client's position is recovered,
+//! what it is told, what is replayed, and where it stands afterwards. Pure decisions over a
+//! subscription's position and a [`History`]; the event loop carries them out (frames, the
+//! held deliveries, metrics). Kept apart so every case has a unit test.
+//!
+//! The rules (README, "Envelope protocol" and "Sessions"):
+//! - Recovered when recovery was asked for, the epoch is the one the client knows, and the
+//!   stored history starts right after its offset (or nothing was published since). Then every
+//!   stored message after the offset is replayed, in order.
+//! - Not recovered: nothing is replayed and the subscription continues from the newest
+//!   offset; a v1 client is told (`subscribed`, `recovered: false`), whether it asked or not.
+//! - An unknown epoch on a delivery is checked with a position-only read: the subscription's
+//!   own epoch means the delivery was foreign, and nothing changes.
+//! - A recovery the client did not ask for (a gap, lost deliveries, an unknown epoch on a
+//!   delivery) that finds the history restarted under a new epoch tells the client once
+//!   (`recovered: false` at offset 0 of the new epoch) and reads the new epoch from its start,
+//!   so that its messages are not lost too. Only once per recovery: a history that keeps
+//!   changing under it is settled as not recovered, not read forever.
+
+use std::sync::Arc;
+
+use crate::bridge::{Delivery, History, Position};
+use crate::conn::Pending;
+
+/// What to do with a history answer.
+#[derive(Debug)]
+pub enum Settled {
+    /// The history restarted under a recovery the client did not ask for: tell a v1 client
+    /// (`recovered: false` at offset 0 of `epoch`) and read again from that epoch's start.
+    Restart {
+        /// The history's new epoch.
+        epoch: Arc<str>,
+    },
+    /// The subscription is settled.
+    Done {
+        /// The `subscribed` reply (or unsolicited notice) to send first, for v1 clients:
+        /// the position it names and its `recovered` field.
+        notice: Option<(Position, Option<bool>)>,
+        /// Stored messages to replay, oldest first.
+        replay: Vec<Arc<Delivery>>,
+        /// Whether the recovery asked for succeeded (false when none was asked for).
+        recovered: bool,
+        /// The subscription's position after the replay.
+        position: Position,
+    },
+}
+
+/// Settles a subscription at `offset` in `epoch` (its last delivered message, or the one to
+/// recover after) waiting for `h` as described by `pending`.
+pub fn settle(offset: u64, epoch: Option<&str>, pending: &Pending, h: &History) -> Settled {
+    let same_epoch = epoch == Some(&*h.epoch);
+    if pending.checked.is_some() && !pending.restarted && same_epoch {
+        // An epoch check (a position-only read) found the subscription's own epoch: the
+        // delivery's epoch was foreign; nothing to replay, the position stands.
+        return Settled::Done {
+            notice: None,
+            replay: Vec::new(),
+            recovered: true,
+            position: Position {
+                offset,
+                epoch: h.epoch.clone(),
+            },
+        };
+    }
+    if pending.recover && !pending.announce && !pending.restarted && epoch.is_some() && !same_epoch {
+        return Settled::Restart {
+            epoch: h.epoch.clone(),
+        };
+    }
+    // Recovered when the history starts right after the offset (or nothing came since).
+    let covers = h.top == offset
+        || h.entries
+            .first()
+            .and_then(|d| d.position.as_ref())
+            .map(|p| p.offset)
+            == Some(offset + 1);
+    let recovered = pending.recover && same_epoch && h.top >= offset && covers;
+    let top = Position {
+        offset: h.top,
+        epoch: h.epoch.clone(),
+    };
+    let notice = if pending.announce {
+        Some((top.clone(), pending.recover.then_some(recovered)))
+    } else if pending.recover && !recovered {
+        // A gap that history cannot fill: tell the client, as on a failed resubscribe.
+        Some((top.clone(), Some(false)))
+    } else {
+        None
+    };
+    let replay: Vec<Arc<Delivery>> = if recovered {
+        h.entries
+            .iter()
+            .filter(|d| d.offset_in(&h.epoch).is_some_and(|o| o > offset))
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let position = match replay.last().and_then(|d| d.offset_in(&h.epoch)) {
+        Some(last) => Position {
+            offset: last,
+            epoch: h.epoch.clone(),
+        },
+        None if recovered => Position {
+            offset,
+            epoch: h.epoch.clone(),
+        },
+        None => top,
+    };
+    Settled::Done {
+        notice,
+        replay,
+        recovered,
+        position,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Kind;
+    use bytes::Bytes;
+
+    /// A history answer as the brokers give it: the stored entries after the offset asked for.
+    fn history(epoch: &str, top: u64, stored: std::ops::Range<u64>) -> History {
+        let epoch: Arc<str> = Arc::from(epoch);
+        let entries = stored
+            .map(|o| {
+                let position = Position {
+                    offset: o,
+                    epoch: epoch.clone(),
+                };
+                Delivery::new(
+                    Arc::from("c"),
+                    Kind::Text,
+                    Bytes::from(o.to_string()),
+                    Some(position),
+                )
+            })
+            .collect();
+        History { epoch, top, entries }
+    }
+
+    /// (notice offset and `recovered`, replayed offsets, recovered, new offset)
+    type Summary = (Option<(u64, Option<bool>)>, Vec<u64>, bool, u64);
+
+    fn done(s: Settled) -> Summary {
+        match s {
+            Settled::Done {
+                notice,
+                replay,
+                recovered,
+                position,
+            } => (
+                notice.map(|(p, r)| (p.offset, r)),
+                replay
+                    .iter()
+                    .map(|d| d.position.as_ref().unwrap().offset)
+                    .collect(),
+                recovered,
+                position.offset,
+            ),
+            other => panic!("expected Done, got {other:?}"),
+        }
+    }
+
+    fn subscribe(recover: bool) -> Pending {
+        Pending {
+            announce: true,
+            recover,
+            ..Pending::default()
+        }
+    }
+
+    #[test]
+    fn a_fresh_subscription_starts_at_the_top_without_recovered() {
+        let h = history("e", 7, 0..0);
+        assert_eq!(
+            done(settle(0, None, &subscribe(false), &h)),
+            (Some((7, None)), vec![], false, 7)
+        );
+    }
+
+    #[test]
+    fn recovery_replays_exactly_what_follows_the_offset() {
+        let h = history("e", 9, 6..10);
+        assert_eq!(
+            done(settle(5, Some("e"), &subscribe(true), &h)),
+            (Some((9, Some(true))), vec![6, 7, 8, 9], true, 9)
+        );
+        // Nothing published since: recovered, nothing to replay.
+        let h = history("e", 5, 0..0);
+        assert_eq!(
+            done(settle(5, Some("e"), &subscribe(true), &h)),
+            (Some((5, Some(true))), vec![], true, 5)
+        );
+    }
+
+    #[test]
+    fn trimmed_or_foreign_epochs_are_not_recovered() {
+        let trimmed = history("e", 9, 8..10);
+        assert_eq!(
+            done(settle(5, Some("e"), &subscribe(true), &trimmed)),
+            (Some((9, Some(false))), vec![], false, 9)
+        );
+        let other = history("f", 9, 6..10);
+        assert_eq!(
+            done(settle(5, Some("e"), &subscribe(true), &other)),
+            (Some((9, Some(false))), vec![], false, 9)
+        );
+        // A position beyond the history (the client came from another history).
+        let behind = history("e", 3, 0..0);
+        assert_eq!(
+            done(settle(5, Some("e"), &subscribe(true), &behind)),
+            (Some((3, Some(false))), vec![], false, 3)
+        );
+        // An unknown epoch (position never learned) cannot be recovered.
+        let h = history("e", 3, 1..4);
+        assert_eq!(
+            done(settle(0, None, &subscribe(true), &h)),
+            (Some((3, Some(false))), vec![], false, 3)
+        );
+    }
+
+    #[test]
+    fn quiet_recoveries_speak_only_on_failure() {
+        let h = history("e", 9, 7..10);
+        assert_eq!(
+            done(settle(6, Some("e"), &Pending::quiet(), &h)),
+            (None, vec![7, 8, 9], true, 9)
+        );
+        let trimmed = history("e", 9, 8..10);
+        assert_eq!(
+            done(settle(6, Some("e"), &Pending::quiet(), &trimmed)),
+            (Some((9, Some(false))), vec![], false, 9)
+        );
+    }
+
+    #[test]
+    fn a_restarted_history_is_read_again_from_its_start_once() {
+        let h = history("new", 2, 1..3);
+        assert!(matches!(
+            settle(6, Some("old"), &Pending::check(Arc::from("new")), &h),
+            Settled::Restart { epoch } if &*epoch == "new"
+        ));
+        // The second read, from the new epoch's start, replays it.
+        let again = Pending {
+            restarted: true,
+            ..Pending::check(Arc::from("new"))
+        };
+        assert_eq!(
+            done(settle(0, Some("new"), &again, &h)),
+            (None, vec![1, 2], true, 2)
+        );
+        // If it changed yet again meanwhile, it is settled, not read a third time.
+        let third = history("newer", 4, 1..5);
+        assert_eq!(
+            done(settle(0, Some("new"), &again, &third)),
+            (Some((4, Some(false))), vec![], false, 4)
+        );
+    }
+
+    #[test]
+    fn an_epoch_check_that_finds_the_known_epoch_changes_nothing() {
+        // The delivery's epoch was foreign: the history is still the subscription's. The read
+        // was for the position only, so newer messages are not replayed here: they are held
+        // live deliveries, released in order after it.
+        let h = history("e", 9, 0..0);
+        assert_eq!(
+            done(settle(6, Some("e"), &Pending::check(Arc::from("x")), &h)),
+            (None, vec![], true, 6)
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! What arrives from Redis, or what Redis refuses, is never trusted to drive the server: a
+//! payload that only looks like wsrelay's own cannot put subscribers into a loop, deployments
+//! sharing a Redis stay apart, and a Redis that refuses writes is reported as a refusal, not
+//! as an outage.
+
+mod common;
+
+use common::*;
+
+/// `INFO stats` field `name` as a number.
+fn info_stat(con: &mut redis::Connection, name: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query(con).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in INFO stats"))
+}
+
+fn config_set(con: &mut redis::Connection, key: &str, value: &str) {
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg(key)
+        .arg(value)
+        .query(con)
+        .unwrap();
+}
+
+/// `POST /publish?channel=C` with a text body; returns (status, body).
+fn post(node: &Node, key: &str, channel: &str, body: &str) -> (u16, String) {
+    http_request(
+        node.addr,
+        &format!(
+            "POST /publish?channel={channel} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+#[test]
+fn redis_refusing_writes_is_a_refusal_not_an_outage() {
+    let key = "backend-key-0123456789";
+    let redis = Redis::start();
+    let a = Node::start(&["--redis", &redis.url(), "--api-key", key]);
+    let b = Node::start(&["--redis", &redis.url()]);
+    let mut on_a = V1::connect(a.addr, None).unwrap();
+    let mut on_b = V1::connect(b.addr, None).unwrap();
+    on_a.subscribe("c", None).unwrap();
+    on_b.subscribe("c", None).unwrap();
+    let mut publisher = V1::connect(a.addr, None).unwrap();
+    assert_eq!(publisher.publish("c", "before").unwrap()["type"], "published");
+    assert_eq!(on_a.message(WAIT).unwrap()["data"], "before");
+    assert_eq!(on_b.message(WAIT).unwrap()["data"], "before");
+    wait_for("healthz 200", WAIT, || {
+        (a.http_get("/healthz").0 == 200).then_some(())
+    });
+
+    // Every write is refused from now on (noeviction is the default policy).
+    let mut con = redis.con();
+    let connections = info_stat(&mut con, "total_connections_received");
+    config_set(&mut con, "maxmemory", "1");
+    for i in 0..20 {
+        let r = publisher.publish("c", &format!("refused-{i}")).unwrap();
+        assert_eq!(
+            (r["type"].as_str(), r["code"].as_str()),
+            (Some("error"), Some("refused")),
+            "{r}"
+        );
+        assert!(r["message"].as_str().unwrap().contains("OOM"), "{r}");
+    }
+    let (status, body) = post(&a, key, "c", "over http");
+    assert_eq!(status, 507, "{body}");
+    let (status, body) = a.http_get("/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("refusing writes"), "{body}");
+    assert_eq!(a.metric("wsrelay_publish_refused_total"), 21);
+    assert_eq!(a.metric("wsrelay_publish_failed_total"), 0);
+    // The publisher kept its connection: Redis saw no new one.
+    assert_eq!(info_stat(&mut con, "total_connections_received"), connections);
+
+    config_set(&mut con, "maxmemory", "0");
+    assert_eq!(publisher.publish("c", "after").unwrap()["type"], "published");
+    // Nothing refused was delivered anywhere: the next message on both nodes is "after".
+    assert_eq!(on_a.message(WAIT).unwrap()["data"], "after");
+    assert_eq!(on_b.message(WAIT).unwrap()["data"], "after");
+    let (status, body) = a.http_get("/healthz");
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The next frame of a v1 client, which must be a message with `data`; returns its offset.
+#[track_caller]
+fn expect_message(c: &mut V1, data: &str) -> Option<u64> {
+    let m = c.next(WAIT).unwrap();
+    assert_eq!(
+        (m["type"].as_str(), m["data"].as_str()),
+        (Some("message"), Some(data)),
+        "{m}"
+    );
+    m["offset"].as_u64()
+}
+
+#[test]
+fn a_payload_with_a_foreign_header_is_delivered_once_and_loops_nothing() {
+    let redis = Redis::start();
+    let n = Node::start(&["--redis", &redis.url()]);
+    let mut v1 = V1::connect(n.addr, None).unwrap();
+    v1.subscribe("c", None).unwrap();
+    let mut raw = n.client("/c?session=raw-session-0001");
+    raw.sync("raw ready", WAIT).unwrap();
+    assert_eq!(expect_message(&mut v1, "raw ready"), Some(1));
+
+    // A backend publishes payloads that look like wsrelay's own, with an epoch that is not
+    // the channel's (or two deployments' channels meet in Redis).
+    let mut con = redis.con();
+    for body in ["foreign one", "foreign two"] {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("c")
+            .arg(format!("\0wr1 t 7 x\n{body}"))
+            .query(&mut con)
+            .unwrap();
+    }
+    let mut p = V1::connect(n.addr, None).unwrap();
+    assert_eq!(p.publish("c", "after").unwrap()["offset"], 2);
+    // Each is delivered once, without a position (it has none in this channel's history),
+    // and the channel's own messages go on: no notices, no replays, no loop.
+    assert_eq!(expect_message(&mut v1, "foreign one"), None);
+    assert_eq!(expect_message(&mut v1, "foreign two"), None);
+    assert_eq!(expect_message(&mut v1, "after"), Some(2));
+    for want in ["foreign one", "foreign two", "after"] {
+        assert_eq!(raw.recv_text(WAIT).unwrap(), want);
+    }
+    assert_eq!(p.publish("c", "after two").unwrap()["offset"], 3);
+    assert_eq!(expect_message(&mut v1, "after two"), Some(3));
+    assert_eq!(raw.recv_text(WAIT).unwrap(), "after two");
+    assert_eq!(n.metric("wsrelay_recovery_failed_total"), 0);
+}
+
+/// Runs wsrelay with `args` and expects it to refuse to start: exit 1 with a message
+/// containing `needle` on stderr.
+#[track_caller]
+fn refuses_to_start(args: &[&str], needle: &str) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = match wait_for_exit(&mut child) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            panic!("wsrelay {args:?} started; it should have refused");
+        }
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(needle), "{err}");
+}
+
+fn wait_for_exit(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn deployments_sharing_a_redis_stay_apart() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let a = Node::start(&["--redis", &url, "--redis-prefix", "a:"]);
+    let b = Node::start(&["--redis", &url, "--redis-prefix", "b:"]);
+    let mut va = V1::connect(a.addr, None).unwrap();
+    let mut vb = V1::connect(b.addr, None).unwrap();
+    assert_eq!(va.subscribe("room", None).unwrap()["offset"], 0);
+    assert_eq!(vb.subscribe("room", None).unwrap()["offset"], 0);
+    let mut ra = a.client("/room");
+    let mut rb = b.client("/room");
+    ra.sync("raw a", WAIT).unwrap();
+    rb.sync("raw b", WAIT).unwrap();
+    assert_eq!(expect_message(&mut va, "raw a"), Some(1));
+    assert_eq!(expect_message(&mut vb, "raw b"), Some(1));
+    // Each deployment's channel "room" has its own history and its own subscribers, and a
+    // channel named like the other's Redis channel is still its own.
+    let mut pa = V1::connect(a.addr, None).unwrap();
+    let mut pb = V1::connect(b.addr, None).unwrap();
+    assert_eq!(pa.publish("b:room", "not for b").unwrap()["offset"], 1);
+    assert_eq!(pb.publish("a:room", "not for a").unwrap()["offset"], 1);
+    assert_eq!(pa.publish("room", "second in a").unwrap()["offset"], 2);
+    assert_eq!(pb.publish("room", "second in b").unwrap()["offset"], 2);
+    assert_eq!(expect_message(&mut va, "second in a"), Some(2));
+    assert_eq!(expect_message(&mut vb, "second in b"), Some(2));
+    assert_eq!(ra.recv_text(WAIT).unwrap(), "second in a");
+    assert_eq!(rb.recv_text(WAIT).unwrap(), "second in b");
+    // Sessions are per deployment.
+    let id = va.session.clone();
+    va.client.close();
+    assert!(!V1::connect(b.addr, Some(&id)).unwrap().resumed);
+    assert!(V1::connect(a.addr, Some(&id)).unwrap().resumed);
+    // Every key either deployment wrote carries its prefix (the registry of prefixes aside).
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut redis.con()).unwrap();
+    for k in &keys {
+        assert!(
+            k.starts_with("a:") || k.starts_with("b:") || k == "wsrelay:prefixes",
+            "{k}"
+        );
+    }
+    // A prefix that one of theirs starts with, or that starts with one of theirs, could meet
+    // their channels: refused at start. The same prefix is another node of a deployment.
+    refuses_to_start(&["--redis", &url], "prefix");
+    refuses_to_start(&["--redis", &url, "--redis-prefix", "a:x:"], "prefix");
+    refuses_to_start(&["--redis", &url, "--redis-prefix", "b"], "prefix");
+    let again = Node::start(&["--redis", &url, "--redis-prefix", "a:"]);
+    drop(again);
+}
