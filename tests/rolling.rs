@@ -326,13 +326,21 @@ fn run(scenario: Scenario) {
             }
         }
         Scenario::Crash | Scenario::CrashBeforeFlush => {
-            let busiest = (0..3)
-                .max_by_key(|&i| cluster.nodes[i].metric("wsrelay_websockets"))
-                .unwrap();
+            let on: Vec<usize> = cluster
+                .nodes
+                .iter()
+                .map(|n| n.metric("wsrelay_websockets") as usize)
+                .collect();
+            let busiest = (0..3).max_by_key(|&i| on[i]).unwrap();
+            let lost_before = progress.lost.load(Ordering::Acquire);
             let t = Instant::now();
             cluster.nodes[busiest].kill();
+            // Back: the killed node's clients noticed (its count may include the publisher,
+            // which is not a swarm client: one less), and every client is subscribed again.
             wait_for("every client back", SLOW, || {
-                (progress.ready.load(Ordering::Acquire) == scale.clients).then_some(())
+                let noticed = progress.lost.load(Ordering::Acquire) - lost_before;
+                let ready = progress.ready.load(Ordering::Acquire) == scale.clients;
+                (noticed + 1 >= on[busiest] && ready).then_some(())
             });
             let back = t.elapsed();
             // Publishing goes on over two nodes until HAProxy has seen the crash.
