@@ -366,6 +366,9 @@ pub struct Open {
     pub bucket: Option<Box<crate::ratelimit::TokenBucket>>,
     /// Bytes of deliveries held by subscriptions awaiting history (counted against the cap).
     pub held_bytes: usize,
+    /// A replay page was queued: ask for the next once the output drains (see
+    /// `recovery::PAGE_ENTRIES`).
+    pub pages_wanted: bool,
     /// Last time a ping was queued to it.
     pub last_ping: Instant,
 }
@@ -385,6 +388,7 @@ impl Open {
             awaiting_connect: false,
             bucket: None,
             held_bytes: 0,
+            pages_wanted: false,
             last_ping: now,
         }
     }

@@ -22,6 +22,31 @@ use std::sync::Arc;
 use crate::bridge::{Delivery, History, Position};
 use crate::conn::Pending;
 
+/// Most stored messages one history read returns: a replay comes in pages, the next asked
+/// for once the connection has written the last one out, so neither a long history nor a
+/// slow client makes the server hold a whole replay (or the client be closed for it).
+pub const PAGE_ENTRIES: usize = 256;
+/// Most payload bytes in one page (at least one message): with 64 KiB messages, four of them;
+/// as v1 envelopes at most six times that.
+pub const PAGE_BYTES: usize = 256 * 1024;
+
+/// Cuts a history answer to one page of [`PAGE_BYTES`] (the brokers already return at most
+/// [`PAGE_ENTRIES`]); the reader sees that more follow because the last offset is below `top`.
+pub fn page(mut h: History) -> History {
+    let mut bytes = 0;
+    let keep = h
+        .entries
+        .iter()
+        .take_while(|d| {
+            let first = bytes == 0;
+            bytes += d.data.len();
+            first || bytes <= PAGE_BYTES
+        })
+        .count();
+    h.entries.truncate(keep);
+    h
+}
+
 /// What to do with a history answer.
 #[derive(Debug)]
 pub enum Settled {
@@ -42,6 +67,9 @@ pub enum Settled {
         recovered: bool,
         /// The subscription's position after the replay.
         position: Position,
+        /// The replay is one page: more stored messages follow `position` (ask again from
+        /// there once this page is written out).
+        more: bool,
     },
 }
 
@@ -60,6 +88,7 @@ pub fn settle(offset: u64, epoch: Option<&str>, pending: &Pending, h: &History) 
                 offset,
                 epoch: h.epoch.clone(),
             },
+            more: false,
         };
     }
     if pending.recover && !pending.announce && !pending.restarted && epoch.is_some() && !same_epoch {
@@ -107,11 +136,13 @@ pub fn settle(offset: u64, epoch: Option<&str>, pending: &Pending, h: &History) 
         },
         None => top,
     };
+    let more = recovered && position.offset < h.top;
     Settled::Done {
         notice,
         replay,
         recovered,
         position,
+        more,
     }
 }
 
@@ -151,6 +182,7 @@ mod tests {
                 replay,
                 recovered,
                 position,
+                ..
             } => (
                 notice.map(|(p, r)| (p.offset, r)),
                 replay
@@ -270,5 +302,72 @@ mod tests {
             done(settle(6, Some("e"), &Pending::check(Arc::from("x")), &h)),
             (None, vec![], true, 6)
         );
+    }
+
+    #[test]
+    fn a_replay_comes_in_pages() {
+        // The broker answered a page: 6..=9 of a history that goes on to 20.
+        let h = history("e", 20, 6..10);
+        match settle(5, Some("e"), &subscribe(true), &h) {
+            Settled::Done {
+                notice,
+                recovered,
+                position,
+                more,
+                ..
+            } => {
+                assert_eq!(notice.map(|(p, r)| (p.offset, r)), Some((20, Some(true))));
+                assert!(recovered && more);
+                assert_eq!(position.offset, 9);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The next page continues quietly; the last one ends the paging.
+        let next = history("e", 20, 10..21);
+        match settle(9, Some("e"), &Pending::quiet(), &next) {
+            Settled::Done {
+                notice,
+                more,
+                position,
+                ..
+            } => {
+                assert!(notice.is_none() && !more);
+                assert_eq!(position.offset, 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Pages are cut by bytes too, keeping at least one message.
+        let big: Vec<Arc<Delivery>> = (1..=10)
+            .map(|o| {
+                let position = Position {
+                    offset: o,
+                    epoch: Arc::from("e"),
+                };
+                Delivery::new(
+                    Arc::from("c"),
+                    Kind::Binary,
+                    Bytes::from(vec![0; PAGE_BYTES / 3]),
+                    Some(position),
+                )
+            })
+            .collect();
+        let paged = page(History {
+            epoch: Arc::from("e"),
+            top: 10,
+            entries: big.clone(),
+        });
+        assert_eq!(paged.entries.len(), 3);
+        let huge = Delivery::new(
+            Arc::from("c"),
+            Kind::Binary,
+            Bytes::from(vec![0; PAGE_BYTES * 2]),
+            None,
+        );
+        let one = page(History {
+            epoch: Arc::from("e"),
+            top: 10,
+            entries: vec![huge.clone(), huge],
+        });
+        assert_eq!(one.entries.len(), 1);
     }
 }

@@ -294,3 +294,40 @@ fn the_loop_budget_drops_the_largest_holders_first() {
     assert_eq!(small.recv_text(WAIT).unwrap().len(), 60_000);
     small.sync("still here", WAIT).unwrap();
 }
+
+#[test]
+fn a_replay_larger_than_the_hard_limit_reaches_a_reading_client() {
+    let redis = Redis::start();
+    for redis in [None, Some(&redis)] {
+        let n = node(
+            redis,
+            &["--history-channel-memory", "268435456", "--max-output", "2097152"],
+        );
+        let mut c = V1::connect(n.addr, None).unwrap();
+        let sub = c.subscribe("long", None).unwrap();
+        let epoch = sub["epoch"].as_str().unwrap().to_owned();
+        c.client.close();
+        // 200 × 60 KB: 12 MB of replay, six times the hard limit.
+        let bodies: Vec<String> = (0..200)
+            .map(|i| format!("{i:04}{}", "l".repeat(60_000)))
+            .collect();
+        let mut p = V1::connect(n.addr, None).unwrap();
+        for chunk in bodies.chunks(50) {
+            publish_burst(&mut p, "long", chunk);
+        }
+        let mut c = V1::connect(n.addr, None).unwrap();
+        let sub = c.subscribe("long", Some((0, &epoch))).unwrap();
+        assert_eq!(sub["recovered"], true, "{sub}");
+        // Live messages published during the replay come after it, in order.
+        assert_eq!(p.publish("long", "live").unwrap()["offset"], 201);
+        for (i, b) in bodies.iter().enumerate() {
+            let m = c
+                .message(WAIT)
+                .unwrap_or_else(|e| panic!("replayed message {i}: {e}"));
+            assert_eq!(m["offset"], i + 1);
+            assert_eq!(m["data"].as_str(), Some(b.as_str()));
+        }
+        assert_eq!(c.message(WAIT).unwrap()["data"], "live");
+        assert_eq!(n.metric("wsrelay_slow_consumer_closes_total"), 0);
+    }
+}

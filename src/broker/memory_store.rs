@@ -290,14 +290,15 @@ impl HistoryStore {
                 .ring
                 .iter()
                 .filter(|d| d.position.as_ref().is_some_and(|p| p.offset > since))
+                .take(crate::recovery::PAGE_ENTRIES)
                 .cloned()
                 .collect(),
         };
-        History {
+        crate::recovery::page(History {
             epoch: log.epoch.clone(),
             top: log.top,
             entries,
-        }
+        })
     }
 
     /// Forgets expired channels (their memory is released).

@@ -468,8 +468,14 @@ impl EventLoop {
             return;
         }
         let unsent = conn.out.len() + open.held_bytes;
+        // Written out far enough: the next page of a replay may come (live deliveries held
+        // meanwhile do not count here: they wait for the replay to end).
+        let next_page = open.pages_wanted && conn.out.len() <= self.limits.soft;
         if let Backpressure::Close(why) = judge(unsent, &mut conn.over_soft_since, now, &self.limits) {
-            self.close_slow_consumer(key, why, now);
+            return self.close_slow_consumer(key, why, now);
+        }
+        if next_page {
+            self.next_pages(key);
         }
     }
 

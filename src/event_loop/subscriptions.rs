@@ -281,6 +281,7 @@ impl EventLoop {
                 replay,
                 recovered,
                 position,
+                more,
             } => {
                 if let (Some((at, recovered)), Protocol::V1) = (notice, protocol) {
                     let r = if pending.announce {
@@ -314,6 +315,24 @@ impl EventLoop {
                 }
                 if let Some(s) = session {
                     s.offsets_dirty = true;
+                }
+                if more {
+                    // One page of a longer replay: keep holding live deliveries, and ask for
+                    // the next page once this one is written out (see `next_pages`).
+                    sub.state = SubState::AwaitingHistory {
+                        pending: Pending {
+                            recover: true,
+                            announce: false,
+                            reference: None,
+                            checked: None,
+                            ..pending
+                        },
+                        held,
+                    };
+                    if let Some(open) = self.conns[key].open_mut() {
+                        open.pages_wanted = true;
+                    }
+                    return self.queue_frames(key, &frames);
                 }
                 self.release_held(key, &channel, pending, held, true, frames);
             }
@@ -351,6 +370,27 @@ impl EventLoop {
         // A raw connection's input waits for its subscription (see `read_frames`).
         if self.conns[key].read_pending {
             self.read_backlog.push(key);
+        }
+    }
+
+    /// Asks for the next page of every replay of connection `key` that waits for one: called
+    /// once its output is back under the soft limit, so a replay goes out at the pace the
+    /// client reads it.
+    pub(super) fn next_pages(&mut self, key: usize) {
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        if !std::mem::take(&mut open.pages_wanted) {
+            return;
+        }
+        let waiting: Vec<Channel> = open
+            .subs
+            .iter()
+            .filter(|s| matches!(&s.state, SubState::AwaitingHistory { pending, .. } if !pending.announce && pending.recover))
+            .map(|s| s.channel.clone())
+            .collect();
+        for channel in waiting {
+            self.request_history(key, &channel);
         }
     }
 

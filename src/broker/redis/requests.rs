@@ -171,6 +171,7 @@ fn read_history(
     let mut call = READ_SCRIPT.key(keys.meta(channel));
     call.key(keys.stream(channel))
         .arg(start)
+        .arg(crate::recovery::PAGE_ENTRIES)
         .arg(&*new_epoch())
         .arg(history_ttl);
     if let Some(r) = record {
@@ -180,12 +181,14 @@ fn read_history(
             .arg(subject_arg(r.subject.as_deref()));
     }
     let v: Value = call.invoke(con)?;
-    parse_history(channel, &v).ok_or_else(|| {
-        redis::RedisError::from((
-            redis::ErrorKind::Parse,
-            "unexpected reply from the history script",
-        ))
-    })
+    parse_history(channel, &v)
+        .map(crate::recovery::page)
+        .ok_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "unexpected reply from the history script",
+            ))
+        })
 }
 
 fn text(v: &Value) -> Option<&str> {
