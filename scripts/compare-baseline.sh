@@ -55,7 +55,7 @@ taskset -c 0 "$B/wsrelay" --threads 1 --listen "127.0.0.1:$wport" --redis "$R" -
 srv=$!
 until curl -sf "http://127.0.0.1:$wport/healthz" >/dev/null; do sleep 0.1; done
 run wsrelay "ws://127.0.0.1:$wport/"
-kill "$srv"; wait "$srv" 2>/dev/null || true
+kill -INT "$srv"; wait "$srv" 2>/dev/null || true # SIGINT: no drain delay, nothing to drain
 
 nport=$(port)
 REDIS_URL=$R taskset -c 0 node "$work/ws_server.js" "$nport" >/dev/null &

@@ -7,7 +7,8 @@
 #
 # Targets: http_parse (request heads, routing decisions, framing headers, responses),
 # http_query (percent-decoding, query parameters), envelope_parse (v1 frames and every reply
-# built from them), envelope_roundtrip (structured v1 commands, encoded and parsed back).
+# built from them), envelope_roundtrip (structured v1 commands, encoded and parsed back),
+# proxy_parse (PROXY protocol headers and X-Forwarded-For from trusted proxies).
 # The server deviations fuzzing found are fixed; the targets' FUZZ_STRICT mode (now always on)
 # fails on them again, and their reproducers stay as the fuzz/seeds/*/known-* files.
 #

@@ -199,6 +199,14 @@ pub enum Request {
         /// The whole state.
         state: SessionState,
     },
+    /// Answered with [`ToLoop::Barrier`] once every request sent before it has been carried
+    /// out (requests are handled one at a time, in order): a session saved before it is
+    /// stored. A draining node closes a client only after this, so the client cannot resume
+    /// elsewhere from an older copy of its session.
+    Barrier {
+        /// Who asked.
+        to: ReplyTo,
+    },
 }
 
 /// Why a publish was not stored.
@@ -280,6 +288,11 @@ pub enum ToLoop {
     Lost {
         /// The channel.
         channel: Channel,
+    },
+    /// The answer to [`Request::Barrier`]: what connection `conn` asked to store is stored.
+    Barrier {
+        /// The connection.
+        conn: ConnId,
     },
     /// A reply for one connection.
     Reply {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{CommandFactory, FromArgMatches, Parser};
 
 use crate::config::Config;
+use crate::forwarded::Cidr;
 
 /// wsrelay: a WebSocket pub/sub fan-out server. Without --redis one process is a complete server
 /// (in-process broker); with --redis, any number of nodes share channels through Redis.
@@ -18,6 +19,12 @@ pub struct Cli {
     /// Address to listen on (every loop binds it with SO_REUSEPORT)
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Also listen here, requiring a PROXY protocol header (v1 or v2) on every connection: the client's address comes from it
+    #[arg(long, value_name = "ADDR")]
+    pub proxy_listen: Option<SocketAddr>,
+    /// Peer whose X-Forwarded-For names the client (e.g. 10.0.0.0/8, 192.0.2.7); repeatable
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    pub trusted_proxies: Vec<Cidr>,
     /// Event-loop threads
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
@@ -69,7 +76,13 @@ pub struct Cli {
     /// Time allowed for a close handshake
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub close_timeout: Option<Duration>,
-    /// Upper bound on graceful shutdown
+    /// After SIGTERM: time to keep serving while /healthz says "draining", so the load balancer stops sending new clients
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_delay: Option<Duration>,
+    /// After the drain delay: clients are closed (1001) at an even rate over this period
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_period: Option<Duration>,
+    /// Time allowed for the last close handshakes and session writes after the drain period
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
     /// Capacity of each loop's delivery inbox, messages
@@ -192,6 +205,8 @@ impl Cli {
             ping_interval,
             idle_timeout,
             close_timeout,
+            drain_delay,
+            drain_period,
             shutdown_timeout,
             loop_queue,
             publish_queue,
@@ -217,6 +232,8 @@ impl Cli {
             log_level,
         );
         c.allowed_origins = self.allowed_origins;
+        c.proxy_listen = self.proxy_listen.or(c.proxy_listen);
+        c.trusted_proxies = self.trusted_proxies;
         // Secrets may come from the environment so they do not show in `ps`.
         c.token_secret = self.token_secret.or_else(|| {
             std::env::var("WSRELAY_TOKEN_SECRET")
@@ -256,6 +273,18 @@ pub fn shown_defaults() -> Vec<(&'static str, String)> {
     let dur = format_duration;
     vec![
         ("listen", d.listen.to_string()),
+        (
+            "proxy_listen",
+            none_means(d.proxy_listen.as_ref().map(|v| v as _), "none"),
+        ),
+        (
+            "trusted_proxies",
+            if d.trusted_proxies.is_empty() {
+                "none (the header is ignored)".to_owned()
+            } else {
+                format!("{:?}", d.trusted_proxies)
+            },
+        ),
         // `Config::default()` counts this machine's cores; the help speaks for any machine.
         ("threads", "number of cores".to_owned()),
         (
@@ -283,6 +312,8 @@ pub fn shown_defaults() -> Vec<(&'static str, String)> {
         ("ping_interval", dur(d.ping_interval)),
         ("idle_timeout", dur(d.idle_timeout)),
         ("close_timeout", dur(d.close_timeout)),
+        ("drain_delay", dur(d.drain_delay)),
+        ("drain_period", dur(d.drain_period)),
         ("shutdown_timeout", dur(d.shutdown_timeout)),
         ("loop_queue", d.loop_queue.to_string()),
         ("publish_queue", d.publish_queue.to_string()),

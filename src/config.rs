@@ -6,12 +6,24 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::forwarded::Cidr;
+
 /// Everything a running wsrelay process needs to know.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Address every loop's listener binds (SO_REUSEPORT). Port 0 picks a free port once and
     /// every loop then binds that same port. Default `127.0.0.1:9000`.
     pub listen: SocketAddr,
+    /// A second address every loop also listens on, where each connection must start with a
+    /// PROXY protocol header (v1 or v2) from a load balancer (HAProxy `send-proxy-v2`, nginx
+    /// `proxy_protocol on`): the client's address is taken from it. A connection without a
+    /// valid header is closed. `None` (default): no such listener. The `listen` address never
+    /// reads PROXY headers, so clients that reach it directly cannot claim another address.
+    pub proxy_listen: Option<SocketAddr>,
+    /// Peers whose `X-Forwarded-For` header names the client (the rightmost address in it that
+    /// is not itself a trusted proxy). Empty (default): the header is ignored. Anyone not in
+    /// the list can write the header, so list only your own proxies.
+    pub trusted_proxies: Vec<Cidr>,
     /// Number of event-loop threads, each with its own listener, poll and connections.
     /// Default: the number of cores. More loops than cores only adds context switches.
     pub threads: usize,
@@ -76,7 +88,21 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long a closing connection may take to finish the close handshake. Default 5 s.
     pub close_timeout: Duration,
-    /// Upper bound on a graceful shutdown (close 1001 to everyone, flush). Default 5 s.
+    /// After SIGTERM: how long the node keeps serving while it reports itself unhealthy
+    /// (`/healthz` 503 "draining", new WebSockets refused with 503) before it closes its
+    /// listener and starts closing clients. It is the time a load balancer needs to see the
+    /// failing health check and stop sending new clients: a client closed earlier could be sent
+    /// straight back to this node. Default 5 s: HAProxy as configured in `deploy/haproxy.cfg`
+    /// (check every 1 s, down after 2 failures) needs 2-3 s. 0 skips it.
+    pub drain_delay: Duration,
+    /// After the drain delay: clients are closed (1001, their sessions stored first) at an
+    /// even rate over this period instead of all at once, so the nodes that take them over see
+    /// a steady stream of reconnects, not a storm. Default 10 s: 100,000 clients arrive
+    /// elsewhere at 10,000 a second. 0 closes everyone at once.
+    pub drain_period: Duration,
+    /// After the last client was asked to close: the time allowed for close handshakes and
+    /// for the last session writes to reach Redis. The process exits at most
+    /// `drain_delay + drain_period + shutdown_timeout` after SIGTERM. Default 5 s.
     pub shutdown_timeout: Duration,
     /// Capacity, in messages, of each loop's inbox (deliveries from the broker). When a loop
     /// falls this far behind, further deliveries to it are dropped and counted. Default 65,536.
@@ -170,6 +196,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "127.0.0.1:9000".parse().expect("literal address"),
+            proxy_listen: None,
+            trusted_proxies: Vec::new(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             redis: None,
             redis_prefix: String::new(),
@@ -187,6 +215,8 @@ impl Default for Config {
             ping_interval: Duration::from_secs(25),
             idle_timeout: Duration::from_secs(60),
             close_timeout: Duration::from_secs(5),
+            drain_delay: Duration::from_secs(5),
+            drain_period: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(5),
             loop_queue: 65_536,
             publish_queue: 65_536,
@@ -250,6 +280,14 @@ impl Config {
         ];
         if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));
+        }
+        if let Some(p) = self.proxy_listen {
+            if p.port() != 0 && p.port() == self.listen.port() {
+                return Err(
+                    "--proxy-listen needs a port of its own: on --listen's port the two listeners would share connections"
+                        .into(),
+                );
+            }
         }
         if self.threads > 1024 {
             return Err("--threads must be at most 1024".into());

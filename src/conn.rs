@@ -438,8 +438,13 @@ pub enum Phase {
 pub struct Conn {
     /// The socket, registered with the loop's poll under this entry's key.
     pub sock: TcpStream,
-    /// Remote address.
+    /// Remote address: the client's, once a PROXY header or a trusted proxy's
+    /// `X-Forwarded-For` has named it (logs and `--max-connections-per-ip` use it).
     pub peer: SocketAddr,
+    /// The proxy the connection came through, when `peer` was taken from what it said.
+    pub via: Option<SocketAddr>,
+    /// Accepted on `--proxy-listen`: a PROXY protocol header must come before the request.
+    pub awaiting_proxy_header: bool,
     /// Identifies this connection in replies from the broker (slab keys are reused).
     pub serial: u64,
     /// Counted in the per-IP connection limit (released when the connection ends).
@@ -477,6 +482,8 @@ impl Conn {
         Conn {
             sock,
             peer,
+            via: None,
+            awaiting_proxy_header: false,
             serial,
             ip_counted: false,
             out: OutBuf::default(),

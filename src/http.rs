@@ -34,6 +34,9 @@ pub struct Head {
     pub content_length: usize,
     /// `Content-Type`, if present.
     pub content_type: Option<String>,
+    /// Every `X-Forwarded-For` header, joined with `, ` in order (RFC 9110 §5.3); believed only
+    /// from a trusted proxy (`forwarded.rs`).
+    pub forwarded_for: Option<String>,
 }
 
 /// What a valid WebSocket upgrade request carries.
@@ -132,7 +135,10 @@ pub fn parse(buf: &[u8]) -> Parse {
     if len > MAX_HEAD {
         return Parse::Invalid(Status::HeadersTooLarge);
     }
-    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+    // HTTP/1.0 and 1.1 both: load balancers' health checks often send HTTP/1.0 without a
+    // `Host` header (HAProxy's `option httpchk`), and every answer here closes the connection
+    // anyway. A WebSocket upgrade needs HTTP/1.1 (RFC 6455 §4.1), checked below.
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Parse::Invalid(Status::BadRequest);
     };
     let (raw_path, query) = match target.split_once('?') {
@@ -176,10 +182,18 @@ pub fn parse(buf: &[u8]) -> Parse {
     let origin = header("origin").map(str::to_owned);
     let authorization = header("authorization").map(str::to_owned);
     let content_type = header("content-type").map(str::to_owned);
+    let forwarded: Vec<&str> = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
+        .collect();
+    let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(", "));
 
     let wants_upgrade = header("upgrade").is_some_and(|u| has_token(u, "websocket"));
     let upgrade = if wants_upgrade {
-        if method != "GET" || !header("connection").is_some_and(|c| has_token(c, "upgrade")) {
+        if method != "GET" || version != 1 || !header("connection").is_some_and(|c| has_token(c, "upgrade")) {
             return Parse::Invalid(Status::BadRequest);
         }
         if header("sec-websocket-version") != Some("13") {
@@ -214,6 +228,7 @@ pub fn parse(buf: &[u8]) -> Parse {
             authorization,
             content_length,
             content_type,
+            forwarded_for,
         }),
         len,
     )
@@ -364,13 +379,31 @@ mod tests {
     }
 
     #[test]
+    fn plain_requests_may_be_http_1_0_and_lack_host() {
+        // What HAProxy's `option httpchk GET /healthz` sends.
+        for req in [
+            &b"GET /healthz HTTP/1.0\r\n\r\n"[..],
+            b"GET /healthz HTTP/1.1\r\n\r\n",
+            b"HEAD /metrics HTTP/1.0\r\nUser-Agent: x\r\n\r\n",
+        ] {
+            let Parse::Complete(head, len) = parse(req) else {
+                panic!("{:?} refused", String::from_utf8_lossy(req));
+            };
+            assert_eq!(len, req.len());
+            assert!(head.upgrade.is_none());
+        }
+    }
+
+    #[test]
     fn bad_requests_get_the_right_status() {
         assert_eq!(
             parse(b"\x16\x03\x01garbage\r\n\r\n"),
             Parse::Invalid(Status::BadRequest)
         );
+        let upgrade_10 = upgrade_req("/", "").replace("HTTP/1.1", "HTTP/1.0");
+        assert_eq!(parse(upgrade_10.as_bytes()), Parse::Invalid(Status::BadRequest));
         assert_eq!(
-            parse(b"GET / HTTP/1.0\r\n\r\n"),
+            parse(b"GET / HTTP/2.0\r\n\r\n"),
             Parse::Invalid(Status::BadRequest)
         );
         let no_key = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n";

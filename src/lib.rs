@@ -9,7 +9,9 @@
 pub mod cli;
 pub mod config;
 pub mod listener;
+pub mod proxy;
 pub mod http;
+pub mod forwarded;
 pub mod frame;
 pub mod conn;
 pub mod channels;

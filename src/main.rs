@@ -1,4 +1,5 @@
-//! The `wsrelay` binary: parse flags, start logging, run the server until SIGTERM or SIGINT.
+//! The `wsrelay` binary: parse flags, start logging, run the server until SIGTERM (drain, then
+//! exit) or SIGINT (close everyone, then exit).
 //! Every failure to start is one line on stderr and exit code 1; `--help` lists the flags.
 
 use std::process::ExitCode;
@@ -25,15 +26,25 @@ fn run(cli: Cli) -> Result<(), String> {
     init_logging(config.log_level);
     let mut signals =
         Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let (delay, period) = (config.drain_delay, config.drain_period);
     let server = Server::start(config)?;
     let shutdown = server.shutdown_handle();
     std::thread::Builder::new()
         .name("wsrelay-signals".into())
         .spawn(move || {
             let mut forever = signals.forever();
-            if let Some(sig) = forever.next() {
-                info!("signal {sig}: shutting down");
-                shutdown.trigger();
+            // SIGTERM (systemd, Docker, Kubernetes, a deploy script) drains: the balancer is
+            // told first and clients leave gradually. SIGINT (Ctrl-C) closes everyone at once.
+            match forever.next() {
+                Some(SIGTERM) => {
+                    info!("SIGTERM: draining (--drain-delay {delay:?}, then clients leave over --drain-period {period:?})");
+                    shutdown.drain();
+                }
+                Some(sig) => {
+                    info!("signal {sig}: shutting down");
+                    shutdown.trigger();
+                }
+                None => {}
             }
             // A second signal means "now": skip the graceful close.
             if let Some(sig) = forever.next() {

@@ -144,6 +144,10 @@ reasons! {
     Unauthorized => "unauthorized",
     /// Over `--max-connections-per-ip`.
     PerIpLimit => "per_ip_limit",
+    /// A WebSocket asked for while the node drains (after SIGTERM).
+    Draining => "draining",
+    /// No valid PROXY protocol header on a `--proxy-listen` connection.
+    ProxyHeader => "proxy_header",
 }
 
 metrics! {

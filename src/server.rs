@@ -1,18 +1,21 @@
 //! Wiring: builds the listeners, polls, queues and broker, starts one thread per loop, and
 //! shuts everything down in order. The only process-wide state is [`Shared`]: configuration,
-//! metrics, the shutdown flag and the connection count; nothing on the per-message path locks.
+//! metrics, the shutdown request and the connection count; nothing on the per-message path
+//! locks.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use log::info;
+use log::{info, warn};
 
 use crate::auth::Verifier;
 use crate::bridge::{self, LoopHandle};
 use crate::config::Config;
 use crate::event_loop::{EventLoop, WAKER};
+use crate::forwarded::TrustedProxies;
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
 use crate::ratelimit::PerIpLimit;
@@ -25,14 +28,16 @@ pub struct Shared {
     pub config: Config,
     /// All counters.
     pub metrics: Arc<Metrics>,
-    /// Set once to start a graceful shutdown.
-    pub shutdown: AtomicBool,
+    /// Set once to start a graceful shutdown: when, and whether to drain first.
+    pub stop: OnceLock<Stop>,
     /// Sockets held by all loops together, for `--max-connections`.
     pub connections: AtomicUsize,
     /// Which origins may open WebSockets.
     pub origin: OriginPolicy,
     /// Token verifier, when `--token-secret` is set.
     pub verifier: Option<Verifier>,
+    /// Proxies whose `X-Forwarded-For` is believed (`--trusted-proxy`).
+    pub trusted: TrustedProxies,
     /// Connections per client address, when `--max-connections-per-ip` is set. A lock is
     /// fine here: it is taken once per accept and once per close, never per message, and it
     /// must be shared because SO_REUSEPORT spreads one address's connections over all loops.
@@ -43,9 +48,47 @@ pub struct Shared {
 pub struct Server {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    proxy_addr: Option<SocketAddr>,
     loops: Vec<LoopHandle>,
     loop_threads: Vec<JoinHandle<()>>,
     broker_threads: Vec<JoinHandle<()>>,
+}
+
+/// A graceful shutdown that has been asked for. Every loop times its steps from `at`, so the
+/// loops agree on the schedule whenever each of them notices.
+#[derive(Clone, Copy, Debug)]
+pub struct Stop {
+    /// When it was asked for.
+    pub at: Instant,
+    /// Drain (SIGTERM): report "draining" for `--drain-delay`, then close clients over
+    /// `--drain-period`. Otherwise (SIGINT) every client is closed at once.
+    pub drain: bool,
+}
+
+impl Stop {
+    /// How long the node keeps serving while reporting itself unhealthy.
+    pub fn delay(&self, config: &Config) -> Duration {
+        if self.drain {
+            config.drain_delay
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Over how long clients are closed, after the delay.
+    pub fn period(&self, config: &Config) -> Duration {
+        if self.drain {
+            config.drain_period
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// When the process exits, whatever is left: close handshakes and session writes get
+    /// `--shutdown-timeout` after the last client was asked to close.
+    pub fn deadline(&self, config: &Config) -> Instant {
+        self.at + self.delay(config) + self.period(config) + config.shutdown_timeout
+    }
 }
 
 /// Starts a graceful shutdown from any thread (a signal handler thread, a test).
@@ -56,9 +99,25 @@ pub struct ShutdownHandle {
 }
 
 impl ShutdownHandle {
-    /// Stops accepting, closes every client with 1001 and lets the loops exit.
+    /// Stops accepting and closes every client with 1001 at once (SIGINT).
     pub fn trigger(&self) {
-        self.shared.shutdown.store(true, Ordering::Release);
+        self.begin(false);
+    }
+
+    /// Drains (SIGTERM): `/healthz` answers 503 "draining" and new WebSockets are refused for
+    /// `--drain-delay`; then the listeners close and clients are closed with 1001 over
+    /// `--drain-period`, each after its session is stored.
+    pub fn drain(&self) {
+        self.begin(true);
+    }
+
+    fn begin(&self, drain: bool) {
+        let stop = Stop {
+            at: Instant::now(),
+            drain,
+        };
+        // The first request wins: a second one is the signal thread's business.
+        let _ = self.shared.stop.set(stop);
         for l in &self.loops {
             l.wake();
         }
@@ -74,6 +133,14 @@ impl Server {
             listener::raise_fd_limit().map_err(|e| format!("cannot read the open-file limit: {e}"))?;
         let (listeners, addr) = listener::bind_all(config.listen, config.threads)
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        let (mut proxy_listeners, proxy_addr) = match config.proxy_listen {
+            Some(a) => {
+                let (ls, bound) = listener::bind_all(a, config.threads)
+                    .map_err(|e| format!("cannot listen on {a} (--proxy-listen): {e}"))?;
+                (ls.into_iter().map(Some).collect(), Some(bound))
+            }
+            None => ((0..config.threads).map(|_| None).collect::<Vec<_>>(), None),
+        };
         let metrics = Arc::new(Metrics::new(config.threads));
 
         let mut polls = Vec::new();
@@ -100,10 +167,12 @@ impl Server {
         };
         let per_ip = (config.max_connections_per_ip > 0)
             .then(|| Mutex::new(PerIpLimit::new(config.max_connections_per_ip)));
+        let trusted = TrustedProxies::new(config.trusted_proxies.clone());
         let shared = Arc::new(Shared {
+            trusted,
             config,
             metrics,
-            shutdown: AtomicBool::new(false),
+            stop: OnceLock::new(),
             connections: AtomicUsize::new(0),
             origin,
             verifier,
@@ -111,11 +180,12 @@ impl Server {
         });
 
         let trimmer = shared.clone();
-        crate::trim::spawn(move || trimmer.shutdown.load(Ordering::Acquire))
+        crate::trim::spawn(move || trimmer.stop.get().is_some())
             .map_err(|e| format!("cannot start the memory trim thread: {e}"))?;
         let mut loop_threads = Vec::new();
         for (id, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
-            let ev = EventLoop::new(id, poll, listener, inbox, broker.handle.clone(), shared.clone())
+            let listeners = [Some(listener), proxy_listeners[id].take()];
+            let ev = EventLoop::new(id, poll, listeners, inbox, broker.handle.clone(), shared.clone())
                 .map_err(|e| format!("cannot start loop {id}: {e}"))?;
             let t = std::thread::Builder::new()
                 .name(format!("wsrelay-loop-{id}"))
@@ -129,9 +199,13 @@ impl Server {
             "listening on {addr} ({} loops, {backplane}, open-file limit {fd_limit})",
             shared.config.threads
         );
+        if let Some(p) = proxy_addr {
+            info!("proxy protocol listener on {p} (a PROXY v1 or v2 header is required)");
+        }
         Ok(Server {
             shared,
             addr,
+            proxy_addr,
             loops,
             loop_threads,
             broker_threads: broker.threads,
@@ -141,6 +215,11 @@ impl Server {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The `--proxy-listen` address actually bound, if any.
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy_addr
     }
 
     /// Process-wide state, e.g. for reading metrics.
@@ -156,7 +235,10 @@ impl Server {
         }
     }
 
-    /// Waits until every loop has exited (after a shutdown), then for the broker threads.
+    /// Waits until every loop has exited (after a shutdown), then for the broker threads: they
+    /// finish what the loops queued (publishes, the last session writes) and exit. Past the
+    /// shutdown deadline (a Redis that stopped answering) they are abandoned, so the process
+    /// still exits in bounded time.
     pub fn wait(self) -> Result<(), String> {
         let mut failed = false;
         for t in self.loop_threads {
@@ -164,8 +246,26 @@ impl Server {
         }
         // Dropping the loops' handles is what lets the broker threads see the end.
         drop(self.loops);
-        for t in self.broker_threads {
-            failed |= t.join().is_err();
+        let deadline = self.shared.stop.get().map(|s| s.deadline(&self.shared.config));
+        let mut left = self.broker_threads;
+        while !left.is_empty() {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                warn!(
+                    "shutdown deadline passed with {} broker threads busy; the last publishes or session writes may be lost",
+                    left.len()
+                );
+                break;
+            }
+            let (done, busy): (Vec<_>, Vec<_>) = left.into_iter().partition(|t| t.is_finished());
+            for t in done {
+                failed |= t.join().is_err();
+            }
+            left = busy;
+            if !left.is_empty() {
+                // Polled, not joined: a thread stuck on Redis must not hold the exit past the
+                // deadline.
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         if failed {
             return Err("a server thread panicked".into());

@@ -1,13 +1,17 @@
 //! The browser tests of `client/wsrelay.js` (owned by the browser-client work of issue 3): a real
 //! headless Chromium, driven over the Chrome DevTools Protocol (a WebSocket, through tungstenite),
 //! loads a page from wsrelay node A and runs the client there, against two nodes sharing one
-//! Redis. The page state is read with `Runtime.evaluate`; every wait polls with a timeout.
+//! Redis. The page state is read with `Runtime.evaluate`; every wait polls with a timeout. One
+//! run goes through HAProxy (`deploy/haproxy.cfg`, three nodes) across a node crash and a
+//! rolling restart; it also needs `haproxy` (skipped without it unless `WSRELAY_REQUIRE_DEPLOY`).
 //!
 //! Chromium is looked up as `$WSRELAY_CHROMIUM`, `/usr/bin/chromium`, then `chromium`,
 //! `chromium-browser`, `google-chrome` on PATH. Without it the tests print why and pass, unless
 //! `WSRELAY_REQUIRE_BROWSER` is set (`.ci/run` installs Chromium and sets it).
 
 mod common;
+#[path = "common/lb.rs"]
+mod lb;
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -301,6 +305,30 @@ fn numbers(from: u32, to: u32) -> Vec<String> {
     (from..=to).map(|i| i.to_string()).collect()
 }
 
+/// Starts the served client (`/wsrelay.js`, from the page's origin) in the page with `urls`,
+/// subscribed to channel `browser`; what it sees goes to `window.t`.
+fn start_relay(page: &mut Cdp, urls: &[&str]) {
+    page.eval(&format!(
+        "(async () => {{
+           const {{ WsRelay }} = await import('/wsrelay.js');
+           window.t = {{ received: [], meta: [], recovered: [], subscribed: [], opened: [],
+                         states: [], errors: [] }};
+           const relay = new WsRelay({{ urls: {urls}, minDelay: 100, maxDelay: 1000 }});
+           window.relay = relay;
+           relay.on('state', (st) => t.states.push(st));
+           relay.on('open', ({{ url }}) => t.opened.push(url));
+           relay.on('error', (e) => t.errors.push(String(e && (e.code || e.message))));
+           relay.subscribe('browser', {{
+             onMessage(data, meta) {{ t.received.push(data); t.meta.push(meta); }},
+             onSubscribed(info) {{ t.subscribed.push(info); }},
+             onRecovered(ok, info) {{ t.recovered.push([ok, info.reason || null]); }},
+           }});
+           return true;
+         }})()",
+        urls = json!(urls),
+    ));
+}
+
 /// The CDP harness itself, on the raw protocol: a plain `WebSocket` in a page served by node A
 /// receives what a client of node B sends.
 #[test]
@@ -348,26 +376,7 @@ fn v1_client_survives_node_a_dying_without_loss_or_duplicates() {
     let (a_ws, b_ws) = (format!("ws://{}", s.a.addr), format!("ws://{}", s.b.addr));
 
     // The module as the server serves it, from the page's own origin (node A).
-    s.page.eval(&format!(
-        "(async () => {{
-           const {{ WsRelay }} = await import('/wsrelay.js');
-           window.t = {{ received: [], meta: [], recovered: [], subscribed: [], opened: [],
-                         states: [], errors: [] }};
-           const relay = new WsRelay({{ urls: [{a}, {b}], minDelay: 100, maxDelay: 1000 }});
-           window.relay = relay;
-           relay.on('state', (st) => t.states.push(st));
-           relay.on('open', ({{ url }}) => t.opened.push(url));
-           relay.on('error', (e) => t.errors.push(String(e && (e.code || e.message))));
-           relay.subscribe('browser', {{
-             onMessage(data, meta) {{ t.received.push(data); t.meta.push(meta); }},
-             onSubscribed(info) {{ t.subscribed.push(info); }},
-             onRecovered(ok, info) {{ t.recovered.push([ok, info.reason || null]); }},
-           }});
-           return true;
-         }})()",
-        a = json!(a_ws),
-        b = json!(b_ws),
-    ));
+    start_relay(&mut s.page, &[&a_ws, &b_ws]);
     s.page
         .wait_true("the page to subscribe on A", "t.subscribed.length === 1");
     assert_eq!(s.page.eval("t.opened"), json!([a_ws]));
@@ -473,5 +482,120 @@ fn demo_page_chats_and_shows_when_history_was_lost() {
     p.wait_true(
         "live messages after the reconnect",
         &log_has("after the reconnect"),
+    );
+}
+
+/// Publishes `text` on channel `browser` through `node`'s `POST /publish`, once stored.
+fn post(node: &Node, key: &str, text: &str) {
+    let (status, body) = common::http_request(
+        node.addr,
+        &format!(
+            "POST /publish?channel=browser HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Length: {}\r\n\r\n{text}",
+            text.len()
+        ),
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The page through the balancer (deploy/haproxy.cfg in front of three nodes on one Redis),
+/// with `urls` naming only HAProxy: it stays subscribed while the node it is on is killed, and
+/// then while every node is restarted in turn (SIGTERM, exit, start again), and ends with every
+/// message once, in order, every reconnect recovered.
+#[test]
+fn v1_client_through_haproxy_survives_a_crash_and_a_rolling_restart() {
+    let test = "v1_client_through_haproxy_survives_a_crash_and_a_rolling_restart";
+    let Some(bin) = chromium_or_skip(test) else {
+        return;
+    };
+    let Some(haproxy_bin) = lb::binary_or_skip("haproxy", "haproxy", test) else {
+        return;
+    };
+    const KEY: &str = "browser-test-api-key-0123";
+    let redis = Redis::start();
+    let url = redis.url();
+    let args = [
+        "--redis",
+        url.as_str(),
+        "--threads",
+        "1",
+        "--api-key",
+        KEY,
+        "--drain-delay",
+        "2s",
+        "--drain-period",
+        "500ms",
+    ];
+    let start = |listen: &str, proxy: &str| {
+        let mut a = args.to_vec();
+        a.extend(["--proxy-listen", proxy]);
+        Node::start_on(listen, &a)
+    };
+    let mut nodes: Vec<Node> = (0..3).map(|_| start("127.0.0.1:0", "127.0.0.1:0")).collect();
+    let listen: Vec<String> = nodes.iter().map(|n| n.addr.to_string()).collect();
+    let proxy: Vec<String> = nodes.iter().map(|n| n.proxy_addr().to_string()).collect();
+    let servers = [0, 1, 2].map(|i| proxy[i].parse().unwrap());
+    let h = lb::Haproxy::start(&haproxy_bin, servers);
+    h.wait_all_up();
+
+    // The page and its client both come through HAProxy.
+    let browser = Chromium::start(&bin);
+    let mut page = browser.new_page();
+    page.navigate(&h.addr.to_string(), "/");
+    let lb_ws = format!("ws://{}", h.addr);
+    start_relay(&mut page, &[&lb_ws]);
+    page.wait_true("the page to subscribe", "t.subscribed.length === 1");
+    let mut sent = Vec::new();
+    let mut publish = |node: &Node, n: usize| {
+        for _ in 0..n {
+            let text = format!("m{}", sent.len() + 1);
+            post(node, KEY, &text);
+            sent.push(text);
+        }
+    };
+    publish(&nodes[0], 10);
+    page.wait_true("the first 10", "t.received.length >= 10");
+
+    // Kill the node the page is on; publish while it reconnects; start the node again.
+    let on = (0..3)
+        .find(|&i| nodes[i].metric("wsrelay_websockets") == 1)
+        .expect("the page's node");
+    nodes[on].kill();
+    publish(&nodes[(on + 1) % 3], 10);
+    page.wait_true(
+        "the page to resubscribe after the crash",
+        "t.subscribed.length >= 2 && relay.state === 'open'",
+    );
+    nodes[on] = start(&listen[on], &proxy[on]);
+    h.wait_status(lb::HAPROXY_SERVERS[on], "UP", BROWSER_WAIT);
+    publish(&nodes[on], 5);
+
+    // Rolling restart: every node drains and comes back, publishing all along.
+    for i in 0..3 {
+        let other = (i + 1) % 3;
+        nodes[i].signal(libc::SIGTERM);
+        publish(&nodes[other], 5);
+        assert_eq!(nodes[i].wait_exit(BROWSER_WAIT).code(), Some(0));
+        publish(&nodes[other], 5);
+        nodes[i] = start(&listen[i], &proxy[i]);
+        h.wait_status(lb::HAPROXY_SERVERS[i], "UP", BROWSER_WAIT);
+        publish(&nodes[i], 5);
+    }
+    post(&nodes[0], KEY, "end");
+    sent.push("end".to_owned());
+    page.wait_true("the end marker", "t.received.at(-1) === 'end'");
+
+    assert_eq!(received(&mut page), sent, "every message exactly once, in order");
+    let offsets: Vec<u64> = serde_json::from_value(page.eval("t.meta.map((m) => m.offset)")).unwrap();
+    assert!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "gapless offsets: {offsets:?}"
+    );
+    let recovered = page.eval("t.recovered");
+    let recovered = recovered.as_array().unwrap();
+    assert!(recovered.len() >= 2, "the page reconnected: {recovered:?}");
+    assert!(
+        recovered.iter().all(|r| r[0] == json!(true)),
+        "every reconnect recovered: {recovered:?}"
     );
 }

@@ -373,7 +373,8 @@ fn redis_killed_and_restarted_mid_stream() {
 
 #[test]
 fn sigterm_sends_1001_and_exits_zero() {
-    let mut node = Node::start(&["--threads", "2"]);
+    // No balancer to wait for: everyone at once (tests/drain.rs has the drain itself).
+    let mut node = Node::start(&["--threads", "2", "--drain-delay", "0", "--drain-period", "0"]);
     let mut clients: Vec<Client> = (0..4).map(|_| node.client("/")).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         c.sync(&format!("s{i}"), WAIT).unwrap();

@@ -733,9 +733,11 @@ fn request_smuggling_attempts_are_refused() {
         "GET /healthz HTTP/1.1\r\nHost: x\r\n Transfer-Encoding: chunked\r\n\r\n".to_owned(),
         "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n".to_owned(),
         "GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 2\r\n\r\n".to_owned(),
-        "GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n".to_owned(),
+        "GET /healthz HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_owned(),
         "GET /\0 HTTP/1.1\r\n\r\n".to_owned(),
         upgrade_with("Transfer-Encoding: chunked\r\n"),
+        // RFC 6455 §4.1: an upgrade needs HTTP/1.1.
+        upgrade_with("").replace("HTTP/1.1", "HTTP/1.0"),
     ];
     for (i, req) in refused.iter().enumerate() {
         let (status, body) = http_request_bytes(node.addr, req.as_bytes());

@@ -3,8 +3,9 @@
 //! Properties (beyond "never panics"):
 //! - `Complete(head, len)`: `0 < len <= input.len()`, `len <= MAX_HEAD`, the head ends with its
 //!   blank line, parsing exactly `input[..len]` gives the same result, the path starts with `/`,
-//!   header values carry no CR/LF, and an upgrade is a GET with a 24-character key whose 101
-//!   response is a well-formed HTTP response.
+//!   header values carry no CR/LF, and an upgrade is an HTTP/1.1 GET with a 24-character key
+//!   whose 101 response is a well-formed HTTP response (plain requests may be HTTP/1.0, as load
+//!   balancers' health checks send them).
 //! - `Invalid(status)`: the status is a 4xx, and `error_response(status)` is a complete HTTP
 //!   response with that status whose `Content-Length` matches its body.
 //! - `Partial`: only below `MAX_HEAD` bytes (a head that long is refused, not buffered forever).
@@ -76,9 +77,14 @@ fn check(input: &[u8], result: &Parse) {
             assert!(head.path.starts_with('/'), "path {:?}", head.path);
             assert!(!head.method.is_empty());
             framing(&input[..len], head.content_length);
-            for v in [&head.origin, &head.authorization, &head.content_type]
-                .into_iter()
-                .flatten()
+            for v in [
+                &head.origin,
+                &head.authorization,
+                &head.content_type,
+                &head.forwarded_for,
+            ]
+            .into_iter()
+            .flatten()
             {
                 assert!(!v.contains(['\r', '\n']), "header value with CR/LF: {v:?}");
             }
@@ -90,6 +96,7 @@ fn check(input: &[u8], result: &Parse) {
             }
             if let Some(up) = &head.upgrade {
                 assert_eq!(head.method, "GET");
+                assert_eq!(version(&input[..len]), Some(1), "upgrade below HTTP/1.1");
                 assert_eq!(up.key.len(), 24);
                 for p in &up.protocols {
                     assert!(!p.is_empty() && !p.contains(',') && p.trim() == p, "{p:?}");
@@ -154,6 +161,14 @@ fn framing(head: &[u8], content_length: usize) {
             "Content-Length {lengths:?} accepted as {content_length}"
         );
     }
+}
+
+/// The minor HTTP version of an accepted head.
+fn version(head: &[u8]) -> Option<u8> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).ok()?;
+    req.version
 }
 
 fn strict() -> bool {

@@ -172,6 +172,10 @@ impl MemoryBroker {
                 self.outbox.reply(&self.loops, to, Reply::Session(Ok(found)));
             }
             Request::SaveSession { id, state } => self.sessions.save(id, state, now),
+            Request::Barrier { to } => {
+                let msg = crate::bridge::ToLoop::Barrier { conn: to.conn };
+                self.outbox.send(&self.loops, to.loop_id, msg);
+            }
         }
     }
 }

@@ -1,11 +1,11 @@
 //! How connections end, and the loop's clocks: WebSocket closes and HTTP answers that close
-//! after writing, removals at the end of a turn, the periodic sweep (handshake, ping, idle,
-//! close and session deadlines) and the graceful shutdown.
+//! after writing, removals at the end of a turn, and the periodic sweep (handshake, ping, idle,
+//! close and session deadlines). The graceful shutdown is `drain.rs`.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use log::{debug, info};
+use log::debug;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
@@ -177,33 +177,5 @@ impl EventLoop {
             self.flush(key);
         }
         self.remove_dead();
-    }
-
-    // ---- shutdown ------------------------------------------------------------------------
-
-    /// Stops accepting and says goodbye (1001) to every open connection.
-    pub(super) fn begin_shutdown(&mut self, now: Instant) {
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
-        }
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
-        let mut open = 0;
-        for key in keys {
-            match self.conns[key].phase {
-                Phase::Open(_) => {
-                    open += 1;
-                    self.close(key, CloseCode::Away, "server shutting down", now);
-                }
-                Phase::Request(_) | Phase::Publishing => self.kill(key),
-                Phase::Closing => {}
-            }
-        }
-        self.flush_at = None;
-        for key in std::mem::take(&mut self.turn.dirty) {
-            self.flush(key);
-        }
-        self.remove_dead();
-        info!("loop {}: shutting down, closing {open} connections", self.id);
-        self.shutdown_deadline = Some(now + self.shared.config.shutdown_timeout);
     }
 }

@@ -3,6 +3,7 @@
 //! into an open WebSocket of the protocol the client asked for.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,7 +12,7 @@ use log::debug;
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketContext};
 
-use super::{EventLoop, interrupted, would_block};
+use super::{EventLoop, count_ip, interrupted, would_block};
 use crate::auth::Identity;
 use crate::bridge::{Channel, Position, PublishAck, PublishError};
 use crate::conn::{Open, Phase, Protocol, SessionLink, Sub};
@@ -19,6 +20,7 @@ use crate::envelope;
 use crate::frame::Kind;
 use crate::http::{self, Head, Parse, Status};
 use crate::metrics::{HandshakeFailure, inc};
+use crate::proxy;
 use crate::ratelimit::TokenBucket;
 
 /// The browser client, served at `/wsrelay.js`.
@@ -108,6 +110,39 @@ impl EventLoop {
                 Ok(n) => {
                     head.extend_from_slice(&buf[..n]);
                     conn.last_seen = now;
+                    if conn.awaiting_proxy_header {
+                        // `--proxy-listen`: the balancer's header comes first and names the
+                        // client; without a valid one the connection is closed unanswered.
+                        match proxy::parse(head) {
+                            proxy::Header::Partial => continue,
+                            proxy::Header::Invalid(why) => {
+                                debug!("{}: {why}; closing", conn.peer);
+                                self.metrics().handshake_failed(HandshakeFailure::ProxyHeader);
+                                self.kill(key);
+                                return;
+                            }
+                            proxy::Header::Complete { source, len } => {
+                                head.drain(..len);
+                                conn.awaiting_proxy_header = false;
+                                if let Some(client) = source {
+                                    conn.via = Some(conn.peer);
+                                    conn.peer = client;
+                                }
+                                // A trusted proxy behind the balancer may still name the
+                                // client in X-Forwarded-For: then it is counted in `serve`.
+                                let trusted = self.shared.trusted.trusts(conn.peer.ip());
+                                if self.shared.per_ip.is_some() && !trusted {
+                                    conn.ip_counted = count_ip(&self.shared, conn.peer, conn.via);
+                                    if !conn.ip_counted {
+                                        return self.over_ip_limit(key, now);
+                                    }
+                                }
+                                if head.is_empty() {
+                                    continue;
+                                }
+                            }
+                        }
+                    }
                     match http::parse(head) {
                         Parse::Partial => continue,
                         Parse::Complete(parsed, len) => {
@@ -148,8 +183,44 @@ impl EventLoop {
         }
     }
 
+    /// A connection over `--max-connections-per-ip`, once its real address is known: 429.
+    fn over_ip_limit(&mut self, key: usize, now: Instant) {
+        self.metrics().handshake_failed(HandshakeFailure::PerIpLimit);
+        self.respond(key, http::error_response(Status::TooManyRequests), now);
+    }
+
+    /// Takes the client's address from `X-Forwarded-For` when the connection comes from a
+    /// trusted proxy, and counts a connection not counted yet against the per-IP limit.
+    /// False when the connection was refused (429).
+    fn real_client(&mut self, key: usize, head: &Head, now: Instant) -> bool {
+        let conn = &mut self.conns[key];
+        if let Some(client) = self
+            .shared
+            .trusted
+            .client(conn.peer.ip(), head.forwarded_for.as_deref())
+        {
+            if client != conn.peer.ip() {
+                conn.via.get_or_insert(conn.peer);
+                // The header carries no port.
+                conn.peer = SocketAddr::new(client, 0);
+            }
+        }
+        if self.shared.per_ip.is_none() || conn.ip_counted {
+            return true;
+        }
+        let counted = count_ip(&self.shared, conn.peer, conn.via);
+        conn.ip_counted = counted;
+        if !counted {
+            self.over_ip_limit(key, now);
+        }
+        counted
+    }
+
     /// Answers a complete request: a WebSocket upgrade, or a plain HTTP endpoint.
     fn serve(&mut self, key: usize, head: Box<Head>, rest: Vec<u8>, now: Instant) {
+        if !self.real_client(key, &head, now) {
+            return;
+        }
         let Some(upgrade) = &head.upgrade else {
             inc(&self.metrics().http_requests);
             if (head.method.as_str(), head.path.as_str()) == ("POST", "/publish") {
@@ -160,6 +231,17 @@ impl EventLoop {
             self.respond(key, response, now);
             return;
         };
+        if self.draining() {
+            // A balancer that retries on 503 (deploy/haproxy.cfg, deploy/nginx.conf) sends the
+            // client to another node; a client connecting directly retries on its own.
+            return self.refuse(
+                key,
+                HandshakeFailure::Draining,
+                Status::Unavailable,
+                "draining: this node is shutting down\n",
+                now,
+            );
+        }
         let cfg = &self.shared.config;
         if !self.shared.origin.allows(head.origin.as_deref()) {
             debug!("{}: origin {:?} not allowed", self.conns[key].peer, head.origin);
@@ -477,7 +559,9 @@ impl EventLoop {
                 // Three missed probes make a subscriber stale (see broker/redis/subscriber.rs).
                 let stale = crate::broker::redis::PROBE_EVERY * 3;
                 let broker = &self.shared.metrics.broker;
-                if !broker.subscriber_healthy(stale) {
+                if self.draining() {
+                    http::response(Status::Unavailable, TEXT, b"draining\n")
+                } else if !broker.subscriber_healthy(stale) {
                     http::response(Status::Unavailable, TEXT, b"redis subscriber down or stale\n")
                 } else if let Some(reason) = broker.refusing(REFUSING_WINDOW) {
                     let body = format!("redis refusing writes: {reason}\n");

@@ -17,10 +17,11 @@
 //! The rest of the loop lives next to this file, in the order of a connection's life:
 //! `handshake.rs` (HTTP request → WebSocket or HTTP answer), `messages.rs` (what clients send),
 //! `subscriptions.rs` (joining channels, recovery, sessions and broker replies), `close.rs`
-//! (closing, removal, timers and shutdown).
+//! (closing, removal and timers), `drain.rs` (the graceful shutdown).
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -43,18 +44,40 @@ use crate::metrics::{HandshakeFailure, LoopMetrics, add, inc};
 use crate::server::Shared;
 
 mod close;
+mod drain;
 mod handshake;
 mod messages;
 mod subscriptions;
 
 /// Token of the loop's waker.
 pub const WAKER: Token = Token(usize::MAX - 1);
-/// Token of the loop's listener.
+/// Token of the loop's listener (`--listen`).
 const LISTENER: Token = Token(usize::MAX - 2);
+/// Token of the loop's PROXY protocol listener (`--proxy-listen`).
+const PROXY_LISTENER: Token = Token(usize::MAX - 3);
 /// How long accepting pauses after the process ran out of descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Size of the loop's shared read buffer: a socket is read in one call of up to this much.
 const READ_AHEAD: usize = 64 * 1024;
+
+/// Counts a connection from `peer` against `--max-connections-per-ip`; false when that address
+/// is over the limit. Called once per connection, at the accept or as soon as the client's real
+/// address is known (PROXY header, `X-Forwarded-For`), so connections that never finish a
+/// handshake count too. The caller records the outcome in `Conn::ip_counted`.
+fn count_ip(shared: &Shared, peer: SocketAddr, via: Option<SocketAddr>) -> bool {
+    let Some(per_ip) = &shared.per_ip else {
+        return false;
+    };
+    let counted = per_ip
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .try_acquire(peer.ip());
+    if !counted {
+        let via = via.map(|v| format!(" (via {v})")).unwrap_or_default();
+        debug!("{peer}{via}: over --max-connections-per-ip");
+    }
+    counted
+}
 
 fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
@@ -68,7 +91,8 @@ fn interrupted(e: &io::Error) -> bool {
 pub struct EventLoop {
     id: usize,
     poll: Poll,
-    listener: Option<TcpListener>,
+    /// The plain listener and the PROXY protocol listener, while they accept.
+    listeners: [Option<TcpListener>; 2],
     accept_paused_until: Option<Instant>,
     conns: Slab<Conn>,
     index: ChannelIndex,
@@ -99,8 +123,11 @@ pub struct EventLoop {
     ahead: ReadAhead,
     next_sweep: Instant,
     sweep_every: Duration,
-    /// Set when shutting down: the time by which the loop exits regardless.
-    shutdown_deadline: Option<Instant>,
+    /// Set when shutting down: which step of the shutdown the loop is in.
+    stopping: Option<drain::Stopping>,
+    /// Draining clients waiting for their last messages to be acknowledged, with when to stop
+    /// waiting (`drain.rs`).
+    settling: Vec<(crate::bridge::ConnId, Instant)>,
     log_limit: RateLimit,
 }
 
@@ -109,13 +136,16 @@ impl EventLoop {
     pub fn new(
         id: usize,
         poll: Poll,
-        mut listener: TcpListener,
+        mut listeners: [Option<TcpListener>; 2],
         inbox: LoopInbox,
         broker: BrokerHandle,
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        for (l, token) in listeners.iter_mut().zip([LISTENER, PROXY_LISTENER]) {
+            if let Some(l) = l {
+                poll.registry().register(l, token, Interest::READABLE)?;
+            }
+        }
         let c = &shared.config;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(c.read_buffer)
@@ -134,7 +164,7 @@ impl EventLoop {
         Ok(EventLoop {
             id,
             poll,
-            listener: Some(listener),
+            listeners,
             accept_paused_until: None,
             conns: Slab::with_capacity(1024),
             index: ChannelIndex::default(),
@@ -154,7 +184,8 @@ impl EventLoop {
             ahead: ReadAhead::new(READ_AHEAD),
             next_sweep: Instant::now() + sweep_every,
             sweep_every,
-            shutdown_deadline: None,
+            stopping: None,
+            settling: Vec::new(),
             log_limit: RateLimit::default(),
         })
     }
@@ -182,7 +213,8 @@ impl EventLoop {
             let now = Instant::now();
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(now),
+                    LISTENER => self.accept(0, now),
+                    PROXY_LISTENER => self.accept(1, now),
                     WAKER => self.drain_inbox(now),
                     Token(key) => {
                         // Writable matters only to a connection whose last write blocked;
@@ -197,6 +229,7 @@ impl EventLoop {
                     }
                 }
             }
+            self.step_stopping(now);
             self.end_turn(now);
             if now >= self.next_sweep {
                 self.sweep(now);
@@ -204,16 +237,12 @@ impl EventLoop {
             }
             if self.accept_paused_until.is_some_and(|t| now >= t) {
                 self.accept_paused_until = None;
-                self.accept(now);
+                self.accept(0, now);
+                self.accept(1, now);
             }
-            if self.shutdown_deadline.is_none() && self.shared.shutdown.load(Ordering::Acquire) {
-                self.begin_shutdown(now);
-            }
-            if let Some(deadline) = self.shutdown_deadline {
-                if self.conns.is_empty() || now >= deadline {
-                    debug!("loop {} done, {} connections left", self.id, self.conns.len());
-                    return Ok(());
-                }
+            if self.stopped(now) {
+                debug!("loop {} done, {} connections left", self.id, self.conns.len());
+                return Ok(());
             }
         }
     }
@@ -254,27 +283,38 @@ impl EventLoop {
         }
         let now = Instant::now();
         let mut until = self.next_sweep;
-        for t in [self.accept_paused_until, self.flush_at].into_iter().flatten() {
+        let stopping = self.stopping.as_ref().map(drain::Stopping::next_step);
+        for t in [self.accept_paused_until, self.flush_at, stopping]
+            .into_iter()
+            .flatten()
+        {
             until = until.min(t);
         }
         let mut timeout = until.saturating_duration_since(now);
         if !self.pending_control.is_empty() {
             timeout = timeout.min(Duration::from_millis(1));
         }
+        if !self.settling.is_empty() {
+            // Acknowledgements come with no event: look again soon (a round trip is short).
+            timeout = timeout.min(Duration::from_millis(2));
+        }
         timeout
     }
 
     // ---- accept ------------------------------------------------------------------------
 
-    /// Accepts until WouldBlock (the listener is edge-triggered).
-    fn accept(&mut self, now: Instant) {
+    /// Accepts from listener `which` (0 plain, 1 PROXY protocol) until WouldBlock (the
+    /// listener is edge-triggered).
+    fn accept(&mut self, which: usize, now: Instant) {
         if self.accept_paused_until.is_some() {
             return;
         }
         loop {
-            let Some(listener) = &self.listener else { return };
+            let Some(listener) = &self.listeners[which] else {
+                return;
+            };
             match listener.accept() {
-                Ok((sock, peer)) => self.admit(sock, peer, now),
+                Ok((sock, peer)) => self.admit(sock, peer, which == 1, now),
                 Err(e) if would_block(&e) => return,
                 Err(e) if interrupted(&e) => {}
                 Err(e) if crate::listener::is_resource_exhausted(&e) => {
@@ -294,7 +334,7 @@ impl EventLoop {
         }
     }
 
-    fn admit(&mut self, mut sock: TcpStream, peer: std::net::SocketAddr, now: Instant) {
+    fn admit(&mut self, mut sock: TcpStream, peer: SocketAddr, proxied: bool, now: Instant) {
         let cfg = &self.shared.config;
         let _ = sock.set_nodelay(true);
         if let Some(size) = cfg.socket_send_buffer {
@@ -314,18 +354,18 @@ impl EventLoop {
         }
         self.next_serial += 1;
         let mut conn = Conn::new(sock, peer, self.next_serial, now, now + cfg.handshake_timeout);
+        conn.awaiting_proxy_header = proxied;
         let m = &self.shared.metrics.loops[self.id];
         inc(&m.accepted);
         inc(&m.connections);
         // Refusals are answered, not silently dropped: the client learns why.
         let refusal = if self.shared.connections.fetch_add(1, Ordering::Relaxed) >= cfg.max_connections {
             Some((HandshakeFailure::OverCapacity, Status::Unavailable))
-        } else if let Some(per_ip) = &self.shared.per_ip {
-            // Counted from the accept, so connections that never finish a handshake count too.
-            conn.ip_counted = per_ip
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .try_acquire(peer.ip());
+        } else if proxied || self.shared.trusted.trusts(peer.ip()) {
+            // The client's address comes with the PROXY header or the request: counted then.
+            None
+        } else if self.shared.per_ip.is_some() {
+            conn.ip_counted = count_ip(&self.shared, peer, None);
             (!conn.ip_counted).then_some((HandshakeFailure::PerIpLimit, Status::TooManyRequests))
         } else {
             None
@@ -409,6 +449,7 @@ impl EventLoop {
                 ToLoop::Live { channel, generation } => self.channel_live(&channel, generation),
                 ToLoop::Lost { channel } => self.channel_lost(&channel),
                 ToLoop::Reply { conn, reply } => self.on_reply(conn, reply, now),
+                ToLoop::Barrier { conn } => self.on_barrier(conn, now),
             }
         }
     }

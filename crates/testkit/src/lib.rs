@@ -30,6 +30,17 @@ pub use wsrelay_client::{Client, PROTOCOL, Received, V1, wire};
 /// Default timeout for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Connects to `to` from the loopback address `from_ip` (any 127.x.y.z works on Linux), to
+/// play several clients with different addresses.
+pub fn connect_from(from_ip: &str, to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let from: SocketAddr = format!("{from_ip}:0").parse().unwrap();
+    s.bind(&from.into()).unwrap();
+    s.connect(&to.into())
+        .unwrap_or_else(|e| panic!("connect {to} from {from_ip}: {e}"));
+    s.into()
+}
+
 /// Polls `f` every few milliseconds until it returns `Some`, or panics after `timeout`.
 #[track_caller]
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -235,7 +246,7 @@ impl Drop for Redis {
 
 /// A port nobody listens on right now, for a program that cannot bind port 0 and report it.
 /// Racy by nature: see [`Redis::start_on_cpu`] for how the race is survived.
-fn unused_port() -> u16 {
+pub fn unused_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -293,6 +304,18 @@ impl Node {
             }
         };
         Node { addr, child, log }
+    }
+
+    /// The `--proxy-listen` address, from the node's log.
+    pub fn proxy_addr(&self) -> SocketAddr {
+        let marker = "proxy protocol listener on ";
+        let line = self.wait_log(marker);
+        let rest = line.split(marker).nth(1).unwrap_or_default();
+        rest.split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .unwrap()
     }
 
     /// Process id.

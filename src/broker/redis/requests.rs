@@ -11,7 +11,9 @@ use log::debug;
 use redis::Value;
 
 use super::{Shared, connect, ttl_secs};
-use crate::bridge::{Channel, Delivery, History, Position, Reply, Request, SessionRecord, SessionState};
+use crate::bridge::{
+    Channel, Delivery, History, Position, Reply, Request, SessionRecord, SessionState, ToLoop,
+};
 use crate::broker::Outbox;
 use crate::broker::memory_store::new_epoch;
 use crate::config::Config;
@@ -100,6 +102,10 @@ impl Requests {
                 {
                     debug!("session {id} not saved: {e}");
                 }
+            }
+            Request::Barrier { to } => {
+                let msg = ToLoop::Barrier { conn: to.conn };
+                self.outbox.send(&self.redis.loops, to.loop_id, msg);
             }
         }
     }
