@@ -16,16 +16,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 pub use crate::channels::Channel;
 use crate::frame::{self, Kind};
-
-/// Where a message sits in its channel's history: a gapless per-channel offset, and the epoch
-/// that names the history those offsets belong to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Position {
-    /// 1-based, gapless, increasing per channel.
-    pub offset: u64,
-    /// Changes whenever the channel's history is lost and restarted.
-    pub epoch: Arc<str>,
-}
+pub use crate::position::Position;
 
 /// A message on its way to clients, decoded and framed once, shared by all loops through `Arc`.
 #[derive(Debug)]
@@ -81,21 +72,38 @@ impl Delivery {
     pub fn envelope_frame_uncached(&self) -> Bytes {
         match self.envelope.get() {
             Some(f) => f.clone(),
-            None => frame::text(&crate::envelope::message(self)),
+            None => frame::text(&crate::envelope::message(
+                &self.channel,
+                self.position.as_ref(),
+                self.kind,
+                &self.data,
+            )),
         }
     }
 
     /// The frame `wsrelay.v1` clients receive: encoded once, shared by every such recipient.
     pub fn envelope_frame(&self) -> &Bytes {
-        self.envelope
-            .get_or_init(|| frame::text(&crate::envelope::message(self)))
+        self.envelope.get_or_init(|| {
+            frame::text(&crate::envelope::message(
+                &self.channel,
+                self.position.as_ref(),
+                self.kind,
+                &self.data,
+            ))
+        })
     }
 
     /// The frame `wsrelay.v1` clients receive when the message's position is not one of the
     /// channel's (a foreign header): the message without offset and epoch.
     pub fn plain_envelope_frame(&self) -> &Bytes {
-        self.plain_envelope
-            .get_or_init(|| frame::text(&crate::envelope::message_at(self, None)))
+        self.plain_envelope.get_or_init(|| {
+            frame::text(&crate::envelope::message(
+                &self.channel,
+                None,
+                self.kind,
+                &self.data,
+            ))
+        })
     }
 
     /// The offset if this message has one in `epoch`.

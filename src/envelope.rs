@@ -13,8 +13,8 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::bridge::{Delivery, Position};
 use crate::frame::Kind;
+use crate::position::Position;
 
 /// The subprotocol name offered in `Sec-WebSocket-Protocol`.
 pub const PROTOCOL: &str = "wsrelay.v1";
@@ -291,20 +291,16 @@ pub fn error(reference: Option<&str>, code: &str, message: &str) -> String {
     s
 }
 
-/// `{"type":"message",...}` for a delivery: `data` for text, `data_b64` for binary.
-pub fn message(d: &Delivery) -> String {
-    message_at(d, d.position.as_ref())
-}
-
-/// A delivery's message frame with `position` in place of its own.
-pub fn message_at(d: &Delivery, position: Option<&Position>) -> String {
-    let mut s = String::with_capacity(64 + d.data.len() * 4 / 3);
+/// `{"type":"message",...}` for a message of `channel` at `position` (absent for a message
+/// outside the channel's history): `data` for text, `data_b64` for binary.
+pub fn message(channel: &str, position: Option<&Position>, kind: Kind, data: &[u8]) -> String {
+    let mut s = String::with_capacity(64 + data.len() * 4 / 3);
     s.push_str("{\"type\":\"message\"");
-    put_str(&mut s, "channel", &d.channel);
+    put_str(&mut s, "channel", channel);
     put_position(&mut s, position);
-    match (d.kind, std::str::from_utf8(&d.data)) {
+    match (kind, std::str::from_utf8(data)) {
         (Kind::Text, Ok(text)) => put_str(&mut s, "data", text),
-        _ => put_str(&mut s, "data_b64", &B64.encode(&d.data)),
+        _ => put_str(&mut s, "data_b64", &B64.encode(data)),
     }
     s.push('}');
     s
@@ -425,22 +421,10 @@ mod tests {
             let v: Value = serde_json::from_str(&s).unwrap_or_else(|e| panic!("{s}: {e}"));
             assert!(v["type"].is_string());
         }
-        let d = Delivery::new(
-            Arc::from("c"),
-            Kind::Binary,
-            Bytes::from_static(&[0xff]),
-            Some(pos),
-        );
-        let v: Value = serde_json::from_str(&message(&d)).unwrap();
+        let v: Value = serde_json::from_str(&message("c", Some(&pos), Kind::Binary, &[0xff])).unwrap();
         assert_eq!(v["data_b64"], "/w==");
         assert_eq!(v["offset"], 9);
-        let t = Delivery::new(
-            Arc::from("c"),
-            Kind::Text,
-            Bytes::from_static(b"hi \xe2\x9c\x93"),
-            None,
-        );
-        let v: Value = serde_json::from_str(&message(&t)).unwrap();
+        let v: Value = serde_json::from_str(&message("c", None, Kind::Text, b"hi \xe2\x9c\x93")).unwrap();
         assert_eq!(v["data"], "hi \u{2713}");
         assert!(v.get("offset").is_none());
     }

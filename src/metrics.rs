@@ -235,6 +235,8 @@ metrics! {
             /// Milliseconds since the Unix epoch of the last answered PING on the subscriber
             /// connection; 0 in-process (nothing to probe).
             last_probe_ms: AtomicU64,
+            /// How old the last answered probe may be before the subscriber counts as stale.
+            stale_after_ms: AtomicU64,
             /// The last refusal that concerns every write (out of memory, read-only replica,
             /// failed persistence), with when it happened; cleared by the next stored publish.
             refusing: std::sync::Mutex<Option<(std::time::Instant, String)>>,
@@ -266,17 +268,20 @@ impl BrokerMetrics {
             .map(|(_, reason)| reason.clone())
     }
 
-    /// Records an answered probe of the subscriber connection.
-    pub fn probe_ok(&self) {
+    /// Records an answered probe of the subscriber connection, which is probed every
+    /// `every`: three missed probes make it stale.
+    pub fn probe_ok(&self, every: std::time::Duration) {
+        self.stale_after_ms
+            .store(every.as_millis() as u64 * 3, Ordering::Relaxed);
         self.last_probe_ms.store(unix_ms(), Ordering::Relaxed);
     }
 
-    /// Healthy: the subscriber is connected and, when probed, answered recently. `stale` is
-    /// how old the last answer may be.
-    pub fn subscriber_healthy(&self, stale: std::time::Duration) -> bool {
+    /// Healthy: the subscriber is connected and, when probed, answered recently (within three
+    /// probe intervals).
+    pub fn subscriber_healthy(&self) -> bool {
         let last = self.last_probe_ms.load(Ordering::Relaxed);
-        self.subscriber_up.load(Ordering::Relaxed)
-            && (last == 0 || unix_ms().saturating_sub(last) <= stale.as_millis() as u64)
+        let stale = self.stale_after_ms.load(Ordering::Relaxed);
+        self.subscriber_up.load(Ordering::Relaxed) && (last == 0 || unix_ms().saturating_sub(last) <= stale)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Wiring: builds the listeners, polls, queues and broker, starts one thread per loop, and
-//! shuts everything down in order. The only process-wide state is [`Shared`]: configuration,
-//! metrics, the shutdown request and the connection count; nothing on the per-message path
-//! locks.
+//! shuts everything down in order. The only process-wide state is [`Shared`] (`shared.rs`):
+//! configuration, metrics, the shutdown request and the connection count; nothing on the
+//! per-message path locks.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
@@ -19,30 +19,8 @@ use crate::forwarded::TrustedProxies;
 use crate::metrics::Metrics;
 use crate::origin::OriginPolicy;
 use crate::ratelimit::PerIpLimit;
+pub use crate::shared::{Shared, Stop};
 use crate::{broker, listener};
-
-/// State every thread may read.
-#[derive(Debug)]
-pub struct Shared {
-    /// The configuration the process started with.
-    pub config: Config,
-    /// All counters.
-    pub metrics: Arc<Metrics>,
-    /// Set once to start a graceful shutdown: when, and whether to drain first.
-    pub stop: OnceLock<Stop>,
-    /// Sockets held by all loops together, for `--max-connections`.
-    pub connections: AtomicUsize,
-    /// Which origins may open WebSockets.
-    pub origin: OriginPolicy,
-    /// Token verifier, when `--token-secret` is set.
-    pub verifier: Option<Verifier>,
-    /// Proxies whose `X-Forwarded-For` is believed (`--trusted-proxy`).
-    pub trusted: TrustedProxies,
-    /// Connections per client address, when `--max-connections-per-ip` is set. A lock is
-    /// fine here: it is taken once per accept and once per close, never per message, and it
-    /// must be shared because SO_REUSEPORT spreads one address's connections over all loops.
-    pub per_ip: Option<Mutex<PerIpLimit>>,
-}
 
 /// A running server.
 pub struct Server {
@@ -52,43 +30,6 @@ pub struct Server {
     loops: Vec<LoopHandle>,
     loop_threads: Vec<JoinHandle<()>>,
     broker_threads: Vec<JoinHandle<()>>,
-}
-
-/// A graceful shutdown that has been asked for. Every loop times its steps from `at`, so the
-/// loops agree on the schedule whenever each of them notices.
-#[derive(Clone, Copy, Debug)]
-pub struct Stop {
-    /// When it was asked for.
-    pub at: Instant,
-    /// Drain (SIGTERM): report "draining" for `--drain-delay`, then close clients over
-    /// `--drain-period`. Otherwise (SIGINT) every client is closed at once.
-    pub drain: bool,
-}
-
-impl Stop {
-    /// How long the node keeps serving while reporting itself unhealthy.
-    pub fn delay(&self, config: &Config) -> Duration {
-        if self.drain {
-            config.drain_delay
-        } else {
-            Duration::ZERO
-        }
-    }
-
-    /// Over how long clients are closed, after the delay.
-    pub fn period(&self, config: &Config) -> Duration {
-        if self.drain {
-            config.drain_period
-        } else {
-            Duration::ZERO
-        }
-    }
-
-    /// When the process exits, whatever is left: close handshakes and session writes get
-    /// `--shutdown-timeout` after the last client was asked to close.
-    pub fn deadline(&self, config: &Config) -> Instant {
-        self.at + self.delay(config) + self.period(config) + config.shutdown_timeout
-    }
 }
 
 /// Starts a graceful shutdown from any thread (a signal handler thread, a test).

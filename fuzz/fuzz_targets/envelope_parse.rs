@@ -191,7 +191,7 @@ fn replies(cmd: &Command, r: Option<&str>) {
             let m = reply(&envelope::published(r, channel, Some(&pos)), r);
             assert_eq!(m["channel"], channel.as_str());
             let d = Delivery::new(Arc::from(channel.as_str()), *kind, data.clone(), Some(pos));
-            let m = reply(&envelope::message(&d), None);
+            let m = reply(&envelope::message(&d.channel, d.position.as_ref(), d.kind, &d.data), None);
             assert_eq!(m["channel"], channel.as_str());
             match kind {
                 Kind::Text => assert_eq!(m["data"].as_str().map(str::as_bytes), Some(&data[..])),

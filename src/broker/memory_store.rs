@@ -10,12 +10,7 @@ use bytes::Bytes;
 
 use crate::bridge::{Channel, Delivery, History, Origin, Position, SessionState};
 use crate::frame::Kind;
-
-/// A fresh, random epoch name. Not a secret: it only has to differ from the previous one.
-pub fn new_epoch() -> Arc<str> {
-    let s: String = std::iter::repeat_with(fastrand::alphanumeric).take(10).collect();
-    Arc::from(s)
-}
+use crate::position::new_epoch;
 
 /// Bytes a stored message costs beyond its payload and its frame: the shared `Delivery`, its
 /// `Arc` and the ring slot (measured size of the structs, rounded up).
@@ -36,7 +31,7 @@ struct Log {
     epoch: Arc<str>,
     top: u64,
     ring: VecDeque<Arc<Delivery>>,
-    /// Bytes of `ring`, by [`entry_bytes`].
+    /// Bytes of `ring`, by `entry_bytes`.
     bytes: usize,
     expires: Instant,
     /// Who created it (published or subscribed first).
@@ -98,7 +93,7 @@ pub struct HistoryStore {
     logs: HashMap<Channel, Log>,
     /// Channels held per creator.
     owned: HashMap<Origin, usize>,
-    /// Bytes of every stored message, by [`entry_bytes`].
+    /// Bytes of every stored message, by `entry_bytes`.
     bytes: usize,
     /// Channels and messages dropped early to stay under the caps.
     pub evicted: u64,
@@ -358,7 +353,7 @@ pub struct SessionStore {
 
 impl SessionStore {
     /// Sessions live `ttl` after their last save; at most `max` are kept, and at most
-    /// `max_bytes` by [`session_bytes`] (past either, those closest to expiry go first).
+    /// `max_bytes` by `session_bytes` (past either, those closest to expiry go first).
     pub fn new(ttl: Duration, max: usize, max_bytes: usize) -> Self {
         SessionStore {
             ttl,
@@ -455,7 +450,7 @@ impl SessionStore {
         self.bytes -= freed;
     }
 
-    /// Bytes of all stored sessions, by [`session_bytes`].
+    /// Bytes of all stored sessions, by `session_bytes`.
     pub fn bytes(&self) -> usize {
         self.bytes
     }

@@ -18,7 +18,7 @@
 //! another node therefore reads exactly the position it reached here: the replay starts at the
 //! next message, with no duplicate and no gap.
 //!
-//! SIGINT (or [`crate::server::ShutdownHandle::trigger`]) runs the same steps with no delay and
+//! SIGINT (or `ShutdownHandle::trigger` in `server.rs`) runs the same steps with no delay and
 //! no period: everyone is closed at once.
 
 use std::time::{Duration, Instant};

@@ -557,11 +557,10 @@ impl EventLoop {
         match (head.method.as_str(), head.path.as_str()) {
             ("GET" | "HEAD", "/healthz") => {
                 // Three missed probes make a subscriber stale (see broker/redis/subscriber.rs).
-                let stale = crate::broker::redis::PROBE_EVERY * 3;
                 let broker = &self.shared.metrics.broker;
                 if self.draining() {
                     http::response(Status::Unavailable, TEXT, b"draining\n")
-                } else if !broker.subscriber_healthy(stale) {
+                } else if !broker.subscriber_healthy() {
                     http::response(Status::Unavailable, TEXT, b"redis subscriber down or stale\n")
                 } else if let Some(reason) = broker.refusing(REFUSING_WINDOW) {
                     let body = format!("redis refusing writes: {reason}\n");

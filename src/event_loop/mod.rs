@@ -41,7 +41,7 @@ use crate::fanout::{self, Turn};
 use crate::http::{self, Status};
 use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{HandshakeFailure, LoopMetrics, add, inc};
-use crate::server::Shared;
+use crate::shared::Shared;
 
 mod close;
 mod drain;

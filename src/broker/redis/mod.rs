@@ -30,8 +30,6 @@ mod publisher;
 mod requests;
 mod subscriber;
 
-pub use subscriber::PROBE_EVERY;
-
 /// Time allowed for Redis to answer a command (SUBSCRIBE, a pipeline, a script).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time allowed to open a connection.

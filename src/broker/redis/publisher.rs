@@ -16,11 +16,11 @@ use redis::Value;
 
 use super::{Shared, connect, ttl_secs};
 use crate::bridge::{Delivery, Position, Publish, PublishError, Reply};
-use crate::broker::memory_store::new_epoch;
 use crate::broker::{Outbox, wire};
 use crate::config::Config;
 use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{add, inc};
+use crate::position::new_epoch;
 
 static PUBLISH_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("publish.lua")));

@@ -15,9 +15,9 @@ use crate::bridge::{
     Channel, Delivery, History, Position, Reply, Request, SessionRecord, SessionState, ToLoop,
 };
 use crate::broker::Outbox;
-use crate::broker::memory_store::new_epoch;
 use crate::config::Config;
 use crate::frame::Kind;
+use crate::position::new_epoch;
 
 static READ_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("read.lua")));
 static SAVE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("save.lua")));

@@ -132,7 +132,7 @@ impl Subscriber {
         let mut touched = Vec::new();
         let mut awaiting = Vec::new();
         let mut last_probe = Instant::now();
-        self.redis.metrics.broker.probe_ok();
+        self.redis.metrics.broker.probe_ok(PROBE_EVERY);
         loop {
             // Take every pending request, then bring Redis to the resulting state in at most
             // one SUBSCRIBE and one UNSUBSCRIBE.
@@ -180,7 +180,7 @@ impl Subscriber {
                     return Exit::Lost(e);
                 }
                 last_probe = Instant::now();
-                self.redis.metrics.broker.probe_ok();
+                self.redis.metrics.broker.probe_ok(PROBE_EVERY);
             }
 
             match ps.get_message() {
