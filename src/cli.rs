@@ -65,9 +65,13 @@ pub struct Cli {
     /// Capacity of each loop's delivery inbox, messages [default: 65536]
     #[arg(long, value_name = "N")]
     pub loop_queue: Option<usize>,
-    /// Capacity of the publish queue, messages [default: 65536]
+    /// Capacity of the publish queue, messages; when full, publishing connections are not
+    /// read until there is room [default: 65536]
     #[arg(long, value_name = "N")]
     pub publish_queue: Option<usize>,
+    /// Capacity of the publish queue, payload bytes [default: 67108864]
+    #[arg(long, value_name = "BYTES")]
+    pub publish_queue_bytes: Option<usize>,
     /// Most publishes per Redis pipeline [default: 512]
     #[arg(long, value_name = "N")]
     pub publish_batch: Option<usize>,
@@ -154,6 +158,7 @@ impl Cli {
             shutdown_timeout,
             loop_queue,
             publish_queue,
+            publish_queue_bytes,
             publish_batch,
             read_budget,
             coalesce,

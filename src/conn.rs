@@ -402,6 +402,9 @@ pub struct Conn {
     pub dead: bool,
     /// Input read from the socket but not consumed yet (the read budget ran out).
     pub pending_input: Option<Box<[u8]>>,
+    /// Messages read but not published yet because the publish queue was full, oldest
+    /// first. While set, the connection is not read (its sender is slowed by TCP).
+    pub unpublished: Option<Box<std::collections::VecDeque<(crate::frame::Kind, bytes::Bytes)>>>,
 }
 
 impl Conn {
@@ -422,6 +425,7 @@ impl Conn {
             write_shut: false,
             dead: false,
             pending_input: None,
+            unpublished: None,
         }
     }
 

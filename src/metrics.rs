@@ -81,8 +81,10 @@ pub struct LoopMetrics {
     pub protocol_errors: AtomicU64,
     /// Connections closed for silence past `--idle-timeout`.
     pub idle_closed: AtomicU64,
-    /// Client publishes refused because the publish queue was full.
+    /// `POST /publish` requests refused (503) because the publish queue was full.
     pub publish_dropped: AtomicU64,
+    /// Times a connection's reads were paused because the publish queue was full.
+    pub publish_paused: AtomicU64,
     /// Accept pauses caused by running out of descriptors.
     pub accept_paused: AtomicU64,
     /// Subscriptions that asked to recover from an offset (including session resumes).
@@ -233,7 +235,7 @@ impl Metrics {
             );
         }
         #[rustfmt::skip]
-        let per_loop: [(&str, &str, &str, Field); 18] = [
+        let per_loop: [(&str, &str, &str, Field); 19] = [
             ("websockets", "gauge", "Open WebSocket connections.", |l| &l.websockets),
             ("accepted_total", "counter", "Connections accepted.", |l| &l.accepted),
             ("http_requests_total", "counter", "Plain HTTP requests answered.", |l| &l.http_requests),
@@ -245,7 +247,8 @@ impl Metrics {
             ("oversize_closes_total", "counter", "Connections closed for a message over --max-message-size.", |l| &l.oversize),
             ("protocol_error_closes_total", "counter", "Connections closed for protocol violations.", |l| &l.protocol_errors),
             ("idle_closes_total", "counter", "Connections closed for silence past --idle-timeout.", |l| &l.idle_closed),
-            ("publish_dropped_total", "counter", "Client publishes refused because the publish queue was full.", |l| &l.publish_dropped),
+            ("publish_dropped_total", "counter", "POST /publish requests refused (503) because the publish queue was full.", |l| &l.publish_dropped),
+            ("publish_pauses_total", "counter", "Times reading from a publishing connection paused because the publish queue was full.", |l| &l.publish_paused),
             ("accept_pauses_total", "counter", "Accept pauses after running out of file descriptors.", |l| &l.accept_paused),
             ("recoveries_total", "counter", "Subscriptions that asked to recover from an offset.", |l| &l.recoveries),
             ("recovery_failed_total", "counter", "Recoveries answered recovered: false.", |l| &l.recovery_failed),

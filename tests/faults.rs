@@ -30,6 +30,17 @@ fn subscriber(node: &Node, channel: &'static str) -> std::thread::JoinHandle<Vec
     })
 }
 
+/// Sends text frames `{prefix}0` … `{prefix}{n-1}` (masked with a zero key) in one write.
+fn send_burst(raw: &mut wsrelay::client::Client, prefix: &str, n: usize) {
+    let mut burst = Vec::new();
+    for i in 0..n {
+        let payload = format!("{prefix}{i}");
+        burst.extend_from_slice(&[0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0]);
+        burst.extend_from_slice(payload.as_bytes());
+    }
+    std::io::Write::write_all(raw.inner().get_mut(), &burst).unwrap();
+}
+
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -189,13 +200,7 @@ fn inbox_overflow(node: Node) {
     assert_eq!(v1.message(WAIT).unwrap()["data"], "start");
     // 3,000 messages in one write: the publisher pipelines them, the subscriber thread routes
     // them faster than one loop turn takes.
-    let mut burst = Vec::new();
-    for i in 0..3000 {
-        let payload = format!("{i}");
-        burst.extend_from_slice(&[0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0]);
-        burst.extend_from_slice(payload.as_bytes());
-    }
-    std::io::Write::write_all(raw.inner().get_mut(), &burst).unwrap();
+    send_burst(&mut raw, "", 3000);
     let mut last = 0;
     for i in 0..3000 {
         let m = v1
@@ -214,32 +219,74 @@ fn inbox_overflow(node: Node) {
 }
 
 #[test]
-fn a_full_publish_queue_refuses_publishes() {
+fn a_full_publish_queue_pauses_publishers_and_loses_nothing() {
+    // A queue of two publishes, batches of one (so at most eight in flight): a paused Redis
+    // fills it at once. Raw and v1 publishers must be paused, not closed or refused; once
+    // Redis runs again every message is delivered once, in each publisher's order.
+    let key = "backend-key-0123456789";
     let redis = Redis::start();
-    let node = Node::start(&["--redis", &redis.url(), "--publish-queue", "2"]);
+    let flags = ["--publish-queue", "2", "--publish-batch", "1", "--api-key", key];
+    let node = Node::start(&[&flags[..], &["--threads", "1", "--redis", &redis.url()]].concat());
+    let mut sub = V1::connect(node.addr, None).unwrap();
+    sub.subscribe("q", None).unwrap();
+    let mut raw = node.client("/q");
+    raw.sync("start", WAIT).unwrap();
+    assert_eq!(sub.message(WAIT).unwrap()["data"], "start");
     let mut v1 = V1::connect(node.addr, None).unwrap();
-    wait_for("subscriber up", WAIT, || {
-        (node.http_get("/healthz").0 == 200).then_some(())
-    });
-    // A stopped Redis holds the publisher in its first batch; the queue behind it fills.
-    // SAFETY: kill(2) on our own child process.
+
+    // SAFETY: kill(2) on our own child process. Resumed below, well within the publisher's
+    // 2 s command timeout (the wait for the pause takes milliseconds).
     unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
-    let mut refused = 0;
-    for i in 0..20 {
-        v1.send(&serde_json::json!({"op":"publish","channel":"q","data":i.to_string(),"ref":i}))
+    send_burst(&mut raw, "r", 100);
+    for i in 0..50 {
+        v1.send(&serde_json::json!({"op":"publish","channel":"q","data":format!("v{i}"),"ref":i}))
             .unwrap();
     }
-    for _ in 0..20 {
-        let r = v1.next(WAIT).unwrap();
-        if r["code"] == "publish_queue_full" {
-            refused += 1;
-        }
-        if refused > 0 {
-            break;
+    wait_for("reads paused", WAIT, || {
+        (node.metric("wsrelay_publish_pauses_total") > 0).then_some(())
+    });
+    // A backend cannot be paused: it is told when to come back.
+    let mut http = std::net::TcpStream::connect(node.addr).unwrap();
+    http.set_read_timeout(Some(WAIT)).unwrap();
+    let request = format!(
+        "POST /publish?channel=q HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: 4\r\n\r\nhttp"
+    );
+    std::io::Write::write_all(&mut http, request.as_bytes()).unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut http, &mut response).unwrap();
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("\r\nRetry-After: 1\r\n"), "{response}");
+
+    for i in 0..50 {
+        let ack = v1.next(WAIT).unwrap();
+        assert_eq!(
+            (ack["type"].as_str(), ack["ref"].as_u64()),
+            (Some("published"), Some(i)),
+            "{ack}"
+        );
+    }
+    let (mut next_raw, mut next_v1) = (0, 0);
+    while next_raw < 100 || next_v1 < 50 {
+        let m = sub.message(WAIT).unwrap();
+        let data = m["data"].as_str().unwrap();
+        if let Some(i) = data.strip_prefix('r') {
+            assert_eq!(
+                i.parse::<usize>().unwrap(),
+                next_raw,
+                "raw messages in order, once"
+            );
+            next_raw += 1;
+        } else {
+            assert_eq!(data, format!("v{next_v1}"), "v1 messages in order, once");
+            next_v1 += 1;
         }
     }
-    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
-    assert!(refused > 0, "no publish was refused");
-    assert!(node.metric("wsrelay_publish_dropped_total") > 0);
-    assert!(node.log().iter().any(|l| l.contains("publish queue full")));
+    // The raw publisher is still connected and served.
+    raw.sync("end", WAIT).unwrap();
+    assert_eq!(sub.message(WAIT).unwrap()["data"], "end");
+    assert_eq!(node.metric("wsrelay_publish_failed_total"), 0);
+    assert_eq!(node.metric("wsrelay_publish_dropped_total"), 1);
+    assert!(node.log().iter().any(|l| l.contains("pausing reads")));
 }
