@@ -290,3 +290,55 @@ fn a_full_publish_queue_pauses_publishers_and_loses_nothing() {
     assert_eq!(node.metric("wsrelay_publish_dropped_total"), 1);
     assert!(node.log().iter().any(|l| l.contains("pausing reads")));
 }
+
+#[test]
+fn subscriber_cut_off_for_its_output_buffer_recovers_by_offset() {
+    // Redis closes a Pub/Sub connection whose output buffer passes the hard limit. One
+    // script publishing 3,000 messages of 4 KB (12 MB) through the real publish script is sure
+    // to pass 1 MB before anything is written to the socket.
+    let redis = Redis::start();
+    let flags = ["--history-size", "100000", "--max-output", "67108864"];
+    let node = Node::start(&[&flags[..], &["--redis", &redis.url()]].concat());
+    let mut v1 = V1::connect(node.addr, None).unwrap();
+    v1.subscribe("burst", None).unwrap();
+    let mut con = redis.con();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("pubsub 1mb 512kb 1")
+        .query(&mut con)
+        .unwrap();
+    let script = format!(
+        "local function publish(KEYS, ARGV)\n{}\nend\n\
+         for i = 1, tonumber(ARGV[1]) do\n\
+           publish(KEYS, {{'100000', '600', 'burst', 't', ARGV[2] .. i, 'test', '0'}})\n\
+         end\nreturn 1",
+        include_str!("../src/broker/redis/publish.lua")
+    );
+    let filler = "x".repeat(4000);
+    let _: i64 = redis::cmd("EVAL")
+        .arg(script)
+        .arg(2)
+        .arg("wsrelay:{burst}:meta")
+        .arg("wsrelay:{burst}:stream")
+        .arg(3000)
+        .arg(&filler)
+        .query(&mut con)
+        .unwrap();
+    for i in 1..=3000u64 {
+        let m = v1
+            .message(WAIT)
+            .unwrap_or_else(|e| panic!("message {i}: {e}; metrics: {}", node.http_get("/metrics").1));
+        assert_eq!(m["offset"].as_u64(), Some(i));
+        assert_eq!(m["data"].as_str(), Some(format!("{filler}{i}").as_str()));
+    }
+    assert!(
+        node.metric("wsrelay_redis_reconnects_total") >= 1,
+        "the subscriber was never cut off"
+    );
+    assert!(
+        node.log()
+            .iter()
+            .any(|l| l.contains("client-output-buffer-limit"))
+    );
+}
