@@ -8,7 +8,10 @@
 //!   latency run (1 channel, every connection subscribed, 64-byte messages; in Redis mode the
 //!   messages are published with Redis PUBLISH, so the Redis hop is in the latency);
 //! - server memory per idle connection: VmRSS growth of a fresh server over N idle, subscribed
-//!   connections, divided by N.
+//!   connections, divided by N;
+//! - Redis mode only, the rooms workload: many channels of two connections each, every room's
+//!   first connection publishing through wsrelay, so every message runs the history script;
+//!   server and Redis CPU per message beside latency and loss.
 //!
 //! It prints a table and writes the numbers to `target/wsrelay-bench.json`. Generator
 //! warnings (it was saturated, or its publisher fell behind) are printed and kept in the JSON:
@@ -27,6 +30,8 @@
 //! | `WSRELAY_BENCH_IDLE`          | 5000         | idle connections for the memory measurement      |
 //! | `WSRELAY_BENCH_GEN_THREADS`   | 1            | load generator threads                           |
 //! | `WSRELAY_BENCH_PIN`           | (none)       | `S:G`: server on CPU S, generator and Redis on G |
+//! | `WSRELAY_BENCH_ROOMS`         | 500          | rooms run: channels (two connections each)       |
+//! | `WSRELAY_BENCH_ROOMS_RATE`    | 5000         | rooms run: messages/s over all rooms             |
 //!
 //! The targets, on a 2-core box: `WSRELAY_BENCH_CONNS=1000 WSRELAY_BENCH_RATE=2000
 //! WSRELAY_BENCH_IDLE=19000 WSRELAY_BENCH_SECS=10 WSRELAY_BENCH_PIN=0:1 cargo bench --bench e2e`.
@@ -58,6 +63,8 @@ struct Settings {
     gen_threads: usize,
     /// (server CPU, generator + Redis CPU)
     pin: Option<(usize, usize)>,
+    rooms: usize,
+    rooms_rate: f64,
 }
 
 impl Settings {
@@ -82,6 +89,8 @@ impl Settings {
             idle: env_or("WSRELAY_BENCH_IDLE", 5000),
             gen_threads: env_or("WSRELAY_BENCH_GEN_THREADS", 1),
             pin,
+            rooms: env_or("WSRELAY_BENCH_ROOMS", 500),
+            rooms_rate: env_or("WSRELAY_BENCH_ROOMS_RATE", 5000.0),
         }
     }
 }
@@ -115,6 +124,8 @@ struct Row {
     rss_bytes_per_idle_connection: Option<f64>,
     generator_busy: f64,
     warnings: Vec<String>,
+    /// Rooms run: Redis CPU per message published (the history script and the deliveries).
+    redis_cpu_us_per_msg: Option<f64>,
     report: Report,
 }
 
@@ -135,8 +146,23 @@ fn row(mode: &str, run: &str, r: Report, idle: bool) -> Row {
         rss_bytes_per_idle_connection: idle.then_some(r.rss_bytes_per_connection),
         generator_busy: r.generator.thread_busy.iter().cloned().fold(0.0, f64::max),
         warnings: r.warnings.clone(),
+        redis_cpu_us_per_msg: None,
         report: r,
     }
+}
+
+/// The rooms run's row: the report's server figures count wsrelay and Redis together, so they
+/// are split here, per message of the measured window.
+fn rooms_row(mode: &str, r: Report) -> Row {
+    let per_room = (r.connections / r.channels.max(1)).max(1) as f64;
+    let messages = (r.measured as f64 / per_room).max(1.0);
+    let (server, redis) = (r.servers[0].cpu_secs, r.servers[1].cpu_secs);
+    let mut row = row(mode, "rooms", r, false);
+    row.server_cpu_secs_per_million =
+        server * 1e6 / row.deliveries_per_sec.max(1.0) / row.report.window_secs.max(1e-9);
+    row.deliveries_per_server_cpu_sec = row.deliveries_per_sec * row.report.window_secs / server.max(1e-9);
+    row.redis_cpu_us_per_msg = Some(redis * 1e6 / messages);
+    row
 }
 
 fn pin_self(cpu: usize) {
@@ -214,6 +240,25 @@ fn main() {
             Ok(r) => rows.push(row(mode, "idle", r, true)),
             Err(e) => eprintln!("e2e: {mode} idle failed: {e}"),
         }
+        if let Some(redis) = &redis {
+            let server = start_server(redis_url.as_deref(), server_cpu);
+            eprintln!(
+                "e2e: {mode} rooms: {} rooms of 2, {} msg/s",
+                s.rooms, s.rooms_rate
+            );
+            let rooms = LoadConfig {
+                targets: load::parse_url(&format!("ws://{}/room", server.addr)).unwrap(),
+                connections: 2 * s.rooms,
+                channels: s.rooms,
+                publish_via: None,
+                server_pids: vec![server.pid(), redis.pid()],
+                ..base(&server, s.rooms_rate, 2 * s.rooms)
+            };
+            match load::run(rooms) {
+                Ok(r) => rows.push(rooms_row(mode, r)),
+                Err(e) => eprintln!("e2e: {mode} rooms failed: {e}"),
+            }
+        }
     }
     print_table(&rows);
     let out = target_dir().join("wsrelay-bench.json");
@@ -267,6 +312,11 @@ fn print_table(rows: &[Row]) {
                 .map_or("-".to_string(), |b| format!("{b:.0}")),
             r.generator_busy * 100.0,
         );
+    }
+    for r in rows {
+        if let Some(us) = r.redis_cpu_us_per_msg {
+            println!("{} {}: Redis CPU {us:.1} us per message", r.mode, r.run);
+        }
     }
     for r in rows {
         for w in &r.warnings {

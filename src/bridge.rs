@@ -8,7 +8,7 @@
 //! [`LoopHandle`]. Wakes merge: a sender only calls `wake()` when no wake is already pending, and
 //! the loop clears the flag before it drains its inbox with `try_recv`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -353,30 +353,105 @@ pub enum Control {
     },
 }
 
+/// The publish queue's bound in bytes: payload bytes queued by the loops and not yet taken by
+/// the broker, shared by both sides. The queue's capacity in messages bounds the count; this
+/// bounds the memory whatever the message size.
+#[derive(Clone, Debug)]
+pub struct PublishQueue {
+    bytes: Arc<AtomicUsize>,
+    cap: usize,
+}
+
+impl PublishQueue {
+    /// A queue accounting of at most `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        PublishQueue {
+            bytes: Arc::new(AtomicUsize::new(0)),
+            cap,
+        }
+    }
+
+    /// Reserves room for `n` bytes. Refused when that would pass the cap, unless the queue is
+    /// empty (so one message larger than the cap still passes).
+    fn reserve(&self, n: usize) -> bool {
+        let before = self.bytes.fetch_add(n, Ordering::AcqRel);
+        if before > 0 && before + n > self.cap {
+            self.bytes.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back the room of a publish the broker took off the queue (or that was not queued).
+    pub fn taken(&self, p: Publish) -> Publish {
+        self.bytes.fetch_sub(p.data.len(), Ordering::AcqRel);
+        p
+    }
+
+    /// Bytes queued now.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
 /// The loops' side of the broker, whichever broker it is.
 #[derive(Clone, Debug)]
 pub struct BrokerHandle {
-    /// Bounded: a full queue is a refused publish, never a blocked loop.
+    /// Bounded in messages and (with `queued`) in bytes: a full queue pauses the publisher's
+    /// reads, never blocks a loop. Send through [`BrokerHandle::try_publish`].
     pub publish: Sender<Publish>,
+    /// The publish queue's byte accounting.
+    pub queued: PublishQueue,
     /// Bounded; a loop that finds it full keeps the request and retries next turn.
     pub control: Sender<Control>,
     /// Bounded; a full queue fails the request (the client is told `unavailable`).
     pub requests: Sender<Request>,
 }
 
+impl BrokerHandle {
+    /// Queues a publish without blocking. A full queue (in messages or in bytes) hands the
+    /// publish back.
+    // The error hands the publish itself back (to be kept while the connection is paused):
+    // boxing it would allocate on every refusal to save a copy of 128 bytes.
+    #[allow(clippy::result_large_err)]
+    pub fn try_publish(&self, p: Publish) -> Result<(), TrySendError<Publish>> {
+        if !self.queued.reserve(p.data.len()) {
+            return Err(TrySendError::Full(p));
+        }
+        self.publish.try_send(p).map_err(|e| match e {
+            TrySendError::Full(p) => TrySendError::Full(self.queued.taken(p)),
+            TrySendError::Disconnected(p) => TrySendError::Disconnected(self.queued.taken(p)),
+        })
+    }
+
+    /// True when a publish of `n` bytes would find the queue full now.
+    pub fn publish_full(&self, n: usize) -> bool {
+        let q = self.queued.bytes();
+        self.publish.is_full() || (q > 0 && q + n > self.queued.cap)
+    }
+}
+
 /// The broker's side of the loops' queues, handed to whichever broker runs.
 #[derive(Debug)]
 pub struct BrokerInbox {
-    /// Client publishes.
+    /// Client publishes; hand each one to `queued.taken` when taking it off the queue.
     pub publish: Receiver<Publish>,
+    /// The publish queue's byte accounting.
+    pub queued: PublishQueue,
     /// Subscription changes.
     pub control: Receiver<Control>,
     /// Storage requests.
     pub requests: Receiver<Request>,
 }
 
-/// Creates the queues between the loops and a broker.
-pub fn broker_queues(publish_cap: usize, control_cap: usize) -> (BrokerHandle, BrokerInbox) {
+/// Creates the queues between the loops and a broker: at most `publish_cap` publishes of
+/// `publish_bytes` payload bytes in all.
+pub fn broker_queues(
+    publish_cap: usize,
+    publish_bytes: usize,
+    control_cap: usize,
+) -> (BrokerHandle, BrokerInbox) {
+    let queued = PublishQueue::new(publish_bytes);
     let (ptx, prx) = crossbeam_channel::bounded(publish_cap);
     let (ctx, crx) = crossbeam_channel::bounded(control_cap);
     // Requests are one per subscription or session change: the publish bound fits them too.
@@ -384,11 +459,13 @@ pub fn broker_queues(publish_cap: usize, control_cap: usize) -> (BrokerHandle, B
     (
         BrokerHandle {
             publish: ptx,
+            queued: queued.clone(),
             control: ctx,
             requests: rtx,
         },
         BrokerInbox {
             publish: prx,
+            queued,
             control: crx,
             requests: rrx,
         },

@@ -88,9 +88,12 @@ pub struct Cli {
     /// Capacity of each loop's delivery inbox, messages
     #[arg(long, value_name = "N")]
     pub loop_queue: Option<usize>,
-    /// Capacity of the publish queue, messages
+    /// Capacity of the publish queue, messages; when full, publishing connections are not read until there is room
     #[arg(long, value_name = "N")]
     pub publish_queue: Option<usize>,
+    /// Capacity of the publish queue, payload bytes
+    #[arg(long, value_name = "BYTES")]
+    pub publish_queue_bytes: Option<usize>,
     /// Most publishes per Redis pipeline
     #[arg(long, value_name = "N")]
     pub publish_batch: Option<usize>,
@@ -210,6 +213,7 @@ impl Cli {
             shutdown_timeout,
             loop_queue,
             publish_queue,
+            publish_queue_bytes,
             publish_batch,
             read_budget,
             coalesce,
@@ -317,6 +321,7 @@ pub fn shown_defaults() -> Vec<(&'static str, String)> {
         ("shutdown_timeout", dur(d.shutdown_timeout)),
         ("loop_queue", d.loop_queue.to_string()),
         ("publish_queue", d.publish_queue.to_string()),
+        ("publish_queue_bytes", d.publish_queue_bytes.to_string()),
         ("publish_batch", d.publish_batch.to_string()),
         ("coalesce", dur(d.coalesce)),
         ("read_budget", d.read_budget.to_string()),

@@ -107,9 +107,14 @@ pub struct Config {
     /// Capacity, in messages, of each loop's inbox (deliveries from the broker). When a loop
     /// falls this far behind, further deliveries to it are dropped and counted. Default 65,536.
     pub loop_queue: usize,
-    /// Capacity, in messages, of the queue from the loops to the publisher. When full, a client's
-    /// publish is refused (v1: error reply; raw: close 1013) and counted. Default 65,536.
+    /// Capacity, in messages, of the queue from the loops to the publisher. When it is full,
+    /// the loops stop reading from connections that publish until there is room again (TCP
+    /// backpressure slows the senders; nothing read is dropped, no one is closed), and
+    /// `POST /publish` answers 503 with `Retry-After`. Default 65,536.
     pub publish_queue: usize,
+    /// Capacity, in payload bytes, of the same queue: with large messages this bound is
+    /// reached before the count. Default 64 MiB (at 64-byte messages the count binds first).
+    pub publish_queue_bytes: usize,
     /// Most publishes pipelined to Redis in one round trip. Default 512: large enough that a
     /// burst is one round trip, small enough that one slow batch does not hold the rest back.
     pub publish_batch: usize,
@@ -220,6 +225,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(5),
             loop_queue: 65_536,
             publish_queue: 65_536,
+            publish_queue_bytes: 64 << 20,
             publish_batch: 512,
             coalesce: Duration::ZERO,
             read_budget: 64,
@@ -269,6 +275,7 @@ impl Config {
             (self.loop_output_budget, "--loop-output-budget"),
             (self.loop_queue, "--loop-queue"),
             (self.publish_queue, "--publish-queue"),
+            (self.publish_queue_bytes, "--publish-queue-bytes"),
             (self.publish_batch, "--publish-batch"),
             (self.read_budget, "--read-budget"),
             (self.max_channels_per_conn, "--max-channels-per-conn"),

@@ -474,6 +474,9 @@ pub struct Conn {
     pub over_soft_since: Option<Instant>,
     /// Its unsent output as last counted in the loop's total (after its last write).
     pub accounted: usize,
+    /// Messages read but not published yet because the publish queue was full, oldest
+    /// first. While set, the connection is not read (its sender is slowed by TCP).
+    pub unpublished: Option<Box<std::collections::VecDeque<(crate::frame::Kind, bytes::Bytes)>>>,
 }
 
 impl Conn {
@@ -498,6 +501,7 @@ impl Conn {
             pending_input: None,
             over_soft_since: None,
             accounted: 0,
+            unpublished: None,
         }
     }
 

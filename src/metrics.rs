@@ -180,8 +180,10 @@ metrics! {
             protocol_errors: AtomicU64 => counter Process "protocol_error_closes_total" "Connections closed for protocol violations.";
             /// Connections closed for silence past `--idle-timeout`.
             idle_closed: AtomicU64 => counter Process "idle_closes_total" "Connections closed for silence past --idle-timeout.";
-            /// Client publishes refused because the publish queue was full.
-            publish_dropped: AtomicU64 => counter Process "publish_dropped_total" "Client publishes refused because the publish queue was full.";
+            /// `POST /publish` requests refused (503) because the publish queue was full.
+            publish_dropped: AtomicU64 => counter Process "publish_dropped_total" "POST /publish requests refused (503) because the publish queue was full.";
+            /// Times a connection's reads were paused because the publish queue was full.
+            publish_paused: AtomicU64 => counter Process "publish_pauses_total" "Times reading from a publishing connection paused because the publish queue was full.";
             /// Accept pauses caused by running out of descriptors.
             accept_paused: AtomicU64 => counter Process "accept_pauses_total" "Accept pauses after running out of file descriptors.";
             /// Subscriptions that asked to recover from an offset (including session resumes).

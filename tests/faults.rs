@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use wsrelay_client::V1;
+use wsrelay_client::{V1, wire};
 
 /// Collects every frame a v1 subscriber of `channel` receives until it sees `end`, starting
 /// with the reply to its subscribe (which names the position it starts from).
@@ -110,6 +110,16 @@ fn gaps_excuse_only_what_lies_between_their_ends() {
     assert!(excused("b", 4) && excused("b", 6));
     assert!(!excused("b", 7) && !excused("b", 8));
     assert!(!excused("c", 1));
+}
+
+/// Sends text frames `{prefix}0` … `{prefix}{n-1}` (masked with a zero key) in one write.
+fn send_burst(raw: &mut Client, prefix: &str, n: usize) {
+    let mut burst = Vec::new();
+    for i in 0..n {
+        let payload = format!("{prefix}{i}");
+        wire::encode_masked(&mut burst, wire::op::TEXT, payload.as_bytes());
+    }
+    std::io::Write::write_all(raw.inner().get_mut(), &burst).unwrap();
 }
 
 #[test]
@@ -264,12 +274,7 @@ fn inbox_overflow(node: Node) {
     assert_eq!(v1.message(WAIT).unwrap()["data"], "start");
     // 3,000 messages in one write: the publisher pipelines them, the subscriber thread routes
     // them faster than one loop turn takes.
-    let mut burst = Vec::new();
-    for i in 0..3000 {
-        let payload = format!("{i}");
-        wire::encode_masked(&mut burst, wire::op::TEXT, payload.as_bytes());
-    }
-    std::io::Write::write_all(raw.inner().get_mut(), &burst).unwrap();
+    send_burst(&mut raw, "", 3000);
     let mut last = 0;
     for i in 0..3000 {
         let m = v1
@@ -288,35 +293,126 @@ fn inbox_overflow(node: Node) {
 }
 
 #[test]
-fn a_full_publish_queue_refuses_publishes() {
+fn a_full_publish_queue_pauses_publishers_and_loses_nothing() {
+    // A queue of two publishes, batches of one (so at most eight in flight): a paused Redis
+    // fills it at once. Raw and v1 publishers must be paused, not closed or refused; once
+    // Redis runs again every message is delivered once, in each publisher's order.
+    let key = "backend-key-0123456789";
     let redis = Redis::start();
-    let node = Node::start(&["--redis", &redis.url(), "--publish-queue", "2"]);
+    let flags = ["--publish-queue", "2", "--publish-batch", "1", "--api-key", key];
+    let node = Node::start(&[&flags[..], &["--threads", "1", "--redis", &redis.url()]].concat());
+    let mut sub = V1::connect(node.addr, None).unwrap();
+    sub.subscribe("q", None).unwrap();
+    let mut raw = node.client("/q");
+    raw.sync("start", WAIT).unwrap();
+    assert_eq!(sub.message(WAIT).unwrap()["data"], "start");
     let mut v1 = V1::connect(node.addr, None).unwrap();
-    wait_for("subscriber up", WAIT, || {
-        (node.http_get("/healthz").0 == 200).then_some(())
-    });
-    // A stopped Redis holds the publisher in its first batch; the queue behind it fills.
-    // SAFETY: kill(2) on our own child process.
+
+    // SAFETY: kill(2) on our own child process. Resumed below, well within the publisher's
+    // 2 s command timeout (the wait for the pause takes milliseconds).
     unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
-    for i in 0..20 {
-        v1.send(&serde_json::json!({"op":"publish","channel":"q","data":i.to_string(),"ref":i}))
+    send_burst(&mut raw, "r", 100);
+    for i in 0..50 {
+        v1.send(&serde_json::json!({"op":"publish","channel":"q","data":format!("v{i}"),"ref":i}))
             .unwrap();
     }
-    // Refusals are answered at once, while Redis is still stopped.
-    let mut replies = vec![v1.next(WAIT).unwrap()];
-    assert_eq!(replies[0]["code"], "publish_queue_full", "{}", replies[0]);
+    wait_for("reads paused", WAIT, || {
+        (node.metric("wsrelay_publish_pauses_total") > 0).then_some(())
+    });
+    // A backend cannot be paused: it is told when to come back.
+    let mut http = std::net::TcpStream::connect(node.addr).unwrap();
+    http.set_read_timeout(Some(WAIT)).unwrap();
+    let request = format!(
+        "POST /publish?channel=q HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: 4\r\n\r\nhttp"
+    );
+    std::io::Write::write_all(&mut http, request.as_bytes()).unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut http, &mut response).unwrap();
     unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
-    // Every publish gets one answer; those refused are exactly the ones counted.
-    while replies.len() < 20 {
-        replies.push(v1.next(WAIT).unwrap());
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("\r\nRetry-After: 1\r\n"), "{response}");
+
+    for i in 0..50 {
+        let ack = v1.next(WAIT).unwrap();
+        assert_eq!(
+            (ack["type"].as_str(), ack["ref"].as_u64()),
+            (Some("published"), Some(i)),
+            "{ack}"
+        );
     }
-    let mut refs: Vec<u64> = replies.iter().map(|r| r["ref"].as_u64().unwrap()).collect();
-    refs.sort_unstable();
-    assert_eq!(refs, (0..20).collect::<Vec<_>>());
-    let refused = replies
-        .iter()
-        .filter(|r| r["code"] == "publish_queue_full")
-        .count() as u64;
-    assert_eq!(node.metric("wsrelay_publish_dropped_total"), refused);
-    assert!(node.log().iter().any(|l| l.contains("publish queue full")));
+    let (mut next_raw, mut next_v1) = (0, 0);
+    while next_raw < 100 || next_v1 < 50 {
+        let m = sub.message(WAIT).unwrap();
+        let data = m["data"].as_str().unwrap();
+        if let Some(i) = data.strip_prefix('r') {
+            assert_eq!(
+                i.parse::<usize>().unwrap(),
+                next_raw,
+                "raw messages in order, once"
+            );
+            next_raw += 1;
+        } else {
+            assert_eq!(data, format!("v{next_v1}"), "v1 messages in order, once");
+            next_v1 += 1;
+        }
+    }
+    // The raw publisher is still connected and served.
+    raw.sync("end", WAIT).unwrap();
+    assert_eq!(sub.message(WAIT).unwrap()["data"], "end");
+    assert_eq!(node.metric("wsrelay_publish_failed_total"), 0);
+    assert_eq!(node.metric("wsrelay_publish_dropped_total"), 1);
+    assert!(node.log().iter().any(|l| l.contains("pausing reads")));
+}
+
+#[test]
+fn subscriber_cut_off_for_its_output_buffer_recovers_by_offset() {
+    // Redis closes a Pub/Sub connection whose output buffer passes the hard limit. One
+    // script publishing 3,000 messages of 4 KB (12 MB) through the real publish script is sure
+    // to pass 1 MB before anything is written to the socket.
+    let redis = Redis::start();
+    let flags = ["--history-size", "100000", "--max-output", "67108864"];
+    let node = Node::start(&[&flags[..], &["--redis", &redis.url()]].concat());
+    let mut v1 = V1::connect(node.addr, None).unwrap();
+    v1.subscribe("burst", None).unwrap();
+    let mut con = redis.con();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("pubsub 1mb 512kb 1")
+        .query(&mut con)
+        .unwrap();
+    let script = format!(
+        "local function publish(KEYS, ARGV)\n{}\nend\n\
+         for i = 1, tonumber(ARGV[1]) do\n\
+           publish(KEYS, {{'100000', '600', 'burst', 't', ARGV[2] .. i, 'test', '0'}})\n\
+         end\nreturn 1",
+        include_str!("../src/broker/redis/publish.lua")
+    );
+    let filler = "x".repeat(4000);
+    let _: i64 = redis::cmd("EVAL")
+        .arg(script)
+        .arg(2)
+        .arg("wsrelay:{burst}:meta")
+        .arg("wsrelay:{burst}:stream")
+        .arg(3000)
+        .arg(&filler)
+        .query(&mut con)
+        .unwrap();
+    for i in 1..=3000u64 {
+        let m = v1
+            .message(WAIT)
+            .unwrap_or_else(|e| panic!("message {i}: {e}; metrics: {}", node.http_get("/metrics").1));
+        assert_eq!(m["offset"].as_u64(), Some(i));
+        assert_eq!(m["data"].as_str(), Some(format!("{filler}{i}").as_str()));
+    }
+    assert!(
+        node.metric("wsrelay_redis_reconnects_total") >= 1,
+        "the subscriber was never cut off"
+    );
+    assert!(
+        node.log()
+            .iter()
+            .any(|l| l.contains("client-output-buffer-limit"))
+    );
 }

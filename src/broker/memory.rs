@@ -73,7 +73,7 @@ impl MemoryBroker {
                     Err(_) => return,
                 },
                 recv(inbox.publish) -> p => match p {
-                    Ok(p) => self.publish(p),
+                    Ok(p) => self.publish(inbox.queued.taken(p)),
                     Err(_) => return,
                 },
                 recv(inbox.requests) -> r => match r {

@@ -43,7 +43,8 @@ pub fn start(
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
 ) -> Result<Broker, String> {
-    let (handle, inbox) = crate::bridge::broker_queues(config.publish_queue, CONTROL_QUEUE);
+    let (handle, inbox) =
+        crate::bridge::broker_queues(config.publish_queue, config.publish_queue_bytes, CONTROL_QUEUE);
     let threads = match &config.redis {
         None => vec![memory::spawn(config, inbox, loops, metrics)],
         Some(url) => redis::spawn(config, url, inbox, loops, metrics)?,

@@ -131,7 +131,8 @@ impl EventLoop {
                             sessions.push(key);
                         }
                     }
-                    if now.duration_since(conn.last_seen) >= idle_timeout {
+                    // A connection paused by a full publish queue is not read: it is not idle.
+                    if now.duration_since(conn.last_seen) >= idle_timeout && conn.unpublished.is_none() {
                         idle.push(key);
                     } else if now.duration_since(conn.last_seen.max(open.last_ping)) >= ping_interval {
                         open.last_ping = now;

@@ -480,12 +480,11 @@ impl EventLoop {
                 conn.deadline = Some(now + close_timeout);
             }
             Err(super::messages::Refused::QueueFull) => {
+                crate::metrics::inc(&self.metrics().publish_dropped);
                 let body = b"{\"error\":\"publish queue full; retry later\"}";
-                self.respond(
-                    key,
-                    http::response(Status::Unavailable, "application/json", body),
-                    now,
-                );
+                let response =
+                    http::response_with(Status::Unavailable, "application/json", &["Retry-After: 1"], body);
+                self.respond(key, response, now);
             }
         }
     }

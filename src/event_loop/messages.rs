@@ -3,6 +3,7 @@
 //! clients: a bad frame closes that connection with the matching close code, a bad v1 command
 //! gets an error reply and the connection stays usable.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -62,7 +63,8 @@ impl EventLoop {
                 && !open
                     .subs
                     .iter()
-                    .all(|s| self.index.is_live(&s.channel) && matches!(s.state, SubState::Live)));
+                    .all(|s| self.index.is_live(&s.channel) && matches!(s.state, SubState::Live)))
+            || conn.unpublished.is_some();
         if waiting {
             conn.read_pending = true;
             return;
@@ -113,13 +115,22 @@ impl EventLoop {
             self.mark_dirty(key);
         }
         add(&self.metrics().messages_in, messages.len() as u64);
-        for (kind, data) in messages {
+        let mut messages = messages.into_iter();
+        while let Some((kind, data)) = messages.next() {
             if !self.on_message(key, kind, data, now) {
-                return;
+                if !self.keep_unpublished(key, messages) {
+                    return;
+                }
+                // Paused: the rest of the input stays in the socket (and in pending_input)
+                // until the publish queue has room; a peer that closed or failed is handled
+                // now, as below.
+                break;
             }
         }
+        let paused = self.conns[key].unpublished.is_some();
         match end {
             ReadEnd::Drained => {}
+            ReadEnd::BudgetSpent if paused => {}
             ReadEnd::BudgetSpent => {
                 self.conns[key].read_pending = true;
                 self.read_backlog.push(key);
@@ -154,10 +165,10 @@ impl EventLoop {
                     self.close(key, CloseCode::Policy, reason, now);
                     return false;
                 }
-                match self.publish(key, channel, kind, data, None) {
+                match self.publish(key, channel, kind, data.clone(), None) {
                     Ok(()) => true,
                     Err(Refused::QueueFull) => {
-                        self.close(key, CloseCode::Again, "publish queue full", now);
+                        self.pause(key, kind, data);
                         false
                     }
                 }
@@ -184,10 +195,14 @@ impl EventLoop {
                         self.close(key, CloseCode::Policy, "unauthorized", now);
                         false
                     }
-                    Ok(cmd) => {
-                        self.command(key, cmd, parsed.reference, now);
-                        true
-                    }
+                    Ok(cmd) => match self.command(key, cmd, parsed.reference, now) {
+                        Ok(()) => true,
+                        Err(Refused::QueueFull) => {
+                            // Carried out again, from the frame, once there is room.
+                            self.pause(key, kind, data);
+                            false
+                        }
+                    },
                     Err(refusal) => {
                         self.send_error(key, parsed.reference.as_deref(), &refusal);
                         true
@@ -220,8 +235,24 @@ impl EventLoop {
         }
     }
 
-    /// Carries out one `wsrelay.v1` command.
-    fn command(&mut self, key: usize, cmd: Command, reference: Option<Box<str>>, now: Instant) {
+    /// Carries out one `wsrelay.v1` command. A publish that finds the publish queue full is
+    /// not carried out: the caller pauses the connection and runs the command again later.
+    fn command(
+        &mut self,
+        key: usize,
+        cmd: Command,
+        reference: Option<Box<str>>,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        if let Command::Publish { channel, kind, data } = cmd {
+            return self.publish_command(key, &channel, kind, data, reference, now);
+        }
+        self.other_command(key, cmd, reference, now);
+        Ok(())
+    }
+
+    /// Carries out a `wsrelay.v1` command other than publish.
+    fn other_command(&mut self, key: usize, cmd: Command, reference: Option<Box<str>>, now: Instant) {
         let r = reference.as_deref();
         match cmd {
             Command::Ping => self.send_json(key, &envelope::pong(r)),
@@ -308,32 +339,48 @@ impl EventLoop {
                 }
                 self.send_json(key, &envelope::unsubscribed(r, &channel));
             }
-            Command::Publish { channel, kind, data } => {
-                let channel = match self.channel_name(&channel) {
-                    Ok(c) => c,
-                    Err(refusal) => return self.send_error(key, r, &refusal),
-                };
-                if let Err(denied) = self.may_publish_now(key, &channel, now) {
-                    let refusal = match denied {
-                        Denied::Forbidden => Refusal::new(
-                            "forbidden",
-                            format!("the token does not grant publishing to {channel:?}"),
-                        ),
-                        Denied::RateLimited => Refusal::new("rate_limited", "over --publish-rate; slow down"),
-                    };
-                    return self.send_error(key, r, &refusal);
-                }
-                let Some(to) = self.reply_to(key) else { return };
-                let ack = PublishAck {
-                    to,
-                    reference: reference.clone(),
-                };
-                if let Err(Refused::QueueFull) = self.publish(key, channel, kind, data, Some(ack)) {
-                    let refusal = Refusal::new("publish_queue_full", "the broker is behind; retry later");
-                    self.send_error(key, r, &refusal);
-                }
-            }
+            Command::Publish { .. } => unreachable!("publish commands go to publish_command"),
         }
+    }
+
+    /// The v1 `publish` command. The queue's room is checked first, so a publish that must
+    /// wait does not use up its rate limit.
+    fn publish_command(
+        &mut self,
+        key: usize,
+        channel: &str,
+        kind: Kind,
+        data: Bytes,
+        reference: Option<Box<str>>,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        let r = reference.as_deref();
+        let channel = match self.channel_name(channel) {
+            Ok(c) => c,
+            Err(refusal) => {
+                self.send_error(key, r, &refusal);
+                return Ok(());
+            }
+        };
+        if self.broker.publish_full(data.len()) {
+            return Err(Refused::QueueFull);
+        }
+        if let Err(denied) = self.may_publish_now(key, &channel, now) {
+            let refusal = match denied {
+                Denied::Forbidden => Refusal::new(
+                    "forbidden",
+                    format!("the token does not grant publishing to {channel:?}"),
+                ),
+                Denied::RateLimited => Refusal::new("rate_limited", "over --publish-rate; slow down"),
+            };
+            self.send_error(key, r, &refusal);
+            return Ok(());
+        }
+        let Some(to) = self.reply_to(key) else {
+            return Ok(());
+        };
+        let ack = PublishAck { to, reference };
+        self.publish(key, channel, kind, data, Some(ack))
     }
 
     /// Whether connection `key` may publish on `channel` now: its token's grant first (so a
@@ -382,15 +429,9 @@ impl EventLoop {
             data,
             ack,
         };
-        match self.broker.publish.try_send(p) {
+        match self.broker.try_publish(p) {
             Ok(()) => Ok(()),
-            Err(crossbeam_channel::TrySendError::Full(_)) => {
-                inc(&self.metrics().publish_dropped);
-                if self.log_limit.allow() {
-                    warn!("publish queue full: refusing publishes (raise --publish-queue, or Redis is slow)");
-                }
-                Err(Refused::QueueFull)
-            }
+            Err(crossbeam_channel::TrySendError::Full(_)) => Err(Refused::QueueFull),
             // Shutting down: the message has nowhere to go.
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => Ok(()),
         }
@@ -412,6 +453,75 @@ impl EventLoop {
             }
             (None, ip) => format!("ip:{ip}"),
         }))
+    }
+
+    /// Keeps a message that found the publish queue full, first in line, and stops reading
+    /// from the connection until the loop has published it (see `resume_paused`): the
+    /// sender's TCP window fills and it slows down. Nothing read is dropped.
+    fn pause(&mut self, key: usize, kind: Kind, data: Bytes) {
+        let conn = &mut self.conns[key];
+        conn.read_pending = true;
+        match &mut conn.unpublished {
+            Some(waiting) => waiting.push_front((kind, data)),
+            None => {
+                conn.unpublished = Some(Box::new(VecDeque::from([(kind, data)])));
+                self.paused.push_back(key);
+                inc(&self.metrics().publish_paused);
+                if self.log_limit.allow() {
+                    warn!(
+                        "publish queue full: pausing reads from publishing connections (raise --publish-queue, or Redis is slow)"
+                    );
+                }
+            }
+        }
+    }
+
+    /// After a message of the connection paused it (`on_message` returned false): keeps the
+    /// messages read after it. False when the connection was closed instead.
+    fn keep_unpublished(&mut self, key: usize, rest: impl Iterator<Item = (Kind, Bytes)>) -> bool {
+        match self.conns.get_mut(key).and_then(|c| c.unpublished.as_mut()) {
+            Some(waiting) => {
+                waiting.extend(rest);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Publishes what paused connections kept, oldest pause first, while the queue has room;
+    /// a connection whose messages all went out is read again. Runs every turn while any
+    /// connection is paused (the poll timeout is then 1 ms). A paused connection counts as
+    /// active: it is not closed as idle.
+    pub(super) fn resume_paused(&mut self, now: Instant) {
+        while let Some(&key) = self.paused.front() {
+            let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) else {
+                self.paused.pop_front();
+                continue;
+            };
+            let Some(mut waiting) = conn.unpublished.take() else {
+                self.paused.pop_front();
+                continue;
+            };
+            conn.last_seen = now;
+            let size = waiting.front().map_or(0, |(_, d)| d.len());
+            if self.broker.publish_full(size) {
+                self.conns[key].unpublished = Some(waiting);
+                return;
+            }
+            self.paused.pop_front();
+            while let Some((kind, data)) = waiting.pop_front() {
+                if !self.on_message(key, kind, data, now) {
+                    if self.keep_unpublished(key, waiting.drain(..)) {
+                        // Paused again (it is at the back of the line now): the queue is full.
+                        return;
+                    }
+                    break;
+                }
+            }
+            if self.conns.get(key).is_some_and(|c| c.read_pending && !c.dead) {
+                self.read(key, now);
+            }
+        }
     }
 
     /// Queues a JSON text frame to a v1 connection.

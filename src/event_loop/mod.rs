@@ -111,6 +111,8 @@ pub struct EventLoop {
     limits: crate::backpressure::Limits,
     /// Connections to continue reading next turn.
     read_backlog: Vec<usize>,
+    /// Connections not read because the publish queue was full, in the order they paused.
+    paused: VecDeque<usize>,
     /// Connections to drop at the end of the turn.
     dead: Vec<usize>,
     /// Connections whose subscriptions changed: their sessions are written at the end of the turn.
@@ -177,6 +179,7 @@ impl EventLoop {
             unsent: 0,
             limits,
             read_backlog: Vec::new(),
+            paused: VecDeque::new(),
             dead: Vec::new(),
             session_changed: Vec::new(),
             flush_at: None,
@@ -251,6 +254,9 @@ impl EventLoop {
     /// one flush per connection and then the slow-consumer judgement, subscription requests,
     /// session writes, removals.
     fn end_turn(&mut self, now: Instant) {
+        if !self.paused.is_empty() {
+            self.resume_paused(now);
+        }
         for key in std::mem::take(&mut self.read_backlog) {
             self.read(key, now);
         }
@@ -291,7 +297,8 @@ impl EventLoop {
             until = until.min(t);
         }
         let mut timeout = until.saturating_duration_since(now);
-        if !self.pending_control.is_empty() {
+        if !self.pending_control.is_empty() || !self.paused.is_empty() {
+            // Retry soon: the control queue, or the publish queue paused connections wait for.
             timeout = timeout.min(Duration::from_millis(1));
         }
         if !self.settling.is_empty() {

@@ -64,7 +64,7 @@ pub fn spawn(
         backoff: Backoff::new(config.redis_backoff_min, config.redis_backoff_max),
     };
     let sub = subscriber::Subscriber::new(shared.clone(), inbox.control);
-    let publ = publisher::Publisher::new(shared.clone(), config, inbox.publish, con);
+    let publ = publisher::Publisher::new(shared.clone(), config, inbox.publish, inbox.queued, con);
     let req = requests::Requests::new(shared, config, inbox.requests);
     let start = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()

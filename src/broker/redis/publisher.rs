@@ -1,37 +1,79 @@
-//! The publisher thread: drains the loops' bounded publish queue in batches and pipelines each
-//! batch to Redis in one round trip. With history on, every publish is the atomic
-//! `publish.lua` script (offset, stream append, expiry, PUBLISH); otherwise a plain PUBLISH of
-//! the wire-encoded payload. Acknowledgements with offsets go back to the publishing
-//! connection. What cannot reach Redis is delivered to this node's loops only, counted and
-//! logged: nothing queues up without bound while Redis is away. What Redis answers with an
-//! error (out of memory, read-only) was not applied: it is reported to its publisher as
-//! refused, delivered nowhere, and the connection is kept.
+//! The publisher thread: drains the loops' bounded publish queue in batches and pipelines them
+//! to Redis on one connection, several batches in flight: while Redis runs one batch, the next
+//! is already in its input buffer, so Redis never waits for this thread's round trip. Redis
+//! runs the commands of one connection in the order they were sent, so the order of messages
+//! (within a channel, and overall) is the order the loops queued them. With history on, every
+//! publish is the atomic `publish.lua` script (offset, stream append, expiry, PUBLISH);
+//! otherwise a plain PUBLISH of the wire-encoded payload. Acknowledgements with offsets go back
+//! to the publishing connection. What cannot reach Redis is delivered to this node's loops
+//! only, counted and logged: nothing queues up without bound while Redis is away. What Redis
+//! answers with an error (out of memory, read-only) was not applied: it is reported to its
+//! publisher as refused, delivered nowhere, and the connection is kept.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::LazyLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, info, warn};
 use redis::Value;
 
 use super::{Shared, connect, ttl_secs};
-use crate::bridge::{Delivery, Position, Publish, PublishError, Reply};
+use crate::bridge::{Channel, Delivery, Position, Publish, PublishError, PublishQueue, Reply};
 use crate::broker::{Outbox, wire};
 use crate::config::Config;
 use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{add, inc};
-use crate::position::new_epoch;
 
 static PUBLISH_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("publish.lua")));
 
+/// Most batches sent and not yet answered. Two keep Redis busy (it runs one while the next
+/// waits in its input buffer); more only help when batches are full.
+const MAX_IN_FLIGHT: usize = 8;
+/// Below this many batches in flight a batch is sent whatever its size; above, only full ones
+/// (`--publish-batch`): under load batches grow instead of multiplying, so the cost per
+/// publish of a write here and a read in Redis falls as the rate rises.
+const EAGER_IN_FLIGHT: usize = 2;
+/// Most payload bytes in flight: with large messages, the bound on memory held here and in
+/// Redis's input buffer for this connection.
+const MAX_IN_FLIGHT_BYTES: usize = 16 << 20;
+/// Longest time between two refreshes of a channel's history expiry by this node while it
+/// publishes on it (shorter with a `--history-ttl` under 4 s): the history then lives at
+/// least `--history-ttl` minus this after the last publish, and the script skips two EXPIRE
+/// calls on every other publish.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// History settings, with history on.
+#[derive(Clone, Copy)]
+struct History {
+    maxlen: usize,
+    ttl: u64,
+    refresh_every: Duration,
+}
+
+/// A pipeline sent and being answered, in order.
+struct Batch {
+    publishes: Vec<Publish>,
+    answers: Vec<Value>,
+    bytes: usize,
+}
+
 pub(super) struct Publisher {
     redis: Shared,
     queue: Receiver<Publish>,
+    /// Byte accounting of the queue, shared with the loops.
+    queued: PublishQueue,
     batch_max: usize,
-    /// `(maxlen, ttl seconds)` with history on.
-    history: Option<(usize, u64)>,
+    history: Option<History>,
+    /// Prefix of the epochs this node's publishes create (see `publish.lua`).
+    epoch_prefix: String,
+    /// Channels whose history expiry this node refreshed lately, and when.
+    refreshed: HashMap<Channel, Instant>,
+    next_prune: Instant,
     con: Option<redis::Connection>,
+    in_flight: VecDeque<Batch>,
+    in_flight_bytes: usize,
     next_attempt: Instant,
     /// Start of the current outage and publishes delivered locally since.
     outage: Option<(Instant, u64)>,
@@ -41,30 +83,31 @@ pub(super) struct Publisher {
     refused_log: RateLimit,
 }
 
-/// What became of a pipelined batch.
-enum Outcome {
-    /// Redis answered: one result per publish, each a stored message or an error reply
-    /// (`Value::ServerError`: that command was not applied).
-    Answered(Vec<Value>),
-    /// It never reached Redis (no connection).
-    Unsent,
-    /// It was sent but not answered: Redis may still run it.
-    Unknown(String),
-}
-
 impl Publisher {
     pub(super) fn new(
         redis: Shared,
         config: &Config,
         queue: Receiver<Publish>,
+        queued: PublishQueue,
         con: redis::Connection,
     ) -> Self {
+        let history = (config.history_size > 0).then(|| History {
+            maxlen: config.history_size,
+            ttl: ttl_secs(config.history_ttl),
+            refresh_every: REFRESH_EVERY.min(config.history_ttl / 4),
+        });
         Publisher {
             redis,
             queue,
+            queued,
             batch_max: config.publish_batch,
-            history: (config.history_size > 0).then(|| (config.history_size, ttl_secs(config.history_ttl))),
+            history,
+            epoch_prefix: std::iter::repeat_with(fastrand::alphanumeric).take(4).collect(),
+            refreshed: HashMap::new(),
+            next_prune: Instant::now(),
             con: Some(con),
+            in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
+            in_flight_bytes: 0,
             next_attempt: Instant::now(),
             outage: None,
             outbox: Outbox::default(),
@@ -75,52 +118,78 @@ impl Publisher {
     }
 
     pub(super) fn run(mut self) {
-        let mut batch = Vec::with_capacity(self.batch_max);
+        let mut next: Vec<Publish> = Vec::with_capacity(self.batch_max);
         loop {
-            // Block for the first publish (waking now and then while replies wait for room),
-            // then take whatever else is already queued.
-            match self.queue.recv_timeout(self.outbox.idle_wait()) {
-                Ok(p) => batch.push(p),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+            if next.is_empty() && self.in_flight.is_empty() {
+                // Nothing to do but wait for the first publish (waking now and then while
+                // replies wait for room in a loop's inbox).
+                match self.queue.recv_timeout(self.outbox.idle_wait()) {
+                    Ok(p) => next.push(self.queued.taken(p)),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
             }
-            while batch.len() < self.batch_max {
+            // Whatever else is queued, up to a batch.
+            while next.len() < self.batch_max {
                 match self.queue.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(p) => next.push(self.queued.taken(p)),
                     Err(_) => break,
                 }
             }
-            if !batch.is_empty() {
-                match self.send(&batch) {
-                    Outcome::Answered(results) => self.acknowledge(&mut batch, results),
-                    Outcome::Unsent => self.deliver_locally(&mut batch),
-                    Outcome::Unknown(e) => self.fail(&mut batch, &e),
-                }
+            if !next.is_empty() && self.may_send(next.len()) {
+                let batch = std::mem::replace(&mut next, Vec::with_capacity(self.batch_max));
+                self.start(batch);
+            }
+            if !self.in_flight.is_empty() {
+                self.receive();
             }
             self.outbox.retry(&self.redis.loops);
+            self.prune_refreshed();
         }
     }
 
+    /// Whether a batch of `len` publishes goes out now (see [`EAGER_IN_FLIGHT`]).
+    fn may_send(&self, len: usize) -> bool {
+        let n = self.in_flight.len();
+        n < EAGER_IN_FLIGHT
+            || (n < MAX_IN_FLIGHT && len == self.batch_max && self.in_flight_bytes < MAX_IN_FLIGHT_BYTES)
+    }
+
     /// The batch as one pipeline. Errors come back per command (`ignore_errors`), so one
-    /// refused publish does not hide the outcome of the others.
-    fn pipeline<'a>(&self, batch: impl Iterator<Item = &'a Publish>) -> redis::Pipeline {
-        let keys = &self.redis.keys;
+    /// refused publish does not hide the outcome of the others. `rerun`: these publishes were
+    /// not applied before (their expiry refresh did not happen either).
+    fn pipeline<'a>(&mut self, batch: impl IntoIterator<Item = &'a Publish>, rerun: bool) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        let now = Instant::now();
         for p in batch {
+            let keys = &self.redis.keys;
             match self.history {
-                Some((maxlen, ttl)) => {
+                Some(h) => {
+                    let refresh = rerun
+                        || match self.refreshed.get_mut(&p.channel) {
+                            Some(at) if now.duration_since(*at) < h.refresh_every => false,
+                            Some(at) => {
+                                *at = now;
+                                true
+                            }
+                            None => {
+                                self.refreshed.insert(p.channel.clone(), now);
+                                true
+                            }
+                        };
                     pipe.cmd("EVALSHA")
                         .arg(PUBLISH_SCRIPT.get_hash())
                         .arg(2)
                         .arg(keys.meta(&p.channel))
                         .arg(keys.stream(&p.channel))
-                        .arg(maxlen)
-                        .arg(ttl)
+                        .arg(h.maxlen)
+                        .arg(h.ttl)
                         .arg(keys.channel(&p.channel))
                         .arg(&[wire::kind_byte(p.kind)][..])
                         .arg(&p.data[..])
-                        .arg(&*new_epoch());
+                        .arg(self.epoch_prefix.as_str())
+                        .arg(if refresh { "1" } else { "0" });
                 }
                 None => {
                     pipe.cmd("PUBLISH")
@@ -132,26 +201,165 @@ impl Publisher {
         pipe
     }
 
-    /// Sends the batch as one pipeline. A connection that fails gets one immediate retry on a
-    /// fresh connection: after a Redis restart the first batch fails on the dead socket. So
-    /// delivery is at-least-once across a restart (the old server may have applied part of the
-    /// batch). Error replies are answers, not failures: the connection is kept.
-    fn send(&mut self, batch: &[Publish]) -> Outcome {
-        let pipe = self.pipeline(batch.iter());
-        if let Some(mut con) = self.con.take() {
-            match self.query(&mut con, &pipe, batch) {
-                Ok(v) => {
-                    self.con = Some(con);
-                    return Outcome::Answered(v);
-                }
-                Err(e) => {
-                    debug!("redis publish failed: {e}; retrying on a new connection");
-                    self.next_attempt = Instant::now();
-                }
+    /// Forgets refreshes older than the refresh interval: the map holds only the channels
+    /// published on lately.
+    fn prune_refreshed(&mut self) {
+        let Some(h) = self.history else { return };
+        let now = Instant::now();
+        if now < self.next_prune {
+            return;
+        }
+        self.refreshed
+            .retain(|_, at| now.duration_since(*at) < h.refresh_every);
+        self.next_prune = now + h.refresh_every;
+    }
+
+    /// Sends a batch without waiting for its answers. Without a connection, or when sending
+    /// fails, it goes the way of [`Publisher::resend`] with everything still unanswered.
+    fn start(&mut self, batch: Vec<Publish>) {
+        if self.con.is_none() {
+            return self.resend(batch, false);
+        }
+        let packed = self.pipeline(&batch, false).get_packed_pipeline();
+        let con = self.con.as_mut().expect("checked above");
+        match con.send_packed_command(&packed) {
+            Ok(()) => {
+                let bytes = batch.iter().map(|p| p.data.len()).sum();
+                self.in_flight_bytes += bytes;
+                self.in_flight.push_back(Batch {
+                    answers: Vec::with_capacity(batch.len()),
+                    publishes: batch,
+                    bytes,
+                });
+            }
+            Err(e) => {
+                debug!("redis publish failed: {e}; retrying on a new connection");
+                let mut pending = self.abandon_connection();
+                pending.extend(batch);
+                self.resend(pending, true);
             }
         }
+    }
+
+    /// Reads one answer, for the oldest batch in flight; a complete batch is acknowledged.
+    fn receive(&mut self) {
+        let con = self.con.as_mut().expect("batches in flight have a connection");
+        match con.recv_response() {
+            Ok(v) => {
+                let front = self.in_flight.front_mut().expect("a batch is in flight");
+                front.answers.push(v);
+                if front.answers.len() < front.publishes.len() {
+                    return;
+                }
+                let b = self.in_flight.pop_front().expect("a batch is in flight");
+                self.in_flight_bytes -= b.bytes;
+                if b.answers.iter().any(is_noscript) {
+                    self.reload_script(b);
+                } else {
+                    self.answered(b.publishes, b.answers);
+                }
+            }
+            Err(e) if e.is_timeout() => {
+                // Connected but no answer (a stalled Redis): the commands may still run later,
+                // so neither retrying nor delivering them locally is safe.
+                let pending = self.abandon_connection();
+                self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
+                if self.redis_stalled_log.allow() {
+                    warn!(
+                        "redis did not answer a publish batch: {e}; outcome unknown, not delivered locally"
+                    );
+                }
+                self.fail(pending, &e.to_string());
+            }
+            Err(e) => {
+                debug!("redis publish failed: {e}; retrying on a new connection");
+                let pending = self.abandon_connection();
+                self.resend(pending, true);
+            }
+        }
+    }
+
+    /// Drops the connection. Publishes answered so far are acknowledged; the others (no
+    /// answer yet, or NOSCRIPT: not applied) are returned in the order they were sent.
+    fn abandon_connection(&mut self) -> Vec<Publish> {
+        self.con = None;
+        self.in_flight_bytes = 0;
+        let batches: Vec<Batch> = self.in_flight.drain(..).collect();
+        self.settle(batches)
+    }
+
+    /// Acknowledges the applied publishes of `batches`; returns the others, in order.
+    fn settle(&mut self, batches: Vec<Batch>) -> Vec<Publish> {
+        let mut pending = Vec::new();
+        for b in batches {
+            let mut answers = b.answers.into_iter();
+            let (mut done, mut values) = (Vec::new(), Vec::new());
+            for p in b.publishes {
+                match answers.next() {
+                    Some(v) if !is_noscript(&v) => {
+                        done.push(p);
+                        values.push(v);
+                    }
+                    _ => pending.push(p),
+                }
+            }
+            self.answered(done, values);
+        }
+        pending
+    }
+
+    /// Redis lost the publish script (restart, SCRIPT FLUSH): the commands that failed with
+    /// NOSCRIPT ran nothing. Every batch sent before the script is loaded again fails alike,
+    /// so their answers are read first; then the script is loaded and exactly the failed
+    /// commands run again, in the order they were sent, before anything newer is sent.
+    fn reload_script(&mut self, first: Batch) {
+        let mut batches = vec![first];
+        while let Some(mut b) = self.in_flight.pop_front() {
+            self.in_flight_bytes -= b.bytes;
+            while b.answers.len() < b.publishes.len() {
+                let con = self.con.as_mut().expect("batches in flight have a connection");
+                match con.recv_response() {
+                    Ok(v) => b.answers.push(v),
+                    Err(e) => {
+                        debug!("redis publish failed: {e}; retrying on a new connection");
+                        batches.push(b);
+                        let mut pending = self.settle(batches);
+                        pending.extend(self.abandon_connection());
+                        return self.resend(pending, true);
+                    }
+                }
+            }
+            batches.push(b);
+        }
+        let failed = self.settle(batches);
+        info!("loading the publish script into redis");
+        let mut con = self.con.take().expect("batches in flight have a connection");
+        match self.query(&mut con, &failed, true) {
+            Ok(values) => {
+                self.con = Some(con);
+                self.answered(failed, values);
+            }
+            Err(e) => {
+                debug!("redis publish failed: {e}; retrying on a new connection");
+                self.resend(failed, true);
+            }
+        }
+    }
+
+    /// Runs a batch on a new connection and waits for its answers: after a failed connection
+    /// (`failed`: at once, one retry, since after a Redis restart the first batch fails on the
+    /// dead socket; so delivery is at-least-once across a restart, as the old server may have
+    /// applied part of it), or without one once the reconnect backoff has passed. Until then,
+    /// and when Redis cannot be reached, the batch is delivered to this node's clients only.
+    fn resend(&mut self, batch: Vec<Publish>, failed: bool) {
+        if batch.is_empty() {
+            return;
+        }
+        if failed {
+            self.next_attempt = Instant::now();
+        }
         if Instant::now() < self.next_attempt {
-            return Outcome::Unsent;
+            return self.deliver_locally(batch);
         }
         let mut con = match connect(&self.redis.client) {
             Ok(con) => con,
@@ -163,10 +371,10 @@ impl Publisher {
                     );
                     self.outage = Some((Instant::now(), 0));
                 }
-                return Outcome::Unsent;
+                return self.deliver_locally(batch);
             }
         };
-        match self.query(&mut con, &pipe, batch) {
+        match self.query(&mut con, &batch, true) {
             Ok(values) => {
                 self.con = Some(con);
                 self.redis.backoff.reset();
@@ -176,7 +384,7 @@ impl Publisher {
                         since.elapsed().as_secs_f64()
                     );
                 }
-                Outcome::Answered(values)
+                self.answered(batch, values);
             }
             Err(e) => {
                 // Connected but no answer (a stalled Redis): the commands may still run later,
@@ -187,30 +395,31 @@ impl Publisher {
                         "redis did not answer a publish batch: {e}; outcome unknown, not delivered locally"
                     );
                 }
-                Outcome::Unknown(e.to_string())
+                self.fail(batch, &e.to_string());
             }
         }
     }
 
-    /// Runs a pipeline. When Redis has lost the publish script (restart, SCRIPT FLUSH), the
-    /// commands that failed with NOSCRIPT ran nothing: the script is loaded and exactly those
-    /// run again, in order (they are a suffix of the batch: once the script is gone, every
-    /// later EVALSHA fails alike).
+    /// Runs a pipeline and waits for it, on a connection with nothing in flight. Commands that
+    /// failed with NOSCRIPT ran nothing: the script is loaded and exactly those run again, in
+    /// order.
     fn query(
-        &self,
+        &mut self,
         con: &mut redis::Connection,
-        pipe: &redis::Pipeline,
         batch: &[Publish],
+        rerun: bool,
     ) -> redis::RedisResult<Vec<Value>> {
-        let mut values: Vec<Value> = pipe.query(con)?;
+        let mut values: Vec<Value> = self.pipeline(batch, rerun).query(con)?;
         let missing: Vec<usize> = (0..values.len()).filter(|&i| is_noscript(&values[i])).collect();
         if missing.is_empty() {
             return Ok(values);
         }
         info!("loading the publish script into redis");
         PUBLISH_SCRIPT.prepare_invoke().load(con)?;
-        let again: Vec<Value> = self.pipeline(missing.iter().map(|&i| &batch[i])).query(con)?;
-        for (i, v) in missing.into_iter().zip(again) {
+        let answers: Vec<Value> = self
+            .pipeline(missing.iter().map(|&i| &batch[i]), true)
+            .query(con)?;
+        for (i, v) in missing.into_iter().zip(answers) {
             values[i] = v;
         }
         Ok(values)
@@ -218,7 +427,10 @@ impl Publisher {
 
     /// Answers each publish of an answered batch: stored (with its position), or refused by
     /// Redis (counted, logged at most once a second, and delivered nowhere).
-    fn acknowledge(&mut self, batch: &mut Vec<Publish>, results: Vec<Value>) {
+    fn answered(&mut self, batch: Vec<Publish>, results: Vec<Value>) {
+        if batch.is_empty() {
+            return;
+        }
         let metrics = &self.redis.metrics.broker;
         // Before any answer goes out: whoever hears "published" finds /healthz agreeing.
         let stored = results
@@ -228,7 +440,7 @@ impl Publisher {
         if stored > 0 {
             metrics.writes_accepted();
         }
-        for (p, v) in batch.drain(..).zip(results) {
+        for (p, v) in batch.into_iter().zip(results) {
             let result = match (&v, self.history) {
                 (Value::ServerError(e), _) => {
                     let reason = format!(
@@ -243,6 +455,8 @@ impl Publisher {
                     if self.refused_log.allow() {
                         warn!("redis refused a publish on {:?}: {reason}", p.channel);
                     }
+                    // Its expiry refresh was not applied either.
+                    self.refreshed.remove(&p.channel);
                     Err(PublishError::Refused(reason))
                 }
                 (_, Some(_)) => position(&v)
@@ -262,9 +476,10 @@ impl Publisher {
     }
 
     /// Answers a batch whose fate is unknown, and counts it.
-    fn fail(&mut self, batch: &mut Vec<Publish>, why: &str) {
+    fn fail(&mut self, batch: Vec<Publish>, why: &str) {
         add(&self.redis.metrics.broker.publish_failed, batch.len() as u64);
-        for p in batch.drain(..) {
+        for p in batch {
+            self.refreshed.remove(&p.channel);
             if let Some(ack) = p.ack {
                 let reply = Reply::Published {
                     channel: p.channel,
@@ -278,10 +493,11 @@ impl Publisher {
 
     /// Delivers publishes that could not reach Redis to this node's loops (each loop ignores
     /// channels it has no members on).
-    fn deliver_locally(&mut self, batch: &mut Vec<Publish>) {
+    fn deliver_locally(&mut self, batch: Vec<Publish>) {
         let all: Vec<usize> = (0..self.redis.loops.len()).collect();
         let n = batch.len() as u64;
-        for p in batch.drain(..) {
+        for p in batch {
+            self.refreshed.remove(&p.channel);
             if let Some(ack) = p.ack {
                 let reply = Reply::Published {
                     channel: p.channel.clone(),

@@ -61,7 +61,9 @@ impl Subscriber {
                 Ok(mut con) => match self.serve(&mut con) {
                     Exit::Stop => return,
                     Exit::Lost(e) => {
-                        warn!("redis subscriber connection lost: {e}; local delivery continues, reconnecting")
+                        warn!(
+                            "redis subscriber connection lost: {e}; local delivery continues, reconnecting, and offset-tracking clients recover what it missed (if Redis closed it for its output buffer, raise client-output-buffer-limit pubsub)"
+                        )
                     }
                 },
                 Err(e) => debug!("redis subscriber cannot connect: {e}"),
