@@ -53,7 +53,6 @@ fn fixture(n: usize) -> Fixture {
     for serial in 0..n as u64 {
         let sock = mio::net::TcpStream::from_std(server.try_clone().expect("dup a socket"));
         let mut conn = Conn::new(sock, peer, serial, now, now);
-        conn.deadline = None;
         // A plain raw-protocol subscriber: no session, no token, no offset tracking, which is
         // what the event loop builds for `GET /bench` with no options.
         let mut open = Open::new(WebSocketContext::new(Role::Server, None), Protocol::Raw, now);

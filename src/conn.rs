@@ -340,6 +340,33 @@ pub struct SessionLink {
     pub saved_at: Instant,
 }
 
+/// Where an open WebSocket stands before it is served.
+///
+/// ```text
+///  upgrade ─▶ AwaitingConnect ──connect──▶ Resuming ──stored session──▶ Ready
+///     │            (v1, no token)     │        ▲                            ▲
+///     └────────────────────────────────┴────────┴──── (no session asked) ───┘
+/// ```
+#[derive(Debug)]
+pub enum Stage {
+    /// A v1 connection that came without `?token=`: its first command must be `connect`,
+    /// before `deadline`; `resume` when the URL asked to resume a session.
+    AwaitingConnect {
+        /// When it is closed if no `connect` came.
+        deadline: Instant,
+        /// Whether to resume the session named in the URL once authenticated.
+        resume: bool,
+    },
+    /// Waiting for its stored session: nothing is read or joined until it is known. A raw
+    /// connection's channel (its path's) waits here to be joined with the session's position.
+    Resuming {
+        /// The raw connection's channel; `None` for v1.
+        raw_channel: Option<Channel>,
+    },
+    /// Served: frames are read, commands carried out.
+    Ready,
+}
+
 /// An open WebSocket.
 #[derive(Debug)]
 pub struct Open {
@@ -354,14 +381,10 @@ pub struct Open {
     pub tracks_offsets: bool,
     /// The session, if the connection has one.
     pub session: Option<Box<SessionLink>>,
-    /// Waiting for the stored session before reading anything (resume in progress).
-    pub resuming: bool,
-    /// A resuming raw connection's channel, joined once its session is known.
-    pub raw_channel: Option<Channel>,
+    /// Whether it is served yet, or still owes a token or waits for its stored session.
+    pub stage: Stage,
     /// Channels this connection may use (from its token); `None` when tokens are off.
     pub grant: Option<Box<crate::auth::Grant>>,
-    /// A v1 connection that must authenticate with a `connect` command before anything else.
-    pub awaiting_connect: bool,
     /// Publish rate limit, when `--publish-rate` is set.
     pub bucket: Option<Box<crate::ratelimit::TokenBucket>>,
     /// Bytes of deliveries held by subscriptions awaiting history (counted against the cap).
@@ -382,10 +405,8 @@ impl Open {
             subs: Vec::new(),
             tracks_offsets: protocol == Protocol::V1,
             session: None,
-            resuming: false,
-            raw_channel: None,
+            stage: Stage::Ready,
             grant: None,
-            awaiting_connect: false,
             bucket: None,
             held_bytes: 0,
             pages_wanted: false,
@@ -419,18 +440,47 @@ impl Open {
     }
 }
 
+/// A connection's HTTP request, as it arrives.
+#[derive(Debug)]
+pub struct Request {
+    /// What arrived so far.
+    pub head: Vec<u8>,
+    /// Accepted on `--proxy-listen`: a PROXY protocol header must come first.
+    pub proxy_header: bool,
+    /// When it must be complete (`--handshake-timeout`, from the accept).
+    pub deadline: Instant,
+}
+
 /// The phases of a connection's life; each owns the data it needs.
 #[derive(Debug)]
 pub enum Phase {
-    /// Waiting for the complete HTTP request head; holds what arrived so far.
-    Request(Vec<u8>),
+    /// Waiting for the complete HTTP request (and, first, a PROXY header when required).
+    Request(Request),
     /// A WebSocket: frames in, deliveries out.
     Open(Box<Open>),
     /// A `POST /publish` waiting for the broker to acknowledge the message.
-    Publishing,
+    Publishing {
+        /// When it is answered 504 if the broker has not acknowledged.
+        deadline: Instant,
+    },
     /// The last bytes (HTTP response or close frame) are queued. Once they are written the
     /// write side is shut; input is discarded until the peer closes or the deadline passes.
-    Closing,
+    Closing {
+        /// When the connection is dropped whatever the peer does.
+        deadline: Instant,
+        /// The last bytes are out and the write side is shut.
+        write_shut: bool,
+    },
+}
+
+impl Phase {
+    /// A phase that closes after the bytes already queued, dropped at `deadline` at the latest.
+    pub fn closing(deadline: Instant) -> Self {
+        Phase::Closing {
+            deadline,
+            write_shut: false,
+        }
+    }
 }
 
 /// One slab entry of a loop.
@@ -443,8 +493,6 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// The proxy the connection came through, when `peer` was taken from what it said.
     pub via: Option<SocketAddr>,
-    /// Accepted on `--proxy-listen`: a PROXY protocol header must come before the request.
-    pub awaiting_proxy_header: bool,
     /// Identifies this connection in replies from the broker (slab keys are reused).
     pub serial: u64,
     /// Counted in the per-IP connection limit (released when the connection ends).
@@ -455,8 +503,6 @@ pub struct Conn {
     pub phase: Phase,
     /// Last time the peer sent anything.
     pub last_seen: Instant,
-    /// When the current phase must be over (handshake or close); `None` while open.
-    pub deadline: Option<Instant>,
     /// Already in this turn's flush list.
     pub dirty: bool,
     /// The last write stopped at a full socket buffer: write again when it is writable.
@@ -464,8 +510,6 @@ pub struct Conn {
     /// Input may be waiting that the loop has not read yet (read budget spent, or the
     /// channel's subscription is not live yet).
     pub read_pending: bool,
-    /// The write side has been shut down (Closing, after the last bytes went out).
-    pub write_shut: bool,
     /// Scheduled for removal at the end of this turn; ignore further events.
     pub dead: bool,
     /// Input read from the socket but not consumed yet (the read budget ran out).
@@ -486,22 +530,36 @@ impl Conn {
             sock,
             peer,
             via: None,
-            awaiting_proxy_header: false,
             serial,
             ip_counted: false,
             out: OutBuf::default(),
-            phase: Phase::Request(Vec::new()),
+            phase: Phase::Request(Request {
+                head: Vec::new(),
+                proxy_header: false,
+                deadline,
+            }),
             last_seen: now,
-            deadline: Some(deadline),
             dirty: false,
             blocked: false,
             read_pending: false,
-            write_shut: false,
             dead: false,
             pending_input: None,
             over_soft_since: None,
             accounted: 0,
             unpublished: None,
+        }
+    }
+
+    /// When the current phase (or an open connection's stage) must be over, if it has a
+    /// deadline: the one place the loop's timers read.
+    pub fn deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Request(r) => Some(r.deadline),
+            Phase::Publishing { deadline } | Phase::Closing { deadline, .. } => Some(*deadline),
+            Phase::Open(open) => match open.stage {
+                Stage::AwaitingConnect { deadline, .. } => Some(deadline),
+                Stage::Resuming { .. } | Stage::Ready => None,
+            },
         }
     }
 
@@ -552,5 +610,38 @@ mod tests {
         assert_eq!(w.got, b"hello world!");
         assert!(out.is_empty());
         assert_eq!(out.buf.capacity(), 0);
+    }
+
+    #[test]
+    fn a_connections_deadline_follows_its_phase_and_stage() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let now = Instant::now();
+        let later = now + std::time::Duration::from_secs(5);
+        let mut conn = Conn::new(TcpStream::from_std(server), peer, 1, now, later);
+        assert_eq!(
+            conn.deadline(),
+            Some(later),
+            "a request has the handshake's deadline"
+        );
+        let ctx = WebSocketContext::new(tungstenite::protocol::Role::Server, None);
+        let mut open = Open::new(ctx, Protocol::V1, now);
+        open.stage = Stage::AwaitingConnect {
+            deadline: later,
+            resume: false,
+        };
+        conn.phase = Phase::Open(Box::new(open));
+        assert_eq!(
+            conn.deadline(),
+            Some(later),
+            "so does a connection owing its token"
+        );
+        if let Some(open) = conn.open_mut() {
+            open.stage = Stage::Ready;
+        }
+        assert_eq!(conn.deadline(), None, "an open connection has none");
+        conn.phase = Phase::closing(now);
+        assert_eq!(conn.deadline(), Some(now));
     }
 }

@@ -48,9 +48,7 @@ impl EventLoop {
     pub(super) fn enter_closing(&mut self, key: usize, now: Instant) {
         self.end_open(key, now);
         let close_timeout = self.shared.config.close_timeout;
-        let conn = &mut self.conns[key];
-        conn.phase = Phase::Closing;
-        conn.deadline = Some(now + close_timeout);
+        self.conns[key].phase = Phase::closing(now + close_timeout);
         self.mark_dirty(key);
     }
 
@@ -106,22 +104,21 @@ impl EventLoop {
             if conn.dead {
                 continue;
             }
+            let expired = conn.deadline().is_some_and(|d| now >= d);
             match &mut conn.phase {
-                Phase::Request(_) if conn.deadline.is_some_and(|d| now >= d) => expired_requests.push(key),
-                Phase::Publishing if conn.deadline.is_some_and(|d| now >= d) => expired_publishes.push(key),
-                Phase::Closing if conn.deadline.is_some_and(|d| now >= d) => {
+                Phase::Request(_) if expired => expired_requests.push(key),
+                Phase::Publishing { .. } if expired => expired_publishes.push(key),
+                Phase::Closing { .. } if expired => {
                     conn.dead = true;
                     self.dead.push(key);
                 }
+                // Only a connection that owes its `connect` has a deadline while open.
+                Phase::Open(_) if expired => unauthenticated.push(key),
                 Phase::Open(open) => {
                     if conn.over_soft_since.is_some() {
                         // Over the soft limit and not written to since: its grace runs out
                         // here, not only when more output comes.
                         over_soft.push(key);
-                    }
-                    if open.awaiting_connect && conn.deadline.is_some_and(|d| now >= d) {
-                        unauthenticated.push(key);
-                        continue;
                     }
                     if let Some(s) = &open.session {
                         let age = now.duration_since(s.saved_at);

@@ -15,7 +15,7 @@ use tungstenite::protocol::{Role, WebSocketContext};
 use super::{EventLoop, count_ip, interrupted, would_block};
 use crate::auth::Identity;
 use crate::bridge::{Channel, Position, PublishAck, PublishError};
-use crate::conn::{Open, Phase, Protocol, SessionLink, Sub};
+use crate::conn::{Open, Phase, Protocol, SessionLink, Stage, Sub};
 use crate::envelope;
 use crate::frame::Kind;
 use crate::http::{self, Head, Parse, Status};
@@ -78,107 +78,146 @@ pub fn new_session_id() -> Arc<str> {
     Arc::from(id)
 }
 
+/// Whether a request needs more bytes, or has been dealt with (served, refused, dropped).
+enum Progress {
+    More,
+    Done,
+}
+
 impl EventLoop {
-    /// Reads the HTTP request head until it is complete, invalid, too large or WouldBlock.
+    /// Reads the request until it is complete, refused or gone, or until WouldBlock (the
+    /// socket is edge-triggered).
     pub(super) fn read_request(&mut self, key: usize, now: Instant) {
-        let max_body = self.shared.config.max_message_size;
+        while self.read_request_bytes(key, now) {
+            if let Progress::Done = self.request_progress(key, now) {
+                return;
+            }
+        }
+    }
+
+    /// One read into the request. True when bytes arrived; false on WouldBlock or when the
+    /// peer is gone (the connection is then dropped).
+    fn read_request_bytes(&mut self, key: usize, now: Instant) -> bool {
         let conn = &mut self.conns[key];
-        let Phase::Request(head) = &mut conn.phase else {
-            return;
+        let Phase::Request(request) = &mut conn.phase else {
+            return false;
         };
+        let head = &mut request.head;
+        let start = head.len();
+        // Past the head limit only a complete head with a body may be read further (the head
+        // is parsed again only then; below it, the parse after each read decides).
+        let limit = if start <= http::MAX_HEAD {
+            http::MAX_HEAD + 1
+        } else if let Parse::Complete(h, len) = http::parse(head) {
+            len + h.content_length
+        } else {
+            http::MAX_HEAD + 1
+        };
+        // Read into the loop's shared buffer and keep only what arrived: a request head costs
+        // its own size, not a fixed buffer per handshaking connection.
+        let buf = self.ahead.buf_mut();
+        let want = limit.saturating_sub(start).clamp(1, buf.len());
         loop {
-            let start = head.len();
-            // Past the head limit only a complete head with a body may be read further (the
-            // head is parsed again only then; below it, the parse after each read decides).
-            let limit = if start <= http::MAX_HEAD {
-                http::MAX_HEAD + 1
-            } else if let Parse::Complete(h, len) = http::parse(head) {
-                len + h.content_length
-            } else {
-                http::MAX_HEAD + 1
-            };
-            // Read into the loop's shared buffer and keep only what arrived: a request head
-            // costs its own size, not a fixed buffer per handshaking connection.
-            let buf = self.ahead.buf_mut();
-            let want = limit.saturating_sub(start).clamp(1, buf.len());
             match io::Read::read(&mut conn.sock, &mut buf[..want]) {
-                Ok(0) => {
-                    self.metrics().handshake_failed(HandshakeFailure::Disconnected);
-                    self.kill(key);
-                    return;
-                }
+                Ok(0) => break,
                 Ok(n) => {
                     head.extend_from_slice(&buf[..n]);
                     conn.last_seen = now;
-                    if conn.awaiting_proxy_header {
-                        // `--proxy-listen`: the balancer's header comes first and names the
-                        // client; without a valid one the connection is closed unanswered.
-                        match proxy::parse(head) {
-                            proxy::Header::Partial => continue,
-                            proxy::Header::Invalid(why) => {
-                                debug!("{}: {why}; closing", conn.peer);
-                                self.metrics().handshake_failed(HandshakeFailure::ProxyHeader);
-                                self.kill(key);
-                                return;
-                            }
-                            proxy::Header::Complete { source, len } => {
-                                head.drain(..len);
-                                conn.awaiting_proxy_header = false;
-                                if let Some(client) = source {
-                                    conn.via = Some(conn.peer);
-                                    conn.peer = client;
-                                }
-                                // A trusted proxy behind the balancer may still name the
-                                // client in X-Forwarded-For: then it is counted in `serve`.
-                                let trusted = self.shared.trusted.trusts(conn.peer.ip());
-                                if self.shared.per_ip.is_some() && !trusted {
-                                    conn.ip_counted = count_ip(&self.shared, conn.peer, conn.via);
-                                    if !conn.ip_counted {
-                                        return self.over_ip_limit(key, now);
-                                    }
-                                }
-                                if head.is_empty() {
-                                    continue;
-                                }
-                            }
-                        }
-                    }
-                    match http::parse(head) {
-                        Parse::Partial => continue,
-                        Parse::Complete(parsed, len) => {
-                            if parsed.content_length > max_body {
-                                debug!("{}: request body over --max-message-size", conn.peer);
-                                self.metrics().handshake_failed(HandshakeFailure::TooLarge);
-                                self.respond(key, http::error_response(Status::PayloadTooLarge), now);
-                                return;
-                            }
-                            if head.len() < len + parsed.content_length {
-                                continue;
-                            }
-                            let rest = head.split_off(len);
-                            self.serve(key, parsed, rest, now);
-                            return;
-                        }
-                        Parse::Invalid(status) => {
-                            let reason = if status == Status::HeadersTooLarge {
-                                HandshakeFailure::TooLarge
-                            } else {
-                                HandshakeFailure::BadRequest
-                            };
-                            debug!("bad request from {}: {status:?}", conn.peer);
-                            self.metrics().handshake_failed(reason);
-                            self.respond(key, http::error_response(status), now);
-                            return;
-                        }
-                    }
+                    return true;
                 }
-                Err(e) if would_block(&e) => return,
+                Err(e) if would_block(&e) => return false,
                 Err(e) if interrupted(&e) => {}
-                Err(_) => {
-                    self.metrics().handshake_failed(HandshakeFailure::Disconnected);
-                    self.kill(key);
-                    return;
+                Err(_) => break,
+            }
+        }
+        self.metrics().handshake_failed(HandshakeFailure::Disconnected);
+        self.kill(key);
+        false
+    }
+
+    /// Acts on the request as it stands: its PROXY header first when one is required, then
+    /// the HTTP request: served, refused, or waiting for more.
+    fn request_progress(&mut self, key: usize, now: Instant) -> Progress {
+        let Phase::Request(request) = &mut self.conns[key].phase else {
+            return Progress::Done;
+        };
+        if request.proxy_header {
+            match self.proxy_header(key, now) {
+                Progress::More => {}
+                done => return done,
+            }
+        }
+        let max_body = self.shared.config.max_message_size;
+        let conn = &mut self.conns[key];
+        let Phase::Request(request) = &mut conn.phase else {
+            return Progress::Done;
+        };
+        let head = &mut request.head;
+        if head.is_empty() {
+            return Progress::More;
+        }
+        match http::parse(head) {
+            Parse::Partial => Progress::More,
+            Parse::Complete(parsed, _) if parsed.content_length > max_body => {
+                debug!("{}: request body over --max-message-size", conn.peer);
+                self.metrics().handshake_failed(HandshakeFailure::TooLarge);
+                self.respond(key, http::error_response(Status::PayloadTooLarge), now);
+                Progress::Done
+            }
+            Parse::Complete(parsed, len) if head.len() < len + parsed.content_length => Progress::More,
+            Parse::Complete(parsed, len) => {
+                let rest = head.split_off(len);
+                self.serve(key, parsed, rest, now);
+                Progress::Done
+            }
+            Parse::Invalid(status) => {
+                let reason = if status == Status::HeadersTooLarge {
+                    HandshakeFailure::TooLarge
+                } else {
+                    HandshakeFailure::BadRequest
+                };
+                debug!("bad request from {}: {status:?}", conn.peer);
+                self.metrics().handshake_failed(reason);
+                self.respond(key, http::error_response(status), now);
+                Progress::Done
+            }
+        }
+    }
+
+    /// `--proxy-listen`: the balancer's PROXY header comes first and names the client;
+    /// without a valid one the connection is closed unanswered. `More` once it is taken (the
+    /// request follows) or while it is incomplete.
+    fn proxy_header(&mut self, key: usize, now: Instant) -> Progress {
+        let conn = &mut self.conns[key];
+        let Phase::Request(request) = &mut conn.phase else {
+            return Progress::Done;
+        };
+        match proxy::parse(&request.head) {
+            proxy::Header::Partial => Progress::More,
+            proxy::Header::Invalid(why) => {
+                debug!("{}: {why}; closing", conn.peer);
+                self.metrics().handshake_failed(HandshakeFailure::ProxyHeader);
+                self.kill(key);
+                Progress::Done
+            }
+            proxy::Header::Complete { source, len } => {
+                request.head.drain(..len);
+                request.proxy_header = false;
+                if let Some(client) = source {
+                    conn.via = Some(conn.peer);
+                    conn.peer = client;
                 }
+                // A trusted proxy behind the balancer may still name the client in
+                // X-Forwarded-For: then it is counted in `serve`.
+                let trusted = self.shared.trusted.trusts(conn.peer.ip());
+                if self.shared.per_ip.is_some() && !trusted {
+                    conn.ip_counted = count_ip(&self.shared, conn.peer, conn.via);
+                    if !conn.ip_counted {
+                        self.over_ip_limit(key, now);
+                        return Progress::Done;
+                    }
+                }
+                Progress::More
             }
         }
     }
@@ -342,8 +381,6 @@ impl EventLoop {
         let handshake_timeout = cfg.handshake_timeout;
         let conn = &mut self.conns[key];
         conn.out.push(&http::upgrade_response(&upgrade.key, offered));
-        // A connection that still owes its token must send it within the handshake time.
-        conn.deadline = awaiting_connect.then_some(now + handshake_timeout);
         let mut open = Open::new(ctx, protocol, now);
         open.tracks_offsets = protocol == Protocol::V1 || session.is_some();
         open.session = session.map(|id| {
@@ -354,10 +391,14 @@ impl EventLoop {
                 saved_at: now,
             })
         });
-        open.resuming = resuming;
-        open.raw_channel = raw_channel;
-        open.awaiting_connect = awaiting_connect;
         open.bucket = bucket;
+        if awaiting_connect {
+            // It owes its token, within the handshake time.
+            open.stage = Stage::AwaitingConnect {
+                deadline: now + handshake_timeout,
+                resume: resuming,
+            };
+        }
         conn.phase = Phase::Open(Box::new(open));
         inc(&self.metrics().websockets);
         self.mark_dirty(key);
@@ -367,7 +408,12 @@ impl EventLoop {
             self.read_backlog.push(key);
             return;
         }
-        self.authenticated(key, identity, None, now);
+        self.authenticated(key, identity, None, resuming.then_some(raw_channel.clone()), now);
+        if !resuming {
+            if let Some(channel) = raw_channel {
+                self.join_raw(key, channel, None, now);
+            }
+        }
     }
 
     /// Answers a refused handshake with `status` and closes.
@@ -381,18 +427,20 @@ impl EventLoop {
     }
 
     /// The connection's identity is settled (by its URL token, its connect command, or
-    /// because tokens are off): resume its session or greet it, and join its channel.
+    /// because tokens are off): resume its session (`resume`, with a raw connection's
+    /// channel) or greet it.
     pub(super) fn authenticated(
         &mut self,
         key: usize,
         identity: Option<Identity>,
         reference: Option<Box<str>>,
-        now: Instant,
+        resume: Option<Option<Channel>>,
+        _now: Instant,
     ) {
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
-        open.awaiting_connect = false;
+        open.stage = Stage::Ready;
         if let Some(identity) = identity {
             open.grant = Some(Box::new(identity.grant));
             if let Some(s) = &mut open.session {
@@ -404,8 +452,9 @@ impl EventLoop {
                 s.subject = Some(identity.subject);
             }
         }
-        if open.resuming {
+        if let Some(raw_channel) = resume {
             // Nothing is read or joined until the stored session is known.
+            open.stage = Stage::Resuming { raw_channel };
             self.conns[key].read_pending = true;
             self.load_session(key);
             return;
@@ -415,9 +464,6 @@ impl EventLoop {
             if let Some(id) = id {
                 self.send_json(key, &envelope::welcome(reference.as_deref(), &id, false));
             }
-        }
-        if let Some(channel) = self.conns[key].open_mut().and_then(|o| o.raw_channel.take()) {
-            self.join_raw(key, channel, None, now);
         }
         // Bytes that arrived with the request may already hold frames.
         self.conns[key].read_pending = true;
@@ -475,9 +521,9 @@ impl EventLoop {
         let ack = PublishAck { to, reference: None };
         match self.publish(key, Arc::from(channel), kind, body, Some(ack)) {
             Ok(()) => {
-                let conn = &mut self.conns[key];
-                conn.phase = Phase::Publishing;
-                conn.deadline = Some(now + close_timeout);
+                self.conns[key].phase = Phase::Publishing {
+                    deadline: now + close_timeout,
+                };
             }
             Err(super::messages::Refused::QueueFull) => {
                 crate::metrics::inc(&self.metrics().publish_dropped);

@@ -14,7 +14,7 @@ use tungstenite::{Error as WsError, Message};
 
 use super::{EventLoop, interrupted, would_block};
 use crate::bridge::{Channel, Publish, PublishAck};
-use crate::conn::{Io, Pending, Phase, Protocol, Sub, SubState};
+use crate::conn::{Io, Pending, Phase, Protocol, Stage, Sub, SubState};
 use crate::envelope::{self, Command, Refusal};
 use crate::frame::{self, Kind};
 use crate::metrics::{add, inc};
@@ -58,7 +58,7 @@ impl EventLoop {
         };
         // A raw connection with a session also waits for its subscription's position, so
         // that its session stores where it joined before the client can do anything.
-        let waiting = (open.resuming && !open.awaiting_connect)
+        let waiting = matches!(open.stage, Stage::Resuming { .. })
             || (open.protocol == Protocol::Raw
                 && !open
                     .subs
@@ -183,7 +183,7 @@ impl EventLoop {
                     return true;
                 }
                 let parsed = envelope::parse(&data);
-                let awaiting_connect = open.awaiting_connect;
+                let awaiting_connect = matches!(open.stage, Stage::AwaitingConnect { .. });
                 match parsed.command {
                     Ok(Command::Connect { token }) if awaiting_connect => {
                         self.connect(key, &token, parsed.reference, now)
@@ -218,10 +218,13 @@ impl EventLoop {
             Some(v) => v.verify(token, super::handshake::unix_now()),
             None => return true,
         };
+        let resume = match self.conns[key].open_mut().map(|o| &o.stage) {
+            Some(Stage::AwaitingConnect { resume: true, .. }) => Some(None),
+            _ => None,
+        };
         match verified {
             Ok(identity) => {
-                self.conns[key].deadline = None;
-                self.authenticated(key, Some(identity), reference, now);
+                self.authenticated(key, Some(identity), reference, resume, now);
                 true
             }
             Err(e) => {
@@ -442,8 +445,8 @@ impl EventLoop {
         let conn = self.conns.get(key)?;
         let subject = match &conn.phase {
             Phase::Open(open) => open.session.as_ref().and_then(|s| s.subject.as_deref()),
-            Phase::Publishing | Phase::Request(_) => return Some(Arc::from("api")),
-            Phase::Closing => None,
+            Phase::Publishing { .. } | Phase::Request(_) => return Some(Arc::from("api")),
+            Phase::Closing { .. } => None,
         };
         Some(Arc::from(match (subject, conn.peer.ip()) {
             (Some(s), _) => format!("sub:{s}"),

@@ -361,7 +361,9 @@ impl EventLoop {
         }
         self.next_serial += 1;
         let mut conn = Conn::new(sock, peer, self.next_serial, now, now + cfg.handshake_timeout);
-        conn.awaiting_proxy_header = proxied;
+        if let Phase::Request(request) = &mut conn.phase {
+            request.proxy_header = proxied;
+        }
         let m = &self.shared.metrics.loops[self.id];
         inc(&m.accepted);
         inc(&m.connections);
@@ -380,8 +382,7 @@ impl EventLoop {
         if let Some((reason, status)) = refusal {
             m.handshake_failed(reason);
             conn.out.push(&http::error_response(status));
-            conn.phase = Phase::Closing;
-            conn.deadline = Some(now + cfg.close_timeout);
+            conn.phase = Phase::closing(now + cfg.close_timeout);
         }
         let refused = refusal.is_some();
         entry.insert(conn);
@@ -403,7 +404,7 @@ impl EventLoop {
         match conn.phase {
             Phase::Request(_) => self.read_request(key, now),
             Phase::Open(_) => self.read_frames(key, now),
-            Phase::Closing | Phase::Publishing => self.discard_input(key),
+            Phase::Closing { .. } | Phase::Publishing { .. } => self.discard_input(key),
         }
     }
 
@@ -551,9 +552,11 @@ impl EventLoop {
         let written = match result {
             Ok(Written::All(n)) => {
                 conn.blocked = false;
-                if matches!(conn.phase, Phase::Closing) && !conn.write_shut {
-                    conn.write_shut = true;
-                    let _ = conn.sock.shutdown(std::net::Shutdown::Write);
+                if let Phase::Closing { write_shut, .. } = &mut conn.phase {
+                    if !*write_shut {
+                        *write_shut = true;
+                        let _ = conn.sock.shutdown(std::net::Shutdown::Write);
+                    }
                 }
                 n
             }

@@ -19,7 +19,7 @@ use crate::bridge::{
     Channel, ConnId, Delivery, History, Position, Reply, ReplyTo, Request, SessionRecord, SessionState,
 };
 use crate::channels::Joined;
-use crate::conn::{Pending, Phase, Protocol, SubState};
+use crate::conn::{Pending, Phase, Protocol, Stage, SubState};
 use crate::envelope::{self, Refusal};
 use crate::fanout::{self, Verdict};
 use crate::metrics::{add, dec, inc};
@@ -190,7 +190,7 @@ impl EventLoop {
             Reply::History { channel, result } => self.on_history(id.key, channel, result),
             Reply::Session(result) => self.on_session(id.key, result, now),
             Reply::Published { channel, result, .. }
-                if matches!(self.conns[id.key].phase, Phase::Publishing) =>
+                if matches!(self.conns[id.key].phase, Phase::Publishing { .. }) =>
             {
                 self.http_published(id.key, &channel, result, now)
             }
@@ -430,10 +430,9 @@ impl EventLoop {
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
-        if !open.resuming {
+        let Stage::Resuming { raw_channel } = std::mem::replace(&mut open.stage, Stage::Ready) else {
             return;
-        }
-        open.resuming = false;
+        };
         let protocol = open.protocol;
         let Some(session) = &mut open.session else { return };
         let stored = match result {
@@ -503,7 +502,7 @@ impl EventLoop {
             }
             Protocol::Raw => {
                 // The raw channel is the path's; it was kept aside until now.
-                let Some(channel) = self.pending_raw_channel(key) else {
+                let Some(channel) = raw_channel else {
                     return;
                 };
                 // A position never learned ("0 -") is no position: join as new, which
@@ -520,13 +519,6 @@ impl EventLoop {
         }
         self.conns[key].read_pending = true;
         self.read_backlog.push(key);
-    }
-
-    /// The channel a resuming raw connection will join, kept in its (empty) subscription list
-    /// as a placeholder until the session is known.
-    fn pending_raw_channel(&mut self, key: usize) -> Option<Channel> {
-        let open = self.conns[key].open_mut()?;
-        open.raw_channel.take()
     }
 
     /// Writes the connection's session as it stands: each subscription at its stored
@@ -547,7 +539,7 @@ impl EventLoop {
         let Phase::Open(open) = &mut conn.phase else {
             return;
         };
-        if open.resuming {
+        if matches!(open.stage, Stage::Resuming { .. }) {
             return;
         }
         let Some(session) = &mut open.session else { return };
