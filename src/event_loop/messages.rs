@@ -51,13 +51,35 @@ impl EventLoop {
     /// client's first message cannot overtake its own subscription; no connection is read
     /// while its session is being restored.
     pub(super) fn read_frames(&mut self, key: usize, now: Instant) {
-        let budget = self.shared.config.read_budget;
+        if !self.may_read(key) {
+            return;
+        }
+        let (messages, end, nothing_queued) = self.read_messages(key, now);
+        add(&self.metrics().messages_in, messages.len() as u64);
+        let mut messages = messages.into_iter();
+        while let Some((kind, data)) = messages.next() {
+            if !self.on_message(key, kind, data, now) {
+                if !self.keep_unpublished(key, messages) {
+                    return;
+                }
+                // Paused: the rest of the input stays in the socket (and in pending_input)
+                // until the publish queue has room; a peer that closed or failed is handled
+                // now, as below.
+                break;
+            }
+        }
+        self.read_ended(key, end, nothing_queued, now);
+    }
+
+    /// Whether the connection may be read now; if not, it is read once it may. A raw
+    /// connection waits for its subscription (with a session, for the position it joins at,
+    /// so that its session stores it before the client can do anything); any connection waits
+    /// for its stored session, and for room in the publish queue.
+    fn may_read(&mut self, key: usize) -> bool {
         let conn = &mut self.conns[key];
         let Phase::Open(open) = &mut conn.phase else {
-            return;
+            return false;
         };
-        // A raw connection with a session also waits for its subscription's position, so
-        // that its session stores where it joined before the client can do anything.
         let waiting = matches!(open.stage, Stage::Resuming { .. })
             || (open.protocol == Protocol::Raw
                 && !open
@@ -65,11 +87,18 @@ impl EventLoop {
                     .iter()
                     .all(|s| self.index.is_live(&s.channel) && matches!(s.state, SubState::Live)))
             || conn.unpublished.is_some();
-        if waiting {
-            conn.read_pending = true;
-            return;
-        }
-        conn.read_pending = false;
+        conn.read_pending = waiting;
+        !waiting
+    }
+
+    /// Reads frames until WouldBlock or the read budget is spent: the messages, how the read
+    /// ended, and whether nothing was queued to the client before it.
+    fn read_messages(&mut self, key: usize, now: Instant) -> (Vec<(Kind, Bytes)>, ReadEnd, bool) {
+        let budget = self.shared.config.read_budget;
+        let conn = &mut self.conns[key];
+        let Phase::Open(open) = &mut conn.phase else {
+            return (Vec::new(), ReadEnd::Drained, false);
+        };
         if let Some(saved) = conn.pending_input.take() {
             self.ahead.load(&saved);
         }
@@ -114,19 +143,12 @@ impl EventLoop {
             // flush: a client that pings without reading must not grow the server.
             self.mark_dirty(key);
         }
-        add(&self.metrics().messages_in, messages.len() as u64);
-        let mut messages = messages.into_iter();
-        while let Some((kind, data)) = messages.next() {
-            if !self.on_message(key, kind, data, now) {
-                if !self.keep_unpublished(key, messages) {
-                    return;
-                }
-                // Paused: the rest of the input stays in the socket (and in pending_input)
-                // until the publish queue has room; a peer that closed or failed is handled
-                // now, as below.
-                break;
-            }
-        }
+        (messages, end, nothing_queued)
+    }
+
+    /// What follows a read: another one next turn (budget spent), the close handshake, or
+    /// the error's close.
+    fn read_ended(&mut self, key: usize, end: ReadEnd, nothing_queued: bool, now: Instant) {
         let paused = self.conns[key].unpublished.is_some();
         match end {
             ReadEnd::Drained => {}
@@ -238,8 +260,8 @@ impl EventLoop {
         }
     }
 
-    /// Carries out one `wsrelay.v1` command. A publish that finds the publish queue full is
-    /// not carried out: the caller pauses the connection and runs the command again later.
+    /// Carries out one `wsrelay.v1` command. A publish that finds the publish queue full
+    /// is handed back (`Refused::QueueFull`) to be carried out again once there is room.
     fn command(
         &mut self,
         key: usize,
@@ -247,103 +269,119 @@ impl EventLoop {
         reference: Option<Box<str>>,
         now: Instant,
     ) -> Result<(), Refused> {
-        if let Command::Publish { channel, kind, data } = cmd {
-            return self.publish_command(key, &channel, kind, data, reference, now);
-        }
-        self.other_command(key, cmd, reference, now);
-        Ok(())
-    }
-
-    /// Carries out a `wsrelay.v1` command other than publish.
-    fn other_command(&mut self, key: usize, cmd: Command, reference: Option<Box<str>>, now: Instant) {
         let r = reference.as_deref();
         match cmd {
+            Command::Publish { channel, kind, data } => {
+                return self.publish_command(key, &channel, kind, data, reference, now);
+            }
+            Command::Subscribe { channel, recover } => {
+                self.subscribe_command(key, &channel, recover, reference, now)
+            }
+            Command::Unsubscribe { channel } => self.unsubscribe_command(key, &channel, r),
             Command::Ping => self.send_json(key, &envelope::pong(r)),
             Command::Connect { .. } => {
                 let refusal = Refusal::new("bad_request", "already connected");
                 self.send_error(key, r, &refusal);
             }
-            Command::Subscribe { channel, recover } => {
-                let channel = match self.channel_name(&channel) {
-                    Ok(c) => c,
-                    Err(refusal) => return self.send_error(key, r, &refusal),
-                };
-                let max = self.shared.config.max_channels_per_conn;
-                let Some(open) = self.conns[key].open_mut() else {
-                    return;
-                };
-                let refusal = if !open.may_subscribe(&channel) {
-                    inc(&self.shared.metrics.loops[self.id].forbidden);
-                    Some(Refusal::new(
-                        "forbidden",
-                        format!("the token does not grant subscribing to {channel:?}"),
-                    ))
-                } else if open.subs.iter().any(|s| s.channel == channel) {
-                    Some(Refusal::new(
-                        "already_subscribed",
-                        format!("already subscribed to {channel:?}"),
-                    ))
-                } else if open.subs.len() >= max {
-                    Some(Refusal::new(
-                        "too_many_channels",
-                        format!("at most {max} channels per connection"),
-                    ))
-                } else {
-                    None
-                };
-                if let Some(refusal) = refusal {
-                    return self.send_error(key, r, &refusal);
-                }
-                let recovering = recover.is_some();
-                let (offset, epoch) = recover.map_or((0, None), |(o, e)| (o, Some(Arc::from(e))));
-                let pending = Pending {
-                    reference,
-                    recover: recovering,
-                    announce: true,
-                    ..Pending::default()
-                };
-                open.subs
-                    .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
-                if recovering {
-                    inc(&self.metrics().recoveries);
-                }
-                self.session_changed.push(key);
-                self.join(key, &channel, now);
-            }
-            Command::Unsubscribe { channel } => {
-                let Some(open) = self.conns[key].open_mut() else {
-                    return;
-                };
-                let Some(i) = open.subs.iter().position(|s| *s.channel == *channel) else {
-                    let refusal = Refusal::new("not_subscribed", format!("not subscribed to {channel:?}"));
-                    return self.send_error(key, r, &refusal);
-                };
-                let sub = open.subs.swap_remove(i);
-                let pending = match sub.state {
-                    SubState::AwaitingHistory { pending, held } => {
-                        open.release_held(held.iter().map(|d| d.data.len()).sum());
-                        Some(pending)
-                    }
-                    SubState::AwaitingLive(pending) => Some(pending),
-                    SubState::Live => None,
-                };
-                self.leave(key, sub.channel);
-                self.session_changed.push(key);
-                // A subscribe not answered yet still gets its one reply, before this one.
-                if let Some(Pending {
-                    reference: Some(subscribe_ref),
-                    announce: true,
-                    ..
-                }) = pending
-                {
-                    let refusal =
-                        Refusal::new("cancelled", "unsubscribed before the subscription took effect");
-                    self.send_error(key, Some(&subscribe_ref), &refusal);
-                }
-                self.send_json(key, &envelope::unsubscribed(r, &channel));
-            }
-            Command::Publish { .. } => unreachable!("publish commands go to publish_command"),
         }
+        Ok(())
+    }
+
+    /// Why connection `key` may not subscribe to `channel`, if it may not.
+    fn may_subscribe(&self, key: usize, channel: &Channel) -> Option<Refusal> {
+        let max = self.shared.config.max_channels_per_conn;
+        let Phase::Open(open) = &self.conns[key].phase else {
+            return Some(Refusal::new("bad_request", "not open"));
+        };
+        if !open.may_subscribe(channel) {
+            inc(&self.metrics().forbidden);
+            Some(Refusal::new(
+                "forbidden",
+                format!("the token does not grant subscribing to {channel:?}"),
+            ))
+        } else if open.subs.iter().any(|s| s.channel == *channel) {
+            Some(Refusal::new(
+                "already_subscribed",
+                format!("already subscribed to {channel:?}"),
+            ))
+        } else if open.subs.len() >= max {
+            Some(Refusal::new(
+                "too_many_channels",
+                format!("at most {max} channels per connection"),
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// The v1 `subscribe` command: the subscription waits for its channel to be live, then
+    /// for its position (and replay, with `recover`), and is announced with `subscribed`.
+    fn subscribe_command(
+        &mut self,
+        key: usize,
+        channel: &str,
+        recover: Option<(u64, String)>,
+        reference: Option<Box<str>>,
+        now: Instant,
+    ) {
+        let channel = match self.channel_name(channel) {
+            Ok(c) => c,
+            Err(refusal) => return self.send_error(key, reference.as_deref(), &refusal),
+        };
+        if let Some(refusal) = self.may_subscribe(key, &channel) {
+            return self.send_error(key, reference.as_deref(), &refusal);
+        }
+        let recovering = recover.is_some();
+        let (offset, epoch) = recover.map_or((0, None), |(o, e)| (o, Some(Arc::from(e))));
+        let pending = Pending {
+            reference,
+            recover: recovering,
+            announce: true,
+            ..Pending::default()
+        };
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        open.subs
+            .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
+        if recovering {
+            inc(&self.metrics().recoveries);
+        }
+        self.session_changed.push(key);
+        self.join(key, &channel, now);
+    }
+
+    /// The v1 `unsubscribe` command. A subscribe not answered yet still gets its one reply
+    /// (`cancelled`), before this one's.
+    fn unsubscribe_command(&mut self, key: usize, channel: &str, r: Option<&str>) {
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        let Some(i) = open.subs.iter().position(|s| *s.channel == *channel) else {
+            let refusal = Refusal::new("not_subscribed", format!("not subscribed to {channel:?}"));
+            return self.send_error(key, r, &refusal);
+        };
+        let sub = open.subs.swap_remove(i);
+        let pending = match sub.state {
+            SubState::AwaitingHistory { pending, held } => {
+                open.release_held(held.iter().map(|d| d.data.len()).sum());
+                Some(pending)
+            }
+            SubState::AwaitingLive(pending) => Some(pending),
+            SubState::Live => None,
+        };
+        self.leave(key, sub.channel);
+        self.session_changed.push(key);
+        if let Some(Pending {
+            reference: Some(subscribe_ref),
+            announce: true,
+            ..
+        }) = pending
+        {
+            let refusal = Refusal::new("cancelled", "unsubscribed before the subscription took effect");
+            self.send_error(key, Some(&subscribe_ref), &refusal);
+        }
+        self.send_json(key, &envelope::unsubscribed(r, channel));
     }
 
     /// The v1 `publish` command. The queue's room is checked first, so a publish that must

@@ -213,129 +213,165 @@ impl EventLoop {
     /// The position (and history) of a subscription arrived: announce, replay, release the
     /// deliveries held meanwhile. See `recovery.rs` for the decisions.
     fn on_history(&mut self, key: usize, channel: Channel, result: Result<History, String>) {
-        let m = &self.shared.metrics.loops[self.id];
-        let Some(crate::conn::Open {
-            subs,
-            session,
-            protocol,
-            ..
-        }) = self.conns[key].open_mut()
-        else {
-            return;
-        };
-        let protocol = *protocol;
-        let Some(sub) = subs.iter_mut().find(|s| s.channel == channel) else {
+        let Some(sub) = self.conns[key].open_mut().and_then(|o| o.sub_mut(&channel)) else {
             return;
         };
         let SubState::AwaitingHistory { pending, held } = std::mem::replace(&mut sub.state, SubState::Live)
         else {
             return;
         };
-        let mut frames = Vec::new();
-        let settled = match &result {
-            Ok(h) => recovery::settle(sub.offset, sub.epoch.as_deref(), &pending, h),
+        match result {
+            Ok(h) => match recovery::settle(sub.offset, sub.epoch.as_deref(), &pending, &h) {
+                Settled::Restart { epoch } => self.history_restarted(key, channel, epoch, pending, held),
+                done => self.history_settled(key, channel, done, h.top, pending, held),
+            },
             Err(e) => {
                 debug!("history for {channel:?} unavailable: {e}");
-                // No replay: a v1 client is told, whether it asked (subscribe) or not (gap).
-                if protocol == Protocol::V1 && (pending.announce || pending.recover) {
-                    let r = if pending.announce {
-                        pending.reference.as_deref()
-                    } else {
-                        None
-                    };
-                    let reply = envelope::subscribed(r, &channel, None, pending.recover.then_some(false));
-                    frames.push(crate::frame::text(&reply));
-                }
-                if pending.recover {
-                    inc(&m.recovery_failed);
-                }
-                return self.release_held(key, &channel, pending, held, false, frames);
+                self.history_unavailable(key, channel, pending, held);
             }
+        }
+    }
+
+    /// The history could not be read: no replay; a v1 client is told, whether it asked
+    /// (subscribe) or not (a gap), and live deliveries go on.
+    fn history_unavailable(
+        &mut self,
+        key: usize,
+        channel: Channel,
+        pending: Pending,
+        held: Vec<Arc<Delivery>>,
+    ) {
+        let mut frames = Vec::new();
+        if self.protocol(key) == Some(Protocol::V1) && (pending.announce || pending.recover) {
+            let reply = envelope::subscribed(
+                reply_ref(&pending),
+                &channel,
+                None,
+                pending.recover.then_some(false),
+            );
+            frames.push(crate::frame::text(&reply));
+        }
+        if pending.recover {
+            inc(&self.metrics().recovery_failed);
+        }
+        self.release_held(key, &channel, pending, held, false, frames);
+    }
+
+    /// The history restarted under a quiet recovery: tell the client once, then read the new
+    /// epoch from its start, still holding live deliveries.
+    fn history_restarted(
+        &mut self,
+        key: usize,
+        channel: Channel,
+        epoch: Arc<str>,
+        pending: Pending,
+        held: Vec<Arc<Delivery>>,
+    ) {
+        inc(&self.metrics().recovery_failed);
+        let v1 = self.protocol(key) == Some(Protocol::V1);
+        let Some(sub) = self.conns[key].open_mut().and_then(|o| o.sub_mut(&channel)) else {
+            return;
         };
-        match settled {
-            Settled::Restart { epoch } => {
-                // Tell the client once, then read the new epoch from its start, still holding.
-                if protocol == Protocol::V1 {
-                    let position = Position {
-                        offset: 0,
-                        epoch: epoch.clone(),
-                    };
-                    let notice = envelope::subscribed(None, &channel, Some(&position), Some(false));
-                    frames.push(crate::frame::text(&notice));
-                }
-                inc(&m.recovery_failed);
-                sub.epoch = Some(epoch);
-                sub.offset = 0;
-                sub.state = SubState::AwaitingHistory {
-                    pending: Pending {
-                        restarted: true,
-                        ..pending
-                    },
-                    held,
-                };
-                self.turn.gaps.push((key, channel));
-                self.queue_frames(key, &frames);
-            }
-            Settled::Done {
-                notice,
-                replay,
-                recovered,
-                position,
-                more,
-            } => {
-                if let (Some((at, recovered)), Protocol::V1) = (notice, protocol) {
-                    let r = if pending.announce {
-                        pending.reference.as_deref()
-                    } else {
-                        None
-                    };
-                    frames.push(crate::frame::text(&envelope::subscribed(
-                        r,
-                        &channel,
-                        Some(&at),
-                        recovered,
-                    )));
-                }
-                add(&m.replayed, replay.len() as u64);
-                frames.extend(replay.iter().map(|d| match protocol {
-                    Protocol::Raw => d.raw_frame.clone(),
-                    Protocol::V1 => d.envelope_frame_uncached(),
-                }));
-                if !pending.recover {
-                    // The broker stored this position in the session as it read it.
-                    sub.stored = Some(Position {
-                        offset: h_top(&result),
-                        epoch: position.epoch.clone(),
-                    });
-                }
-                sub.offset = position.offset;
-                sub.epoch = Some(position.epoch);
-                if pending.recover && !recovered {
-                    inc(&m.recovery_failed);
-                }
-                if let Some(s) = session {
-                    s.offsets_dirty = true;
-                }
-                if more {
-                    // One page of a longer replay: keep holding live deliveries, and ask for
-                    // the next page once this one is written out (see `next_pages`).
-                    sub.state = SubState::AwaitingHistory {
-                        pending: Pending {
-                            recover: true,
-                            announce: false,
-                            reference: None,
-                            checked: None,
-                            ..pending
-                        },
-                        held,
-                    };
-                    if let Some(open) = self.conns[key].open_mut() {
-                        open.pages_wanted = true;
-                    }
-                    return self.queue_frames(key, &frames);
-                }
-                self.release_held(key, &channel, pending, held, true, frames);
-            }
+        let notice = v1.then(|| {
+            let position = Position {
+                offset: 0,
+                epoch: epoch.clone(),
+            };
+            crate::frame::text(&envelope::subscribed(
+                None,
+                &channel,
+                Some(&position),
+                Some(false),
+            ))
+        });
+        sub.epoch = Some(epoch);
+        sub.offset = 0;
+        sub.state = SubState::AwaitingHistory {
+            pending: Pending {
+                restarted: true,
+                ..pending
+            },
+            held,
+        };
+        self.turn.gaps.push((key, channel));
+        self.queue_frames(key, notice.as_slice());
+    }
+
+    /// The history answered (`Settled::Done`): announce, replay, take the position, then
+    /// release what was held, or, for one page of a longer replay, keep holding and ask for
+    /// the next page once this one is written out (see `next_pages`).
+    fn history_settled(
+        &mut self,
+        key: usize,
+        channel: Channel,
+        done: Settled,
+        top: u64,
+        pending: Pending,
+        held: Vec<Arc<Delivery>>,
+    ) {
+        let Settled::Done {
+            notice,
+            replay,
+            recovered,
+            position,
+            more,
+        } = done
+        else {
+            return;
+        };
+        let m = &self.shared.metrics.loops[self.id];
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        let protocol = open.protocol;
+        let mut frames = Vec::with_capacity(replay.len() + 1);
+        if let (Some((at, recovered)), Protocol::V1) = (notice, protocol) {
+            let reply = envelope::subscribed(reply_ref(&pending), &channel, Some(&at), recovered);
+            frames.push(crate::frame::text(&reply));
+        }
+        add(&m.replayed, replay.len() as u64);
+        frames.extend(replay.iter().map(|d| match protocol {
+            Protocol::Raw => d.raw_frame.clone(),
+            Protocol::V1 => d.envelope_frame_uncached(),
+        }));
+        if pending.recover && !recovered {
+            inc(&m.recovery_failed);
+        }
+        if let Some(s) = &mut open.session {
+            s.offsets_dirty = true;
+        }
+        let Some(sub) = open.sub_mut(&channel) else { return };
+        if !pending.recover {
+            // The broker stored this position in the session as it read it.
+            sub.stored = Some(Position {
+                offset: top,
+                epoch: position.epoch.clone(),
+            });
+        }
+        sub.offset = position.offset;
+        sub.epoch = Some(position.epoch);
+        if !more {
+            return self.release_held(key, &channel, pending, held, true, frames);
+        }
+        sub.state = SubState::AwaitingHistory {
+            pending: Pending {
+                recover: true,
+                announce: false,
+                reference: None,
+                checked: None,
+                ..pending
+            },
+            held,
+        };
+        open.pages_wanted = true;
+        self.queue_frames(key, &frames);
+    }
+
+    /// The wire protocol of connection `key`, if it is open.
+    fn protocol(&self, key: usize) -> Option<Protocol> {
+        match &self.conns[key].phase {
+            Phase::Open(open) => Some(open.protocol),
+            _ => None,
         }
     }
 
@@ -599,7 +635,11 @@ fn frame_for(protocol: Protocol, d: &Delivery) -> bytes::Bytes {
     fanout::frame_of(protocol, d, false).clone()
 }
 
-/// The newest offset of a history answer (0 for a failed read).
-fn h_top(result: &Result<History, String>) -> u64 {
-    result.as_ref().map_or(0, |h| h.top)
+/// The `ref` a `subscribed` reply echoes: the subscribe command's, when the reply answers it.
+fn reply_ref(pending: &Pending) -> Option<&str> {
+    if pending.announce {
+        pending.reference.as_deref()
+    } else {
+        None
+    }
 }
