@@ -78,6 +78,19 @@ pub fn new_session_id() -> Arc<str> {
     Arc::from(id)
 }
 
+/// An upgrade let through: what the new WebSocket asked for and who it is.
+struct Admitted {
+    protocol: Protocol,
+    /// `?session=`: the session to resume.
+    session: Option<String>,
+    /// A raw connection's channel (its path's).
+    raw_channel: Option<Channel>,
+    /// From a valid `?token=`.
+    identity: Option<Identity>,
+    /// A v1 connection that must send its token in a `connect` command first.
+    awaiting_connect: bool,
+}
+
 /// Whether a request needs more bytes, or has been dealt with (served, refused, dropped).
 enum Progress {
     More,
@@ -270,45 +283,51 @@ impl EventLoop {
             self.respond(key, response, now);
             return;
         };
+        match self.admit_upgrade(key, &head) {
+            Ok(admitted) => self.open_websocket(key, &upgrade.key, admitted, rest, now),
+            Err((reason, status, body)) => self.refuse(key, reason, status, &body, now),
+        }
+    }
+
+    /// Decides a WebSocket upgrade: who may open one (draining, origin, token) and what it
+    /// asks for (protocol, session, a raw connection's channel).
+    fn admit_upgrade(
+        &mut self,
+        key: usize,
+        head: &Head,
+    ) -> Result<Admitted, (HandshakeFailure, Status, String)> {
+        let refused = |reason, status, body: &str| Err((reason, status, body.to_owned()));
         if self.draining() {
             // A balancer that retries on 503 (deploy/haproxy.cfg, deploy/nginx.conf) sends the
             // client to another node; a client connecting directly retries on its own.
-            return self.refuse(
-                key,
-                HandshakeFailure::Draining,
-                Status::Unavailable,
-                "draining: this node is shutting down\n",
-                now,
-            );
+            let body = "draining: this node is shutting down\n";
+            return refused(HandshakeFailure::Draining, Status::Unavailable, body);
         }
         let cfg = &self.shared.config;
         if !self.shared.origin.allows(head.origin.as_deref()) {
             debug!("{}: origin {:?} not allowed", self.conns[key].peer, head.origin);
-            return self.refuse(
-                key,
+            return refused(
                 HandshakeFailure::Origin,
                 Status::Forbidden,
                 "origin not allowed\n",
-                now,
             );
         }
-        let protocol = if upgrade.protocols.iter().any(|p| p == envelope::PROTOCOL) {
+        let offered = head.upgrade.as_ref().map_or(&[][..], |u| &u.protocols[..]);
+        let protocol = if offered.iter().any(|p| p == envelope::PROTOCOL) {
             Protocol::V1
         } else {
             Protocol::Raw
         };
         let session = http::query_param(head.query.as_deref(), "session");
         if session.as_deref().is_some_and(|s| !valid_session_id(s)) {
-            return self.refuse(
-                key,
+            return refused(
                 HandshakeFailure::BadRequest,
                 Status::BadRequest,
                 "invalid session id\n",
-                now,
             );
         }
         // Raw connections are on the channel their path names; v1 ignores the path.
-        let raw_channel: Option<Channel> = match protocol {
+        let raw_channel = match protocol {
             Protocol::V1 => None,
             Protocol::Raw => {
                 let name = head.path.strip_prefix('/').unwrap_or(&head.path);
@@ -318,13 +337,8 @@ impl EventLoop {
                     name
                 };
                 if name.len() > cfg.max_channel_len {
-                    return self.refuse(
-                        key,
-                        HandshakeFailure::BadRequest,
-                        Status::BadRequest,
-                        "channel name too long\n",
-                        now,
-                    );
+                    let body = "channel name too long\n";
+                    return refused(HandshakeFailure::BadRequest, Status::BadRequest, body);
                 }
                 Some(self.index.intern(name))
             }
@@ -338,33 +352,42 @@ impl EventLoop {
                 Ok(identity) => (Some(identity), false),
                 Err(e) => {
                     debug!("{}: token refused: {e}", self.conns[key].peer);
-                    return self.refuse(
-                        key,
+                    return refused(
                         HandshakeFailure::Unauthorized,
                         Status::Unauthorized,
                         &format!("{e}\n"),
-                        now,
                     );
                 }
             },
             (Some(_), None) if protocol == Protocol::V1 => (None, true),
             (Some(_), None) => {
-                return self.refuse(
-                    key,
+                return refused(
                     HandshakeFailure::Unauthorized,
                     Status::Unauthorized,
                     "token required\n",
-                    now,
                 );
             }
         };
+        Ok(Admitted {
+            protocol,
+            session,
+            raw_channel,
+            identity,
+            awaiting_connect,
+        })
+    }
+
+    /// Answers the upgrade and opens the WebSocket: greeted (or resumed) and joined at once,
+    /// or once its `connect` command came.
+    fn open_websocket(&mut self, key: usize, ws_key: &str, a: Admitted, rest: Vec<u8>, now: Instant) {
+        let cfg = &self.shared.config;
         let ctx = if rest.is_empty() {
             WebSocketContext::new(Role::Server, Some(self.ws_config))
         } else {
             WebSocketContext::from_partially_read(rest, Role::Server, Some(self.ws_config))
         };
-        let resuming = session.is_some();
-        let session = match (protocol, session) {
+        let resuming = a.session.is_some();
+        let session = match (a.protocol, a.session) {
             (_, Some(id)) => Some(Arc::from(id)),
             (Protocol::V1, None) => Some(new_session_id()),
             (Protocol::Raw, None) => None,
@@ -377,12 +400,9 @@ impl EventLoop {
             };
             Box::new(TokenBucket::new(cfg.publish_rate, burst, now))
         });
-        let offered = (protocol == Protocol::V1).then_some(envelope::PROTOCOL);
-        let handshake_timeout = cfg.handshake_timeout;
-        let conn = &mut self.conns[key];
-        conn.out.push(&http::upgrade_response(&upgrade.key, offered));
-        let mut open = Open::new(ctx, protocol, now);
-        open.tracks_offsets = protocol == Protocol::V1 || session.is_some();
+        let offered = (a.protocol == Protocol::V1).then_some(envelope::PROTOCOL);
+        let mut open = Open::new(ctx, a.protocol, now);
+        open.tracks_offsets = a.protocol == Protocol::V1 || session.is_some();
         open.session = session.map(|id| {
             Box::new(SessionLink {
                 id,
@@ -392,23 +412,32 @@ impl EventLoop {
             })
         });
         open.bucket = bucket;
-        if awaiting_connect {
+        if a.awaiting_connect {
             // It owes its token, within the handshake time.
             open.stage = Stage::AwaitingConnect {
-                deadline: now + handshake_timeout,
+                deadline: now + cfg.handshake_timeout,
                 resume: resuming,
             };
         }
+        let conn = &mut self.conns[key];
+        conn.out.push(&http::upgrade_response(ws_key, offered));
         conn.phase = Phase::Open(Box::new(open));
         inc(&self.metrics().websockets);
         self.mark_dirty(key);
-        if awaiting_connect {
+        if a.awaiting_connect {
             // Bytes that arrived with the request may already hold the connect command.
             self.conns[key].read_pending = true;
             self.read_backlog.push(key);
             return;
         }
-        self.authenticated(key, identity, None, resuming.then_some(raw_channel.clone()), now);
+        let raw_channel = a.raw_channel;
+        self.authenticated(
+            key,
+            a.identity,
+            None,
+            resuming.then_some(raw_channel.clone()),
+            now,
+        );
         if !resuming {
             if let Some(channel) = raw_channel {
                 self.join_raw(key, channel, None, now);
