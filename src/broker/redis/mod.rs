@@ -152,6 +152,13 @@ impl Keys {
     fn session(&self, id: &str) -> String {
         format!("{}wsrelay:session:{id}", self.prefix)
     }
+    /// The index of one token subject's sessions (the subject hashed: it may be anything).
+    fn subject_sessions(&self, subject: &str) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(subject.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}wsrelay:subject:{hex}", self.prefix)
+    }
 }
 
 /// Whole seconds for EXPIRE, at least 1.
