@@ -130,6 +130,9 @@ pub struct Cli {
     /// In-process broker: bytes of all sessions (those closest to expiry go first)
     #[arg(long, value_name = "BYTES")]
     pub session_memory: Option<usize>,
+    /// Most sessions kept per token subject; past it the one saved longest ago is dropped
+    #[arg(long, value_name = "N")]
+    pub max_sessions_per_subject: Option<usize>,
     /// How long a session is kept after its connection ends
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub session_ttl: Option<Duration>,
@@ -241,6 +244,7 @@ impl Cli {
             history_memory,
             history_channel_memory,
             session_memory,
+            max_sessions_per_subject,
             session_ttl,
             session_flush,
             max_channels_per_conn,
@@ -361,6 +365,7 @@ pub fn shown_defaults() -> Vec<(&'static str, String)> {
         ("history_memory", d.history_memory.to_string()),
         ("history_channel_memory", d.history_channel_memory.to_string()),
         ("session_memory", d.session_memory.to_string()),
+        ("max_sessions_per_subject", d.max_sessions_per_subject.to_string()),
         ("session_ttl", dur(d.session_ttl)),
         ("session_flush", dur(d.session_flush)),
         ("max_channels_per_conn", d.max_channels_per_conn.to_string()),

@@ -163,6 +163,13 @@ pub struct Config {
     /// first. Default 256 MiB: the worst case of session memory (a session of 128 channels of
     /// 256-byte names is about 40 KiB, so at least 6,500 such sessions, or a million small ones).
     pub session_memory: usize,
+    /// Most sessions kept per token subject (with Redis and in-process); past it, the
+    /// subject's session saved longest ago is dropped (resuming it starts a fresh session).
+    /// Default 64: more than the tabs and devices of one user, few enough that one user
+    /// reconnecting in a loop holds at most 64 sessions (about 3 MiB at 128 channels of 256
+    /// bytes each). Clients without a token are bounded by `--session-ttl` and, in-process,
+    /// `--session-memory` (with Redis, by its `maxmemory`).
+    pub max_sessions_per_subject: usize,
     /// How long a session (subscriptions and last offsets) is kept after its connection ends.
     /// Default 10 min, matching `history_ttl`: resuming later could not recover anyway.
     pub session_ttl: Duration,
@@ -259,6 +266,7 @@ impl Default for Config {
             history_memory: 1024 * 1024 * 1024,
             history_channel_memory: 16 * 1024 * 1024,
             session_memory: 256 * 1024 * 1024,
+            max_sessions_per_subject: 64,
             session_ttl: Duration::from_secs(600),
             session_flush: Duration::from_secs(2),
             max_channels_per_conn: 128,
@@ -327,6 +335,7 @@ impl Config {
             (self.history_channel_memory, "--history-channel-memory"),
             (self.session_memory, "--session-memory"),
             (self.presence_max, "--presence-max"),
+            (self.max_sessions_per_subject, "--max-sessions-per-subject"),
         ];
         if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
             return Err(format!("{flag} must be at least 1"));

@@ -68,20 +68,22 @@ pub fn deliver(d: &Arc<Delivery>, members: &Members, conns: &mut Slab<Conn>, tur
             debug_assert!(false, "channel member {key} is not open");
             continue;
         };
-        let verdict = if open.tracks_offsets {
-            track(open, d, key, turn)
-        } else {
-            Verdict::Send
-        };
-        match verdict {
-            Verdict::Skip | Verdict::Held => {}
-            Verdict::Send | Verdict::Plain => {
-                conn.out
-                    .push(frame_of(open.protocol, d, verdict == Verdict::Plain));
-                sent += 1;
-                turn.mark_dirty(key, conn);
+        let frame = if !open.tracks_offsets {
+            // The common case (a plain raw subscriber): nothing to check.
+            match open.protocol {
+                Protocol::Raw => &d.raw_frame,
+                Protocol::V1 => d.envelope_frame(),
             }
-        }
+        } else {
+            match track(open, d, key, turn) {
+                Verdict::Skip | Verdict::Held => continue,
+                Verdict::Send => frame_of(open.protocol, d, false),
+                Verdict::Plain => frame_of(open.protocol, d, true),
+            }
+        };
+        conn.out.push(frame);
+        sent += 1;
+        turn.mark_dirty(key, conn);
     }
     sent
 }

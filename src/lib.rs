@@ -2,8 +2,10 @@
 //!
 //! Modules are declared in the order data flows through them: flags and configuration, the
 //! listeners that accept, the HTTP handshake, frames, connections, the channel index, the
-//! bridge between loops and the broker, the brokers (in-process and Redis), the event loop that
-//! ties a core's connections together, and the server that starts it all.
+//! bridge between loops and the broker, the brokers (in-process and Redis), fan-out and the
+//! policies it applies (backpressure, recovery), the event loop that ties a core's connections
+//! together, and the server that starts it all. They depend on each other without cycles
+//! (`tests/structure.rs`).
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod cli;

@@ -60,10 +60,15 @@ pub fn page_newest(mut h: History) -> History {
 #[derive(Debug)]
 pub enum Settled {
     /// The history restarted under a recovery the client did not ask for: tell a v1 client
-    /// (`recovered: false` at offset 0 of `epoch`) and read again from that epoch's start.
+    /// (`recovered: false` at offset 0 of `epoch`) when it may have missed something, and
+    /// read again from that epoch's start.
     Restart {
         /// The history's new epoch.
         epoch: Arc<str>,
+        /// Whether to tell the client: not when its position was offset 0, the start of an
+        /// epoch that never delivered it anything (a live subscription would have had every
+        /// message of it), so the new epoch read from its start misses nothing.
+        notify: bool,
     },
     /// The subscription is settled.
     Done {
@@ -103,6 +108,7 @@ pub fn settle(offset: u64, epoch: Option<&str>, pending: &Pending, h: &History) 
     if pending.recover && !pending.announce && !pending.restarted && epoch.is_some() && !same_epoch {
         return Settled::Restart {
             epoch: h.epoch.clone(),
+            notify: offset > 0,
         };
     }
     // Recovered when the history starts right after the offset (or nothing came since).
@@ -282,7 +288,12 @@ mod tests {
         let h = history("new", 2, 1..3);
         assert!(matches!(
             settle(6, Some("old"), &Pending::check(Arc::from("new")), &h),
-            Settled::Restart { epoch } if &*epoch == "new"
+            Settled::Restart { epoch, notify: true } if &*epoch == "new"
+        ));
+        // A live subscription that had nothing yet (offset 0) misses nothing: no notice.
+        assert!(matches!(
+            settle(0, Some("old"), &Pending::check(Arc::from("new")), &h),
+            Settled::Restart { notify: false, .. }
         ));
         // The second read, from the new epoch's start, replays it.
         let again = Pending {

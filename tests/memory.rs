@@ -139,3 +139,58 @@ fn memory_returns_to_the_system_after_a_burst() {
         || (rss_kib(n.pid()) < before + 16 * 1024).then_some(()),
     );
 }
+
+/// Milliseconds to live of a Redis key (-2 when it does not exist).
+fn pttl(redis: &Redis, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query(&mut redis.con()).unwrap()
+}
+
+#[test]
+fn subscribing_alone_leaves_nothing_in_redis_for_long() {
+    let redis = Redis::start();
+    let n = Node::start(&["--redis", &redis.url()]);
+    let mut c = V1::connect(n.addr, None).unwrap();
+    // A client walks through channels nobody publishes to.
+    for round in 0..5 {
+        let subs: Vec<_> = (0..100)
+            .map(|i| json!({"op":"subscribe","channel":format!("walk{}", round * 100 + i),"ref":i}))
+            .collect();
+        pipelined(&mut c, &subs);
+        let unsubs: Vec<_> = (0..100)
+            .map(|i| json!({"op":"unsubscribe","channel":format!("walk{}", round * 100 + i),"ref":i}))
+            .collect();
+        pipelined(&mut c, &unsubs);
+    }
+    // Each channel's epoch was fixed in Redis, for a minute only (not --history-ttl's 10).
+    for i in [0, 250, 499] {
+        let ms = pttl(&redis, &format!("wsrelay:{{walk{i}}}:meta"));
+        assert!((1..=60_000).contains(&ms), "walk{i}: PTTL {ms} ms");
+    }
+    // A publish makes a history that lasts --history-ttl.
+    assert_eq!(c.publish("walk7", "now it has history").unwrap()["offset"], 1);
+    assert!(pttl(&redis, "wsrelay:{walk7}:meta") > 60_000);
+}
+
+#[test]
+fn a_quiet_channel_whose_epoch_expired_goes_on_without_a_notice() {
+    let redis = Redis::start();
+    let n = Node::start(&["--redis", &redis.url(), "--history-ttl", "1s"]);
+    let mut c = V1::connect(n.addr, None).unwrap();
+    let sub = c.subscribe("quiet", None).unwrap();
+    assert_eq!(sub["offset"], 0, "{sub}");
+    // Nothing is published until the channel's epoch has expired: the wait is the behaviour
+    // under test.
+    wait_for("the epoch to expire", std::time::Duration::from_secs(10), || {
+        (pttl(&redis, "wsrelay:{quiet}:meta") == -2).then_some(())
+    });
+    let mut p = V1::connect(n.addr, None).unwrap();
+    assert_eq!(p.publish("quiet", "first").unwrap()["offset"], 1);
+    // The subscriber had nothing to miss: the message comes, no recovered:false before it.
+    let m = c.next(WAIT).unwrap();
+    assert_eq!(
+        (m["type"].as_str(), m["data"].as_str()),
+        (Some("message"), Some("first")),
+        "{m}"
+    );
+    assert_eq!(n.metric("wsrelay_recovery_failed_total"), 0);
+}

@@ -281,3 +281,50 @@ fn output_a_client_never_got_is_not_counted_as_delivered() {
         );
     });
 }
+
+#[test]
+fn one_user_keeps_at_most_its_cap_of_sessions() {
+    both_modes(|redis| {
+        let n = node(redis, true, &["--max-sessions-per-subject", "3"]);
+        let mallory = token("mallory", &["*"], &[]);
+        let alice = token("alice", &["*"], &[]);
+        let mut a = V1::connect_with(n.addr, None, Some(&alice)).unwrap();
+        a.subscribe("room", None).unwrap();
+        let alices = a.session.clone();
+        a.client.close();
+        // One user opening connection after connection (each a session of its own).
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let mut m = V1::connect_with(n.addr, None, Some(&mallory)).unwrap();
+            m.subscribe("room", None).unwrap();
+            ids.push(m.session.clone());
+            m.client.close();
+        }
+        // Newest first: resuming a kept session saves it again, and presenting a dropped id
+        // starts a new session (which counts against the cap): so the dropped ones last.
+        let resumed: Vec<bool> = ids
+            .iter()
+            .rev()
+            .map(|id| {
+                V1::connect_with(n.addr, Some(id), Some(&mallory))
+                    .unwrap()
+                    .resumed
+            })
+            .collect();
+        assert_eq!(resumed, [true, true, true, false, false]);
+        assert!(
+            V1::connect_with(n.addr, Some(&alices), Some(&alice))
+                .unwrap()
+                .resumed
+        );
+        if let Some(r) = redis {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("wsrelay:session:*")
+                .query(&mut r.con())
+                .unwrap();
+            // Three of mallory's (the two presented again made new ones that pushed out two
+            // more) and alice's.
+            assert_eq!(keys.len(), 4, "{keys:?}");
+        }
+    });
+}

@@ -45,7 +45,8 @@ pub fn spawn(
                 channel_bytes: config.history_channel_memory,
             })
         }),
-        sessions: SessionStore::new(config.session_ttl, config.max_sessions, config.session_memory),
+        sessions: SessionStore::new(config.session_ttl, config.max_sessions, config.session_memory)
+            .per_subject(config.max_sessions_per_subject),
         presence: PresenceTable::default(),
         loop_channels: LoopChannels::default(),
         config: config.clone(),

@@ -359,8 +359,12 @@ pub struct SessionStore {
     ttl: Duration,
     max: usize,
     max_bytes: usize,
+    per_subject: usize,
     bytes: usize,
     sessions: HashMap<Arc<str>, (SessionState, Instant, usize)>,
+    /// Each subject's session ids, oldest first (some may be gone already; at most
+    /// `per_subject + 1` each).
+    by_subject: HashMap<String, VecDeque<Arc<str>>>,
     /// Sessions dropped early to stay under the caps.
     pub evicted: u64,
 }
@@ -373,10 +377,19 @@ impl SessionStore {
             ttl,
             max: max.max(1),
             max_bytes,
+            per_subject: usize::MAX,
             bytes: 0,
             sessions: HashMap::new(),
+            by_subject: HashMap::new(),
             evicted: 0,
         }
+    }
+
+    /// Keeps at most `n` sessions per token subject: past it, the subject's oldest session
+    /// goes (so one user reconnecting without end cannot fill the store).
+    pub fn per_subject(mut self, n: usize) -> Self {
+        self.per_subject = n.max(1);
+        self
     }
 
     /// The stored session, unless absent or expired.
@@ -432,8 +445,15 @@ impl SessionStore {
     /// Inserts or replaces, keeping both caps.
     fn put(&mut self, id: Arc<str>, state: SessionState, now: Instant) {
         let size = session_bytes(&id, &state);
-        if let Some((_, _, old)) = self.sessions.remove(&id) {
-            self.bytes -= old;
+        let new = match self.sessions.remove(&id) {
+            Some((_, _, old)) => {
+                self.bytes -= old;
+                false
+            }
+            None => true,
+        };
+        if let (true, Some(subject)) = (new, state.subject.clone()) {
+            self.one_more_of(subject, id.clone());
         }
         while !self.sessions.is_empty()
             && (self.sessions.len() >= self.max || self.bytes + size > self.max_bytes)
@@ -451,6 +471,19 @@ impl SessionStore {
         self.sessions.insert(id, (state, now + self.ttl, size));
     }
 
+    /// Counts a new session of `subject`, dropping the subject's oldest past the cap.
+    fn one_more_of(&mut self, subject: String, id: Arc<str>) {
+        let ids = self.by_subject.entry(subject).or_default();
+        ids.push_back(id);
+        while ids.len() > self.per_subject {
+            let Some(old) = ids.pop_front() else { break };
+            if let Some((_, _, b)) = self.sessions.remove(&old) {
+                self.bytes -= b;
+                self.evicted += 1;
+            }
+        }
+    }
+
     /// Forgets expired sessions.
     pub fn expire(&mut self, now: Instant) {
         let mut freed = 0;
@@ -462,6 +495,11 @@ impl SessionStore {
             keep
         });
         self.bytes -= freed;
+        let sessions = &self.sessions;
+        self.by_subject.retain(|_, ids| {
+            ids.retain(|id| sessions.contains_key(id));
+            !ids.is_empty()
+        });
     }
 
     /// Bytes of all stored sessions, by `session_bytes`.
@@ -801,5 +839,27 @@ mod tests {
         assert_eq!(offsets(&kept), vec![1], "the flooder's channels went first");
         assert!(h.len() <= 64);
         assert!(h.evicted >= 10_000 - 64);
+    }
+
+    #[test]
+    fn each_subject_keeps_its_newest_sessions_only() {
+        let t = Instant::now();
+        let mut s = SessionStore::new(Duration::from_secs(60), 1000, usize::MAX).per_subject(3);
+        let of = |who: &str| SessionState {
+            subject: Some(who.into()),
+            channels: vec![],
+        };
+        for i in 0..5 {
+            s.save(Arc::from(format!("m{i}")), of("mallory"), t);
+        }
+        s.save(Arc::from("a0"), of("alice"), t);
+        // Saving an existing session again does not count as a new one.
+        s.save(Arc::from("m4"), of("mallory"), t);
+        let kept: Vec<bool> = (0..5).map(|i| s.load(&format!("m{i}"), t).is_some()).collect();
+        assert_eq!(kept, [false, false, true, true, true]);
+        assert!(s.load("a0", t).is_some());
+        assert_eq!(s.evicted, 2);
+        s.expire(t + Duration::from_secs(120));
+        assert!(s.by_subject.is_empty());
     }
 }

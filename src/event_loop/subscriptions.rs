@@ -239,7 +239,9 @@ impl EventLoop {
         };
         match result {
             Ok(h) => match recovery::settle(sub.offset, sub.epoch.as_deref(), &pending, &h) {
-                Settled::Restart { epoch } => self.history_restarted(key, channel, epoch, pending, held),
+                Settled::Restart { epoch, notify } => {
+                    self.history_restarted(key, channel, epoch, notify, pending, held)
+                }
                 done => self.history_settled(key, channel, done, h.top, pending, held),
             },
             Err(e) => {
@@ -274,18 +276,21 @@ impl EventLoop {
         self.release_held(key, &channel, pending, held, false, frames);
     }
 
-    /// The history restarted under a quiet recovery: tell the client once, then read the new
-    /// epoch from its start, still holding live deliveries.
+    /// The history restarted under a quiet recovery: tell the client once (`notify`), then
+    /// read the new epoch from its start, still holding live deliveries.
     fn history_restarted(
         &mut self,
         key: usize,
         channel: Channel,
         epoch: Arc<str>,
+        notify: bool,
         pending: Pending,
         held: Vec<Arc<Delivery>>,
     ) {
-        inc(&self.metrics().recovery_failed);
-        let v1 = self.protocol(key) == Some(Protocol::V1);
+        if notify {
+            inc(&self.metrics().recovery_failed);
+        }
+        let v1 = notify && self.protocol(key) == Some(Protocol::V1);
         let Some(sub) = self.conns[key].open_mut().and_then(|o| o.sub_mut(&channel)) else {
             return;
         };

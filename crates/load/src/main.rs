@@ -24,10 +24,6 @@ server, was the bottleneck):
   # server, so with --redis every message runs the history script)
   wsrelay-load --url ws://127.0.0.1:9000/r -n 2000 -k 1000 --rate 20000 --server-pid $SRV
 
-  # rooms: 1,000 channels of 2 connections, each room's first one publishing (through the
-  # server, so with --redis every message runs the history script)
-  wsrelay-load --url ws://127.0.0.1:9000/r -n 2000 -k 1000 --rate 20000 --server-pid $SRV
-
   # latency at 100 msg/s, published straight into Redis (the Redis hop is in the latency)
   wsrelay-load --url ws://127.0.0.1:9000/ -n 1000 --rate 100 --publish-via redis://127.0.0.1:6379
 

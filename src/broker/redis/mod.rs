@@ -3,8 +3,8 @@
 //! - `subscriber.rs`: one blocking Pub/Sub connection. SUBSCRIBEs only to channels some local
 //!   loop has members on (refcounted over loops), routes each message only to the loops that
 //!   need it, reconnects with jittered backoff and resubscribes everything.
-//! - `publisher.rs`: drains the loops' bounded publish queue in batches and pipelines them (one
-//!   round trip per batch). With history on, each publish is one atomic Lua script
+//! - `publisher.rs`: drains the loops' bounded publish queue in batches and pipelines them,
+//!   several batches in flight on one connection (so order is kept). With history on, each publish is one atomic Lua script
 //!   (`publish.lua`): offset, stream append, expiry and PUBLISH together. What cannot reach
 //!   Redis is delivered to this node's clients only, counted and logged.
 //! - `requests.rs`: request/response work off the loops: history reads for recovery
@@ -16,7 +16,10 @@
 //! Redis data model, per channel `C` (with `--redis-prefix P`):
 //! `P` + `C` the Pub/Sub channel; `Pwsrelay:{C}:meta` a hash with the channel's `epoch` and
 //! last `offset`; `Pwsrelay:{C}:stream` a stream of the last `--history-size` messages with
-//! ids `<offset>-0`; both expire `--history-ttl` after the last publish. The braces keep both
+//! ids `<offset>-0` (trimmed every 64 publishes, so it may hold up to about 164 more); both
+//! expire `--history-ttl` after the last publish (up to 1 s sooner: a node refreshes a
+//! channel's expiry at most once a second). Epochs made by the publish script are a 4-character
+//! per-process prefix and Redis's clock in hexadecimal microseconds. The braces keep both
 //! keys of a channel in one cluster slot. Sessions: `Pwsrelay:session:<id>`, a hash expiring
 //! `--session-ttl` after the last write. Presence: `Pwsrelay:{C}:presence`, a hash client id →
 //! entry, and `Pwsrelay:{C}:presence-exp`, a sorted set client id → expiry; both expire
@@ -54,7 +57,7 @@ pub fn spawn(
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
 ) -> Result<Vec<JoinHandle<()>>, String> {
-    let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL {url:?}: {e}"))?;
+    let client = client(url)?;
     let mut con = connect(&client).map_err(|e| format!("cannot reach Redis at {url}: {e}"))?;
     redis::cmd("PING")
         .query::<String>(&mut con)
@@ -141,6 +144,18 @@ fn prefix_conflict(prefix: &str, other: &str) -> String {
     )
 }
 
+/// The client for `url`, with TCP_NODELAY (redis-rs leaves it off): the publisher writes a
+/// pipeline while earlier ones are still unanswered, and with Nagle's algorithm each such
+/// write would wait for the acknowledgement of the previous one, adding a round trip (tens of
+/// milliseconds under load) to every batch.
+fn client(url: &str) -> Result<redis::Client, String> {
+    let invalid = |e: redis::RedisError| format!("invalid Redis URL {url:?}: {e}");
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(invalid)?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    redis::Client::open(info).map_err(invalid)
+}
+
 /// A connection for commands, with timeouts so a stalled Redis cannot hang a thread.
 fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
     let con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
@@ -185,6 +200,13 @@ impl Keys {
     }
     fn control(&self) -> String {
         format!("{}{}", self.prefix, crate::channels::CONTROL)
+    }
+    /// The index of one token subject's sessions (the subject hashed: it may be anything).
+    fn subject_sessions(&self, subject: &str) -> String {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(subject.as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{}wsrelay:subject:{hex}", self.prefix)
     }
 }
 

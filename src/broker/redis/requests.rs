@@ -22,6 +22,12 @@ use crate::position::new_epoch;
 static READ_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("read.lua")));
 static SAVE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("save.lua")));
 
+/// Seconds a channel's history created by a read (its epoch, fixed at subscription time) is
+/// kept when no publish follows: a subscription on a quiet channel whose epoch expired takes the
+/// next epoch from its start without a notice (it had nothing to miss), and one client
+/// subscribing to channel after channel leaves keys that go within a minute.
+const CREATED_BY_READ_TTL: u64 = 60;
+
 /// Field holding the session's token subject.
 const SUBJECT: &str = "sub";
 /// Prefix of the fields holding `offset epoch` per channel.
@@ -32,6 +38,7 @@ pub(super) struct Requests {
     queue: Receiver<Request>,
     history_ttl: u64,
     session_ttl: u64,
+    sessions_per_subject: usize,
     con: Option<redis::Connection>,
     next_attempt: Instant,
     outbox: Outbox,
@@ -44,6 +51,7 @@ impl Requests {
             queue,
             history_ttl: ttl_secs(config.history_ttl),
             session_ttl: ttl_secs(config.session_ttl),
+            sessions_per_subject: config.max_sessions_per_subject,
             con: None,
             next_attempt: Instant::now(),
             outbox: Outbox::default(),
@@ -104,8 +112,9 @@ impl Requests {
                 self.outbox.reply(&self.redis.loops, to, Reply::Session(result));
             }
             Request::SaveSession { id, state } => {
+                let per_subject = self.sessions_per_subject;
                 if let Err(e) =
-                    self.with_con(|con, keys, ttl| save_session(con, &keys.session(&id), &state, ttl.1))
+                    self.with_con(|con, keys, ttl| save_session(con, keys, &id, &state, (ttl.1, per_subject)))
                 {
                     debug!("session {id} not saved: {e}");
                 }
@@ -185,7 +194,9 @@ fn read_history(
         .arg(start)
         .arg(count)
         .arg(&*new_epoch())
-        .arg(history_ttl);
+        // A history created by a read (a subscribe to a channel nobody published to yet)
+        // expires soon unless a publish follows: subscribing alone cannot fill Redis.
+        .arg(history_ttl.min(CREATED_BY_READ_TTL));
     if let Some(r) = record {
         call.key(keys.session(&r.id))
             .arg(format!("{CHANNEL}{channel}"))
@@ -280,15 +291,27 @@ fn subject_arg(subject: Option<&str>) -> String {
     subject.map(|s| format!("={s}")).unwrap_or_default()
 }
 
-/// Replaces the session (`save.lua`): positions not known yet keep the stored ones.
+/// Replaces the session (`save.lua`): positions not known yet keep the stored ones. A session
+/// with a token subject is indexed under it, and the subject's sessions saved longest ago past
+/// `per_subject` are deleted.
 fn save_session(
     con: &mut redis::Connection,
-    key: &str,
+    keys: &super::Keys,
+    id: &str,
     state: &SessionState,
-    ttl: u64,
+    (ttl, per_subject): (u64, usize),
 ) -> redis::RedisResult<()> {
-    let mut call = SAVE_SCRIPT.key(key);
-    call.arg(ttl).arg(subject_arg(state.subject.as_deref()));
+    let mut call = SAVE_SCRIPT.key(keys.session(id));
+    if let Some(subject) = &state.subject {
+        call.key(keys.subject_sessions(subject));
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    call.arg(ttl)
+        .arg(subject_arg(state.subject.as_deref()))
+        .arg(per_subject)
+        .arg(now_ms);
     for (channel, offset, epoch) in &state.channels {
         call.arg(format!("{CHANNEL}{channel}")).arg(
             epoch
@@ -297,7 +320,12 @@ fn save_session(
                 .unwrap_or_default(),
         );
     }
-    call.invoke(con)
+    let evicted: Vec<String> = call.invoke(con)?;
+    if !evicted.is_empty() {
+        debug!("{} sessions of one subject evicted past its cap", evicted.len());
+        redis::cmd("DEL").arg(&evicted).query::<()>(con)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
