@@ -175,10 +175,10 @@ impl EventLoop {
             self.respond(key, http::error_response(Status::RequestTimeout), now);
         }
         for key in expired_publishes {
-            let body = br#"{"error":"the broker did not acknowledge in time"}"#;
+            let body = crate::envelope::error(None, "unavailable", "the broker did not answer in time");
             self.respond(
                 key,
-                http::response(Status::GatewayTimeout, "application/json", body),
+                http::response(Status::GatewayTimeout, "application/json", body.as_bytes()),
                 now,
             );
         }

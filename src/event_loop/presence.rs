@@ -97,10 +97,11 @@ impl EventLoop {
         self.leave(key, sub.channel);
     }
 
-    /// The server ends subscription `i` of connection `key` (its grant no longer allows it, or
-    /// the server API asked): a v1 client is told (`unsubscribed` with `reason`; a subscribe
-    /// not answered yet gets its error instead), and the session forgets it.
-    pub(super) fn end_sub_because(&mut self, key: usize, i: usize, code: &'static str, reason: &str) {
+    /// The server ends subscription `i` of connection `key` (`forbidden`: its grant no longer
+    /// allows it; `server`: the server API asked): a v1 client is told (`unsubscribed` with
+    /// `reason`; a subscribe not answered yet gets its one reply instead, the error
+    /// `forbidden` or `cancelled`), and the session forgets it.
+    pub(super) fn end_sub_because(&mut self, key: usize, i: usize, reason: &'static str, why: &str) {
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
@@ -118,10 +119,15 @@ impl EventLoop {
         self.session_changed.push(key);
         match unanswered {
             Some(r) => {
-                let refusal = Refusal::new(code, format!("{reason}: subscription to {channel:?} ended"));
+                let code = if reason == "forbidden" {
+                    "forbidden"
+                } else {
+                    "cancelled"
+                };
+                let refusal = Refusal::new(code, format!("{why}: subscription to {channel:?} ended"));
                 self.send_error(key, Some(&r), &refusal);
             }
-            None => self.send_json(key, &envelope::unsubscribed_because(&channel, code)),
+            None => self.send_json(key, &envelope::unsubscribed_because(&channel, reason)),
         }
     }
 

@@ -120,7 +120,7 @@ impl ClusterThread {
                     self.handle(batch);
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => return self.leave_registry(),
             }
             self.outbox.retry(&self.redis.loops);
             let now = Instant::now();
@@ -317,6 +317,29 @@ impl ClusterThread {
                 // Reconnect (and load the scripts again) next time: a flushed script fails here.
                 self.con = None;
             }
+        }
+    }
+
+    /// At exit (every loop is gone, their subscribers' leaves written): this node leaves the
+    /// registry at once rather than when its heartbeat goes stale.
+    fn leave_registry(&mut self) {
+        if !self.api() {
+            return;
+        }
+        let keys = self.redis.keys.clone();
+        let node = self.node.clone();
+        let gone = self.with_con(|con| {
+            redis::pipe()
+                .cmd("ZREM")
+                .arg(keys.nodes())
+                .arg(&*node)
+                .cmd("DEL")
+                .arg(keys.node(&node))
+                .arg(keys.node_channels(&node))
+                .query::<()>(con)
+        });
+        if let Err(e) = gone {
+            debug!("this node stays in the registry until it is stale: {e}");
         }
     }
 

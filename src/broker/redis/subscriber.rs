@@ -41,6 +41,8 @@ enum Exit {
 
 pub(super) struct Subscriber {
     redis: Shared,
+    /// The control channel's name in Redis (with the prefix).
+    control_channel: String,
     routes: Routes,
     outbox: Outbox,
     control: Receiver<Control>,
@@ -51,6 +53,7 @@ pub(super) struct Subscriber {
 impl Subscriber {
     pub(super) fn new(redis: Shared, control: Receiver<Control>) -> Self {
         Subscriber {
+            control_channel: redis.keys.control(),
             redis,
             routes: Routes::default(),
             outbox: Outbox::default(),
@@ -106,7 +109,7 @@ impl Subscriber {
         // Everything currently routed is subscribed on this new connection.
         let mut upstream: HashSet<Channel> = self.routes.channels().cloned().collect();
         let mut names: Vec<String> = upstream.iter().map(|c| self.redis.keys.channel(c)).collect();
-        names.push(self.redis.keys.control());
+        names.push(self.control_channel.clone());
         for chunk in names.chunks(RESUBSCRIBE_CHUNK) {
             if let Err(e) = ps.subscribe(chunk) {
                 return Exit::Lost(e);
@@ -201,7 +204,7 @@ impl Subscriber {
 
     fn route(&mut self, msg: &redis::Msg) {
         let name = msg.get_channel_name();
-        if name == self.redis.keys.control() {
+        if name == self.control_channel {
             return self.command(msg.get_payload_bytes());
         }
         let Some(channel) = name.strip_prefix(self.redis.keys.prefix.as_str()) else {
