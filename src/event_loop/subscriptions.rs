@@ -528,7 +528,7 @@ impl EventLoop {
                         announce: true,
                         ..Pending::quiet()
                     };
-                    open.subs.push(crate::conn::Sub::awaiting(
+                    open.add_sub(crate::conn::Sub::awaiting(
                         channel.clone(),
                         offset,
                         epoch,
