@@ -457,6 +457,15 @@ impl Open {
         self.held_bytes = self.held_bytes.saturating_sub(n);
     }
 
+    /// Adds a subscription. The first one gets room for itself only: most connections (every
+    /// raw one) never have a second, and an idle connection should cost what it holds.
+    pub fn add_sub(&mut self, sub: Sub) {
+        if self.subs.capacity() == 0 {
+            self.subs.reserve_exact(1);
+        }
+        self.subs.push(sub);
+    }
+
     /// The subscription to `channel`, if any.
     pub fn sub_mut(&mut self, channel: &str) -> Option<&mut Sub> {
         self.subs.iter_mut().find(|s| &*s.channel == channel)
@@ -478,7 +487,8 @@ pub struct Request {
 #[derive(Debug)]
 pub enum Phase {
     /// Waiting for the complete HTTP request (and, first, a PROXY header when required).
-    Request(Request),
+    /// Boxed: most connections are open, and every slab entry is as large as its largest phase.
+    Request(Box<Request>),
     /// A WebSocket: frames in, deliveries out.
     Open(Box<Open>),
     /// A server API request (`POST /publish`, `/api/...`, `GET /history`) waiting for the
@@ -538,8 +548,9 @@ pub struct Conn {
     /// Remote address: the client's, once a PROXY header or a trusted proxy's
     /// `X-Forwarded-For` has named it (logs and `--max-connections-per-ip` use it).
     pub peer: SocketAddr,
-    /// The proxy the connection came through, when `peer` was taken from what it said.
-    pub via: Option<SocketAddr>,
+    /// The proxy the connection came through, when `peer` was taken from what it said (boxed:
+    /// rare, and every slab entry pays for the field).
+    pub via: Option<Box<SocketAddr>>,
     /// Identifies this connection in replies from the broker (slab keys are reused).
     pub serial: u64,
     /// Counted in the per-IP connection limit (released when the connection ends).
@@ -580,11 +591,11 @@ impl Conn {
             serial,
             ip_counted: false,
             out: OutBuf::default(),
-            phase: Phase::Request(Request {
+            phase: Phase::Request(Box::new(Request {
                 head: Vec::new(),
                 proxy_header: false,
                 deadline,
-            }),
+            })),
             last_seen: now,
             dirty: false,
             blocked: false,

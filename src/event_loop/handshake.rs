@@ -226,14 +226,14 @@ impl EventLoop {
                 request.head.drain(..len);
                 request.proxy_header = false;
                 if let Some(client) = source {
-                    conn.via = Some(conn.peer);
+                    conn.via = Some(Box::new(conn.peer));
                     conn.peer = client;
                 }
                 // A trusted proxy behind the balancer may still name the client in
                 // X-Forwarded-For: then it is counted in `serve`.
                 let trusted = self.shared.trusted.trusts(conn.peer.ip());
                 if self.shared.per_ip.is_some() && !trusted {
-                    conn.ip_counted = count_ip(&self.shared, conn.peer, conn.via);
+                    conn.ip_counted = count_ip(&self.shared, conn.peer, conn.via.as_deref().copied());
                     if !conn.ip_counted {
                         self.over_ip_limit(key, now);
                         return Progress::Done;
@@ -261,7 +261,7 @@ impl EventLoop {
             .client(conn.peer.ip(), head.forwarded_for.as_deref())
         {
             if client != conn.peer.ip() {
-                conn.via.get_or_insert(conn.peer);
+                conn.via.get_or_insert_with(|| Box::new(conn.peer));
                 // The header carries no port.
                 conn.peer = SocketAddr::new(client, 0);
             }
@@ -269,7 +269,7 @@ impl EventLoop {
         if self.shared.per_ip.is_none() || conn.ip_counted {
             return true;
         }
-        let counted = count_ip(&self.shared, conn.peer, conn.via);
+        let counted = count_ip(&self.shared, conn.peer, conn.via.as_deref().copied());
         conn.ip_counted = counted;
         if !counted {
             self.over_ip_limit(key, now);
@@ -617,15 +617,14 @@ impl EventLoop {
         match from {
             Some((offset, epoch)) => {
                 let pending = crate::conn::Pending::quiet();
-                open.subs
-                    .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
+                open.add_sub(Sub::awaiting(channel.clone(), offset, epoch, pending));
             }
             // With a session, the position where it joins is read (and stored) first.
             None if open.session.is_some() => {
                 let pending = crate::conn::Pending::default();
-                open.subs.push(Sub::awaiting(channel.clone(), 0, None, pending));
+                open.add_sub(Sub::awaiting(channel.clone(), 0, None, pending));
             }
-            None => open.subs.push(Sub::live(channel.clone())),
+            None => open.add_sub(Sub::live(channel.clone())),
         }
         if open.session.is_some() {
             self.session_changed.push(key);

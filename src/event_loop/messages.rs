@@ -392,8 +392,7 @@ impl EventLoop {
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
-        open.subs
-            .push(Sub::awaiting(channel.clone(), offset, epoch, pending));
+        open.add_sub(Sub::awaiting(channel.clone(), offset, epoch, pending));
         if recovering {
             inc(&self.metrics().recoveries);
         }

@@ -554,7 +554,7 @@ impl EventLoop {
                         presence,
                         ..Pending::quiet()
                     };
-                    open.subs.push(crate::conn::Sub::awaiting(
+                    open.add_sub(crate::conn::Sub::awaiting(
                         channel.clone(),
                         offset,
                         epoch,
