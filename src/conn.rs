@@ -216,8 +216,6 @@ pub struct Pending {
     /// This read follows one that found the history restarted (new epoch): it reads the new
     /// epoch from its start. Only once: a history that keeps changing is not read forever.
     pub restarted: bool,
-    /// The presence entry to list once the subscription is live (channels with presence).
-    pub presence: Option<Arc<str>>,
 }
 
 impl Pending {
@@ -277,8 +275,6 @@ pub struct Sub {
     /// An epoch found to be foreign to this channel (see [`Pending::checked`]): deliveries in
     /// it are passed on without a position, and never start a recovery again.
     pub foreign: Option<Arc<str>>,
-    /// Listed in the channel's presence: it must be taken out when the subscription ends.
-    pub present: bool,
 }
 
 impl Sub {
@@ -291,7 +287,6 @@ impl Sub {
             epoch: None,
             stored: None,
             foreign: None,
-            present: false,
         }
     }
 
@@ -306,7 +301,6 @@ impl Sub {
             epoch,
             stored,
             foreign: None,
-            present: false,
         }
     }
 

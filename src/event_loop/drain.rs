@@ -204,18 +204,9 @@ impl EventLoop {
             return self.close(id.key, CloseCode::Away, "server shutting down", now);
         }
         // The subscriptions stay: the session is stored from them. They leave presence now.
-        let mut channels = Vec::new();
-        for sub in &mut open.subs {
-            channels.push((sub.channel.clone(), std::mem::take(&mut sub.present)));
-        }
-        let client = self.client_id(id.key);
-        for (channel, present) in channels {
-            if present {
-                self.pending_cluster.push_back(crate::bridge::Cluster::Leave {
-                    channel: channel.clone(),
-                    client: client.clone(),
-                });
-            }
+        let channels: Vec<_> = open.subs.iter().map(|s| s.channel.clone()).collect();
+        for channel in channels {
+            self.unlist(id.key, &channel);
             self.leave(id.key, channel);
         }
         let give_up = now + self.shared.config.close_timeout;

@@ -386,9 +386,11 @@ impl EventLoop {
             reference,
             recover: recovering,
             announce: true,
-            presence,
             ..Pending::default()
         };
+        if let Some(entry) = presence {
+            self.presence_pending.insert((key, channel.clone()), entry);
+        }
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };

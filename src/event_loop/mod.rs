@@ -123,6 +123,11 @@ pub struct EventLoop {
     ws_config: WebSocketConfig,
     /// Subscription requests that did not fit in the control queue yet, in order.
     pending_control: VecDeque<Control>,
+    /// Presence entries of subscriptions that are listed once they are live (channels with
+    /// presence), by connection and channel.
+    presence_pending: std::collections::HashMap<(usize, crate::bridge::Channel), Arc<str>>,
+    /// Subscriptions listed in presence (to be taken out when they end).
+    presence_listed: std::collections::HashSet<(usize, crate::bridge::Channel)>,
     /// Presence changes waiting for room in the cluster queue, in order.
     pending_cluster: VecDeque<crate::bridge::Cluster>,
     /// `index.changes()` when the loop last reported its channels (server API on).
@@ -203,6 +208,8 @@ impl EventLoop {
             ws_config,
             pending_control: VecDeque::new(),
             pending_cluster: VecDeque::new(),
+            presence_pending: Default::default(),
+            presence_listed: Default::default(),
             channels_sent: 0,
             next_channels: Instant::now(),
             turn: Turn::default(),

@@ -6,8 +6,10 @@
 //! `--presence`/`--join-leave` pattern and no `--api-key`, none of it runs, and the delivery
 //! path (`fanout.rs`) never sees events.
 //!
-//! The loop holds no presence entries: a subscription only remembers that it is listed
-//! (`Sub::present`); the broker keeps this node's entries, refreshes them and takes them out.
+//! Subscriptions carry nothing of it (a subscription costs the same with presence off): the
+//! loop keeps, beside them, the entries of subscriptions that will be listed once live
+//! (`presence_pending`) and which are listed (`presence_listed`); the broker keeps this node's
+//! entries, refreshes them and takes them out.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +19,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::EventLoop;
 use crate::bridge::{Admin, Channel, Cluster, Event, PresenceAnswer};
-use crate::conn::{Pending, Phase, Protocol, Sub, SubState};
+use crate::conn::{Phase, Protocol, Sub, SubState};
 use crate::envelope::{self, Refusal};
 use crate::metrics::add;
 
@@ -65,17 +67,16 @@ impl EventLoop {
 
     /// A subscription just went live: it enters its channel's presence (once), with the entry
     /// its subscribe prepared.
-    pub(super) fn list_present(&mut self, key: usize, channel: &Channel, pending: &mut Pending) {
-        let Some(entry) = pending.presence.take() else {
-            return;
-        };
-        let Some(sub) = self.conns[key].open_mut().and_then(|o| o.sub_mut(channel)) else {
-            return;
-        };
-        if sub.present {
+    pub(super) fn list_present(&mut self, key: usize, channel: &Channel) {
+        if self.presence_pending.is_empty() {
             return;
         }
-        sub.present = true;
+        let Some(entry) = self.presence_pending.remove(&(key, channel.clone())) else {
+            return;
+        };
+        if !self.presence_listed.insert((key, channel.clone())) {
+            return;
+        }
         let client = self.client_id(key);
         self.pending_cluster.push_back(Cluster::Join {
             channel: channel.clone(),
@@ -87,14 +88,25 @@ impl EventLoop {
     /// A subscription ended: it leaves the loop's channel index and, if it was listed, its
     /// channel's presence.
     pub(super) fn end_sub(&mut self, key: usize, sub: Sub) {
-        if sub.present {
+        self.unlist(key, &sub.channel);
+        self.leave(key, sub.channel);
+    }
+
+    /// Takes connection `key`'s subscription to `channel` out of presence, if it was listed
+    /// (or about to be).
+    pub(super) fn unlist(&mut self, key: usize, channel: &Channel) {
+        if self.presence_listed.is_empty() && self.presence_pending.is_empty() {
+            return;
+        }
+        let at = (key, channel.clone());
+        self.presence_pending.remove(&at);
+        if self.presence_listed.remove(&at) {
             let client = self.client_id(key);
             self.pending_cluster.push_back(Cluster::Leave {
-                channel: sub.channel.clone(),
+                channel: channel.clone(),
                 client,
             });
         }
-        self.leave(key, sub.channel);
     }
 
     /// The server ends subscription `i` of connection `key` (`forbidden`: its grant no longer

@@ -86,7 +86,7 @@ impl EventLoop {
         };
         let protocol = open.protocol;
         let Some(sub) = open.sub_mut(channel) else { return };
-        let SubState::AwaitingLive(mut pending) = std::mem::replace(&mut sub.state, SubState::Live) else {
+        let SubState::AwaitingLive(pending) = std::mem::replace(&mut sub.state, SubState::Live) else {
             return;
         };
         if history_on {
@@ -109,7 +109,7 @@ impl EventLoop {
             }
             self.send_json(key, &json);
         }
-        self.list_present(key, channel, &mut pending);
+        self.list_present(key, channel);
     }
 
     /// Deliveries on `channel` were dropped before reaching this loop: every member that
@@ -404,7 +404,7 @@ impl EventLoop {
         &mut self,
         key: usize,
         channel: &Channel,
-        mut pending: Pending,
+        pending: Pending,
         held: Vec<Arc<Delivery>>,
         read_ok: bool,
         mut frames: Vec<bytes::Bytes>,
@@ -426,7 +426,7 @@ impl EventLoop {
         }
         self.queue_frames(key, &frames);
         // Live: it enters the channel's presence (its join comes after its `subscribed`).
-        self.list_present(key, channel, &mut pending);
+        self.list_present(key, channel);
         // A raw connection's input waits for its subscription (see `read_frames`).
         if self.conns[key].read_pending {
             self.read_backlog.push(key);
@@ -551,9 +551,11 @@ impl EventLoop {
                     };
                     let pending = Pending {
                         announce: true,
-                        presence,
                         ..Pending::quiet()
                     };
+                    if let Some(entry) = presence {
+                        self.presence_pending.insert((key, channel.clone()), entry);
+                    }
                     open.add_sub(crate::conn::Sub::awaiting(
                         channel.clone(),
                         offset,
