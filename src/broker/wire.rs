@@ -124,15 +124,18 @@ pub fn signal_header(kind: u8) -> Vec<u8> {
 
 /// The signal in `payload`, if it is one (else it is a message: [`decode`]).
 pub fn signal(payload: &[u8]) -> Option<Signal<'_>> {
+    // A message (kind `t` or `b`) is told apart at its fifth byte.
     let rest = payload.strip_prefix(MAGIC)?;
     let (&kind, rest) = rest.split_first()?;
-    let body = rest.strip_prefix(b" - -\n")?;
-    match kind {
-        b'j' => Some(Signal::Join(body)),
-        b'l' => Some(Signal::Leave(body)),
-        b'c' => Some(Signal::Command(body)),
-        _ => None,
+    if !matches!(kind, b'j' | b'l' | b'c') {
+        return None;
     }
+    let body = rest.strip_prefix(b" - -\n")?;
+    Some(match kind {
+        b'j' => Signal::Join(body),
+        b'l' => Signal::Leave(body),
+        _ => Signal::Command(body),
+    })
 }
 
 /// Longest server API command accepted from the control channel, in bytes.
