@@ -216,6 +216,11 @@ pub struct Pending {
     /// This read follows one that found the history restarted (new epoch): it reads the new
     /// epoch from its start. Only once: a history that keeps changing is not read forever.
     pub restarted: bool,
+    /// The read was started by a delivery at this offset that skipped some: if the history
+    /// cannot fill the gap up to it, that delivery's offset is not one of the channel's (a
+    /// payload published into Redis with a header that only looks like ours), and it does not
+    /// start another read.
+    pub gap_to: Option<u64>,
 }
 
 impl Pending {
@@ -225,6 +230,14 @@ impl Pending {
         Pending {
             recover: true,
             ..Pending::default()
+        }
+    }
+
+    /// A quiet recovery of the messages missed before a delivery at `offset`.
+    pub fn gap(offset: u64) -> Self {
+        Pending {
+            gap_to: Some(offset),
+            ..Pending::quiet()
         }
     }
 

@@ -122,7 +122,7 @@ pub(crate) fn track(open: &mut Open, d: &Arc<Delivery>, key: usize, turn: &mut T
             }
             if pos.offset > sub.offset + 1 {
                 // Recover what was lost between the last delivered offset and this one.
-                hold(sub, held_bytes, Pending::quiet(), d);
+                hold(sub, held_bytes, Pending::gap(pos.offset), d);
                 turn.gaps.push((key, d.channel.clone()));
                 return Verdict::Held;
             }
@@ -163,14 +163,21 @@ pub(crate) fn release(
     open: &mut Open,
     d: &Arc<Delivery>,
     key: usize,
-    checked: Option<&str>,
+    pending: &Pending,
     read_ok: bool,
     turn: &mut Turn,
 ) -> Verdict {
+    let checked = pending.checked.as_deref();
     let Some(sub) = open.subs.iter_mut().find(|s| s.channel == d.channel) else {
         return Verdict::Skip;
     };
     if let (SubState::Live, Some(pos)) = (&sub.state, &d.position) {
+        let in_epoch = sub.epoch.as_deref() == Some(&*pos.epoch);
+        if read_ok && in_epoch && pending.gap_to == Some(pos.offset) && pos.offset > sub.offset + 1 {
+            // The read this delivery started could not fill the gap before it: its offset is
+            // not the channel's. Passed on once, without a position.
+            return Verdict::Plain;
+        }
         let mismatched = sub.epoch.as_deref().is_some_and(|e| e != &*pos.epoch);
         if mismatched && (!read_ok || checked == Some(&*pos.epoch)) {
             if read_ok {
@@ -255,7 +262,14 @@ mod tests {
         // released as foreign, once, and remembered.
         open.subs[0].state = SubState::Live;
         assert_eq!(
-            release(&mut open, &foreign, 1, Some("x"), true, &mut turn),
+            release(
+                &mut open,
+                &foreign,
+                1,
+                &Pending::check(Arc::from("x")),
+                true,
+                &mut turn
+            ),
             Verdict::Plain
         );
         assert_eq!(open.subs[0].foreign.as_deref(), Some("x"));
@@ -272,19 +286,33 @@ mod tests {
         let mut open = open_on("c", 5, "e");
         let mut turn = Turn::default();
         assert_eq!(
-            release(&mut open, &at(3, "y"), 1, Some("x"), true, &mut turn),
+            release(
+                &mut open,
+                &at(3, "y"),
+                1,
+                &Pending::check(Arc::from("x")),
+                true,
+                &mut turn
+            ),
             Verdict::Held
         );
         // After a failed read nothing starts another read: the mismatch passes plain (not
         // remembered), a gap is accepted (the client was told recovery failed).
         let mut open = open_on("c", 5, "e");
         assert_eq!(
-            release(&mut open, &at(3, "y"), 1, Some("y"), false, &mut turn),
+            release(
+                &mut open,
+                &at(3, "y"),
+                1,
+                &Pending::check(Arc::from("y")),
+                false,
+                &mut turn
+            ),
             Verdict::Plain
         );
         assert_eq!(open.subs[0].foreign, None);
         assert_eq!(
-            release(&mut open, &at(9, "e"), 1, None, false, &mut turn),
+            release(&mut open, &at(9, "e"), 1, &Pending::quiet(), false, &mut turn),
             Verdict::Send
         );
         assert_eq!(open.subs[0].offset, 9);
@@ -316,5 +344,32 @@ mod tests {
         assert_eq!(track(&mut open, &at(9, "e"), 1, &mut turn), Verdict::Held);
         open.subs[0].delivered_all();
         assert_eq!(open.subs[0].stored.as_ref().map(|p| p.offset), Some(5));
+    }
+
+    #[test]
+    fn a_gap_the_history_cannot_fill_passes_plain_once() {
+        let mut open = open_on("c", 5, "e");
+        let mut turn = Turn::default();
+        let far = at(1004, "e");
+        assert_eq!(track(&mut open, &far, 1, &mut turn), Verdict::Held);
+        let SubState::AwaitingHistory { pending, .. } = &open.subs[0].state else {
+            panic!("not reading history");
+        };
+        assert_eq!(pending.gap_to, Some(1004));
+        // The read found the history ending at 6: the gap up to 1004 stays.
+        open.subs[0].state = SubState::Live;
+        open.subs[0].offset = 6;
+        let gaps = turn.gaps.len();
+        assert_eq!(
+            release(&mut open, &far, 1, &Pending::gap(1004), true, &mut turn),
+            Verdict::Plain
+        );
+        assert_eq!(turn.gaps.len(), gaps, "no second read");
+        assert_eq!(open.subs[0].offset, 6);
+        // A real message after a gap the read filled is delivered as usual.
+        assert_eq!(
+            release(&mut open, &at(7, "e"), 1, &Pending::gap(7), true, &mut turn),
+            Verdict::Send
+        );
     }
 }

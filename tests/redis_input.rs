@@ -219,3 +219,62 @@ fn deployments_sharing_a_redis_stay_apart() {
     let again = Node::start(&["--redis", &url, "--redis-prefix", "a:"]);
     drop(again);
 }
+
+/// Calls of `cmd` Redis has run (`INFO commandstats`).
+fn calls(redis: &Redis, cmd: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.con())
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_payload_claiming_a_future_offset_of_the_channel_loops_nothing() {
+    let redis = Redis::start();
+    let n = Node::start(&["--redis", &redis.url()]);
+    let mut v1 = V1::connect(n.addr, None).unwrap();
+    v1.subscribe("f", None).unwrap();
+    let mut raw = n.client("/f?session=raw-session-0002");
+    raw.sync("raw ready", WAIT).unwrap();
+    assert_eq!(expect_message(&mut v1, "raw ready"), Some(1));
+    let mut p = V1::connect(n.addr, None).unwrap();
+    let epoch = p.publish("f", "real").unwrap()["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(expect_message(&mut v1, "real"), Some(2));
+    assert_eq!(raw.recv_text(WAIT).unwrap(), "real");
+    // The channel's own epoch, an offset its history will not reach for a long time.
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("f")
+        .arg(format!("\0wr1 t 1004 {epoch}\nfake"))
+        .query(&mut redis.con())
+        .unwrap();
+    assert_eq!(p.publish("f", "after").unwrap()["offset"], 3);
+    // The history cannot fill a gap up to 1004: one read finds that out (and replays what it
+    // has, so "after" may come first), then the payload is passed on without a position.
+    let mut got: Vec<(String, Option<u64>)> = (0..2)
+        .map(|_| {
+            let m = v1.next(WAIT).unwrap();
+            (
+                m["data"].as_str().unwrap_or_default().to_owned(),
+                m["offset"].as_u64(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(got, [("after".to_owned(), Some(3)), ("fake".to_owned(), None)]);
+    let mut texts = [raw.recv_text(WAIT).unwrap(), raw.recv_text(WAIT).unwrap()];
+    texts.sort();
+    assert_eq!(texts, ["after", "fake"]);
+    // Nothing goes on behind the scenes: one more message costs Redis one script call.
+    let before = calls(&redis, "evalsha");
+    assert_eq!(p.publish("f", "after two").unwrap()["offset"], 4);
+    assert_eq!(expect_message(&mut v1, "after two"), Some(4));
+    assert_eq!(raw.recv_text(WAIT).unwrap(), "after two");
+    assert_eq!(calls(&redis, "evalsha"), before + 1);
+}

@@ -415,7 +415,7 @@ impl EventLoop {
         open.release_held(held.iter().map(|d| d.data.len()).sum());
         let protocol = open.protocol;
         for d in &held {
-            match fanout::release(open, d, key, pending.checked.as_deref(), read_ok, &mut self.turn) {
+            match fanout::release(open, d, key, &pending, read_ok, &mut self.turn) {
                 Verdict::Send => frames.push(frame_for(protocol, d)),
                 Verdict::Plain => frames.push(fanout::frame_of(protocol, d, true).clone()),
                 Verdict::Held | Verdict::Skip => {}
