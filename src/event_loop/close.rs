@@ -94,8 +94,10 @@ impl EventLoop {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             dec(&self.metrics().connections);
         }
-        // Unsubscribes from removals go out this turn rather than next.
+        // Unsubscribes and presence leaves from removals go out this turn rather than next
+        // (there may be no next turn: the loop may be stopping).
         self.send_control();
+        self.send_cluster();
     }
 
     // ---- timers --------------------------------------------------------------------------
