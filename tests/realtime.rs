@@ -329,6 +329,39 @@ fn a_sigkilled_nodes_subscribers_leave_presence_within_the_ttl() {
     drop(keep);
 }
 
+#[test]
+fn a_stopping_nodes_subscribers_leave_at_once() {
+    let redis = Redis::start();
+    let url = redis.url();
+    // The default TTL (30 s): leaves that came only from expiry would not come in time.
+    let flags = [
+        "--redis",
+        &url,
+        "--join-leave",
+        "room:*",
+        "--shutdown-timeout",
+        "1s",
+    ];
+    let a = Node::start(&flags);
+    let mut b = Node::start(&flags);
+    let mut w = v1(a.addr);
+    w.subscribe("room:1", None).unwrap();
+    let mut c = v1(b.addr);
+    c.subscribe("room:1", None).unwrap();
+    let j = w.next_of("join", WAIT).unwrap();
+    let j = if j["client"] == w.client_id.as_str() {
+        w.next_of("join", WAIT).unwrap()
+    } else {
+        j
+    };
+    assert_eq!(j["client"], c.client_id.as_str());
+    b.signal(libc::SIGINT);
+    let l = w.next_of("leave", Duration::from_secs(5)).unwrap();
+    assert_eq!(l["client"], c.client_id.as_str());
+    assert_eq!(b.wait_exit(WAIT).code(), Some(0));
+    assert_eq!(listed(&w.presence("room:1").unwrap()), vec![w.client_id.clone()]);
+}
+
 /// Publishes `n` messages `m1..` on `channel` through `c`; the last offset.
 fn publish_n(c: &mut V1, channel: &str, n: usize, size: usize) -> (u64, String) {
     let mut last = Value::Null;
