@@ -272,22 +272,23 @@ fn join_and_leave_events_reach_every_node_once() {
     });
 }
 
-#[test]
-fn a_sigkilled_nodes_subscribers_leave_presence_within_the_ttl() {
+/// Two nodes on one Redis with join/leave on `room:*` and `extra` flags, and a watcher on the
+/// first subscribed to `room:1`.
+fn watched_pair(extra: &[&str]) -> (Redis, Node, Node, V1) {
     let redis = Redis::start();
     let url = redis.url();
-    let flags = [
-        "--redis",
-        &url,
-        "--join-leave",
-        "room:*",
-        "--presence-ttl",
-        "1500ms",
-    ];
+    let mut flags = vec!["--redis", &url, "--join-leave", "room:*"];
+    flags.extend_from_slice(extra);
     let a = Node::start(&flags);
-    let mut b = Node::start(&flags);
+    let b = Node::start(&flags);
     let mut w = v1(a.addr);
     w.subscribe("room:1", None).unwrap();
+    (redis, a, b, w)
+}
+
+#[test]
+fn a_sigkilled_nodes_subscribers_leave_presence_within_the_ttl() {
+    let (_redis, _a, mut b, mut w) = watched_pair(&["--presence-ttl", "1500ms"]);
     let mut gone = Vec::new();
     let mut keep = Vec::new();
     for _ in 0..3 {
@@ -331,21 +332,8 @@ fn a_sigkilled_nodes_subscribers_leave_presence_within_the_ttl() {
 
 #[test]
 fn a_stopping_nodes_subscribers_leave_at_once() {
-    let redis = Redis::start();
-    let url = redis.url();
     // The default TTL (30 s): leaves that came only from expiry would not come in time.
-    let flags = [
-        "--redis",
-        &url,
-        "--join-leave",
-        "room:*",
-        "--shutdown-timeout",
-        "1s",
-    ];
-    let a = Node::start(&flags);
-    let mut b = Node::start(&flags);
-    let mut w = v1(a.addr);
-    w.subscribe("room:1", None).unwrap();
+    let (_redis, _a, mut b, mut w) = watched_pair(&["--shutdown-timeout", "1s"]);
     let mut c = v1(b.addr);
     c.subscribe("room:1", None).unwrap();
     let j = w.next_of("join", WAIT).unwrap();
