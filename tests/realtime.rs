@@ -520,7 +520,8 @@ fn the_server_api_reaches_every_node() {
             (n["channel"].as_str(), n["reason"].as_str()),
             (Some("room"), Some("server"))
         );
-        s.api(1).broadcast(&["news"], "still on news").unwrap();
+        let (status, r) = s.api(1).publish("news", "still on news").unwrap();
+        assert_eq!((status, r["type"].as_str()), (200, Some("published")), "{r}");
         assert_eq!(other.next_of("message", WAIT).unwrap()["data"], "still on news");
 
         // Disconnect a user everywhere, with a close code and reason, within a bounded time.
@@ -570,7 +571,8 @@ fn a_token_expires_unless_refreshed_and_a_refresh_replaces_the_grants() {
         let s = Setup::start(redis, &["--token-secret", SECRET, "--token-leeway", "0s"]);
         let soon = now() + 2;
         let short = token("u", &["a:*", "b:*"], soon);
-        let mut kept = v1_token(s.at(0), &short);
+        // One with the token in a `connect` command, one with it in the URL.
+        let mut kept = V1::connect_token(s.at(0), None, &short).unwrap();
         let mut lapsed = v1_token(s.at(1), &short);
         let mut raw = Client::connect(s.at(1), &format!("/a:raw?token={short}")).unwrap();
         raw.sync("raw-ready", WAIT).unwrap();
