@@ -2,8 +2,9 @@
 // speaking the `wsrelay.v1` envelope protocol (README, "Envelope protocol"). It owns reconnecting
 // (exponential backoff with full jitter, rotating over the given URLs), resubscribing with the last
 // offset and epoch seen on every channel, dropping duplicates by offset, telling the application
-// when recovery failed, and queueing publishes while disconnected. The server serves it at
-// `GET /wsrelay.js`.
+// when recovery failed, and queueing publishes while disconnected. It also exposes presence
+// (who is on a channel, join and leave events), history on demand, and token authentication
+// with refresh before expiry. The server serves it at `GET /wsrelay.js`.
 //
 // Example:
 //
@@ -29,6 +30,21 @@
 //   sub.unsubscribe();
 //   relay.close();
 //
+// With tokens, presence and history (the server started with --token-secret and
+// --join-leave 'room:*'):
+//
+//   const relay = new WsRelay({
+//     urls: ["wss://rt.example.com"],
+//     getToken: () => fetch("/api/wsrelay-token").then((r) => r.text()), // called to connect and
+//   });                                                                  // again before expiry
+//   relay.subscribe("room:1", {
+//     info: { name: "Ada" },                       // what presence lists with this subscription
+//     onJoin(p) { console.log("joined:", p.user, p.info); },  // p = {channel, client, user, info}
+//     onLeave(p) { console.log("left:", p.client); },
+//   });
+//   const { clients } = await relay.presence("room:1");      // [{client, user, info}, ...]
+//   const { messages } = await relay.history("room:1", { limit: 50 }); // the newest 50
+//
 // API
 //
 // new WsRelay(options)
@@ -42,8 +58,16 @@
 //                                       {"op":"ping"}; 0 disables the heartbeat
 //   pingTimeout     10000               ms to wait for any frame after such a ping before the
 //                                       connection is considered dead and replaced
-//   maxQueue        1000                publishes queued while disconnected; more are rejected
-//                                       with code "queue_full"
+//   maxQueue        1000                publishes (and presence/history requests) queued while
+//                                       disconnected; more are rejected with code "queue_full"
+//   getToken        none                () => token or Promise<token>: a JWT for the server's
+//                                       --token-secret. Called before every connection (sent in
+//                                       a `connect` command, never in the URL) and again before
+//                                       the token expires (sent as `refresh`), so the server never
+//                                       closes the connection for an expired token (4401). If it
+//                                       throws, the connection is dropped and retried (backoff).
+//   refreshBefore   10000               ms before the token's `exp` to refresh it (for tokens that
+//                                       live less than twice that: halfway through)
 //   WebSocket, random, setTimeout, clearTimeout, now
 //                                       injectable for tests (default: the globals, Math.random,
 //                                       Date.now)
@@ -66,6 +90,12 @@
 //                                       (an unsolicited `unsubscribed` with a reason); it is dropped
 //   handlers.offset, handlers.epoch     optional starting position (e.g. persisted by the app):
 //                                       the first subscribe then already asks for recovery
+//   handlers.info                       any JSON value: what the channel's presence lists with this
+//                                       subscription (sent with every subscribe)
+//   handlers.onJoin(p), onLeave(p)      a subscription joined or left the channel (channels with
+//                                       --join-leave): p = {channel, client, user, info}; the
+//                                       client's own join too. At most once: after a reconnect,
+//                                       read relay.presence() for the exact list
 //   Subscribing twice to the same channel throws; unsubscribe first.
 //   Subscription: {channel, offset, epoch, active, unsubscribe()}; offset/epoch are the position of
 //   the last message delivered (what the next reconnect asks for).
@@ -79,6 +109,17 @@
 //   not have been published; it is not resent, to avoid duplicates), or "closed" (relay.close()).
 //   While disconnected, publishes wait in the queue and are sent, in order, after reconnecting.
 //
+// relay.presence(channel) -> Promise<{channel, clients: [{client, user, info}]}>
+// relay.presenceStats(channel) -> Promise<{channel, clients, users}>
+//   Who is subscribed (channels with presence), on every node. Rejects with the server's code
+//   ("not_enabled", "forbidden", ...). Waits for a connection like publish.
+//
+// relay.history(channel, {limit, since}) -> Promise<{channel, offset, epoch, messages, more,
+//   recovered}>
+//   Stored messages without subscribing: the newest `limit`, or (since = {offset, epoch}) those
+//   after a position (recovered=false: the history no longer has them, or the epoch changed).
+//   messages: [{data, offset, epoch, binary}], oldest first; more=true: ask again from the last.
+//
 // relay.on(event, fn) -> () => void (removes the listener);  relay.off(event, fn)
 //   "state"       (state)          "connecting" | "open" | "closed"
 //   "open"        ({url})          a connection opened (subscriptions are being renewed)
@@ -88,10 +129,13 @@
 //   "recovered"   (ok, info)       same as handlers.onRecovered, for every channel
 //   "message"     (data, meta)     every delivered message, after duplicate filtering
 //   "error"       (err)            protocol errors not tied to a request, and handler exceptions
+//   "join", "leave" (p)            as handlers.onJoin/onLeave, for every channel
+//   "refreshed"   ({expires})      the token was refreshed
 //
 // relay.state  "connecting" | "open" | "closed";  relay.url  the URL of the current connection;
 // relay.session  the session id of the current connection (not used for resuming: the client
 // tracks offsets itself and never passes ?session=).
+// relay.clientId  this connection's id, as presence lists it (changes on every reconnect).
 // relay.close()  closes for good: no reconnect; queued and unacknowledged publishes are rejected.
 //
 // Offsets. Every message of a channel with history carries an increasing, gapless offset and an
@@ -102,6 +146,17 @@
 // gap (once per position; if that does not help, the gap is reported as onRecovered(false)).
 
 const PROTOCOL = "wsrelay.v1";
+
+/** The `exp` claim (seconds) of a JWT, or null. Not verified: only to know when to refresh. */
+export function tokenExpiry(token) {
+  try {
+    const part = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const exp = JSON.parse(atob(part + "===".slice((part.length + 3) % 4))).exp;
+    return typeof exp === "number" && Number.isFinite(exp) ? exp : null;
+  } catch {
+    return null;
+  }
+}
 
 /** Error with the server's (or the client's) error `code`. */
 export class WsRelayError extends Error {
@@ -157,6 +212,8 @@ export class WsRelay {
     this._pingInterval = num(options.pingInterval, 20000);
     this._pingTimeout = num(options.pingTimeout, 10000);
     this._maxQueue = num(options.maxQueue, 1000);
+    this._getToken = typeof options.getToken === "function" ? options.getToken : null;
+    this._refreshBefore = num(options.refreshBefore, 10000);
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
     if (typeof this._WebSocket !== "function") throw new TypeError("WsRelay: no WebSocket implementation");
     this._random = options.random ?? Math.random;
@@ -167,6 +224,7 @@ export class WsRelay {
     this.state = "connecting";
     this.url = null;
     this.session = null;
+    this.clientId = null;
 
     this._listeners = new Map(); // event → Set<fn>
     this._subs = new Map(); // channel → Sub
@@ -183,6 +241,8 @@ export class WsRelay {
     this._pingTimer = null;
     this._pingSentAt = 0;
     this._lastRx = 0;
+    this._refreshTimer = null;
+    this._token = null; // the token of the current connection
     this._closed = false;
 
     this._connect();
@@ -216,20 +276,47 @@ export class WsRelay {
   }
 
   publish(channel, data) {
+    const msg = { op: "publish", channel };
+    try {
+      if (typeof data === "string") msg.data = data;
+      else msg.data_b64 = toBase64(data);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this._request(msg, (m) => ({ channel: m.channel, offset: m.offset, epoch: m.epoch }));
+  }
+
+  presence(channel) {
+    return this._request({ op: "presence", channel }, (m) => ({ channel: m.channel, clients: m.clients || [] }));
+  }
+
+  presenceStats(channel) {
+    return this._request({ op: "presence_stats", channel },
+      (m) => ({ channel: m.channel, clients: m.clients, users: m.users }));
+  }
+
+  history(channel, { limit, since } = {}) {
+    const msg = { op: "history", channel };
+    if (typeof limit === "number") msg.limit = limit;
+    if (since) msg.since = { offset: since.offset, epoch: since.epoch };
+    return this._request(msg, (m) => ({
+      channel: m.channel, offset: m.offset, epoch: m.epoch, more: !!m.more, recovered: m.recovered,
+      messages: (m.messages || []).map((x) => {
+        const binary = typeof x.data_b64 === "string";
+        return { data: binary ? fromBase64(x.data_b64) : x.data, offset: x.offset, epoch: x.epoch, binary };
+      }),
+    }));
+  }
+
+  /** Sends a command answered by one reply (`map` turns it into the result), now or once open. */
+  _request(msg, map) {
     return new Promise((resolve, reject) => {
       if (this._closed) return reject(new WsRelayError("closed", "WsRelay is closed"));
-      if (typeof channel !== "string" || channel === "") return reject(new TypeError("channel must be a non-empty string"));
-      const msg = { op: "publish", channel };
-      try {
-        if (typeof data === "string") msg.data = data;
-        else msg.data_b64 = toBase64(data);
-      } catch (e) {
-        return reject(e);
-      }
-      const item = { msg, resolve, reject };
-      if (this._isOpen()) return this._sendPublish(item);
+      if (typeof msg.channel !== "string" || msg.channel === "") return reject(new TypeError("channel must be a non-empty string"));
+      const item = { msg, resolve: (m) => resolve(map(m)), reject };
+      if (this._isOpen()) return this._sendRequest(item);
       if (this._queue.length >= this._maxQueue) {
-        return reject(new WsRelayError("queue_full", `${this._queue.length} publishes already wait for a connection`));
+        return reject(new WsRelayError("queue_full", `${this._queue.length} requests already wait for a connection`));
       }
       this._queue.push(item);
     });
@@ -318,15 +405,78 @@ export class WsRelay {
       this._attempt = 0;
     }
     this._schedulePing(this._pingInterval);
+    if (this._getToken) {
+      this._authenticate(ws);
+      return;
+    }
+    this._ready();
+  }
+
+  /** The connection is usable: renew subscriptions and send what waited. */
+  _ready() {
     this._wsOpen = true;
     // Renew every subscription (with the last position seen) and send what waited, before telling
     // anyone: a listener that subscribes or publishes now is sent after these.
     for (const sub of this._subs.values()) {
       if (!sub.active && sub.ref === null) this._sendSubscribe(sub);
     }
-    for (const item of this._queue.splice(0)) this._sendPublish(item);
+    for (const item of this._queue.splice(0)) this._sendRequest(item);
     this._setState("open");
     this._emit("open", { url: this.url });
+  }
+
+  /** Gets a token and sends it in a `connect` command; the welcome that answers makes it ready. */
+  async _authenticate(ws) {
+    let token;
+    try {
+      token = await this._getToken();
+      if (typeof token !== "string" || token === "") throw new TypeError("getToken() must return a token string");
+    } catch (e) {
+      if (this._ws !== ws) return;
+      this._emit("error", new WsRelayError("token", `getToken failed: ${e && e.message}`));
+      this._drop(ws, 4002, "no token");
+      return;
+    }
+    // Gone meanwhile, or the server needs no token (it welcomed us already).
+    if (this._ws !== ws || this._wsOpen) return;
+    this._token = token;
+    const ref = this._ref();
+    this._pending.set(ref, { kind: "connect" });
+    this._send({ op: "connect", token, ref });
+  }
+
+  /** Refreshes the token `refreshBefore` ms before it expires (halfway for short-lived ones). */
+  _scheduleRefresh() {
+    this._clear("_refreshTimer");
+    const exp = this._getToken && this._token ? tokenExpiry(this._token) : null;
+    if (exp === null) return;
+    const left = exp * 1000 - this._now();
+    const delay = left > 2 * this._refreshBefore ? left - this._refreshBefore : Math.max(0, left / 2);
+    this._refreshTimer = this._setTimeout(() => this._refresh(), delay);
+  }
+
+  async _refresh() {
+    this._refreshTimer = null;
+    const ws = this._ws;
+    if (!ws || !this._isOpen()) return;
+    let token;
+    try {
+      token = await this._getToken();
+    } catch (e) {
+      this._emit("error", new WsRelayError("token", `getToken failed: ${e && e.message}`));
+      return this._retryRefresh(ws);
+    }
+    if (this._ws !== ws || !this._isOpen()) return;
+    const ref = this._ref();
+    this._pending.set(ref, { kind: "refresh", token });
+    this._send({ op: "refresh", token, ref });
+  }
+
+  /** A refresh failed: try again in a second while the token lasts (the server closes at expiry
+   *  with 4401 otherwise, and the reconnect gets a new token). */
+  _retryRefresh(ws) {
+    if (this._ws !== ws || this._refreshTimer !== null) return;
+    this._refreshTimer = this._setTimeout(() => this._refresh(), 1000);
   }
 
   _onClose(ws, code, reason) {
@@ -426,8 +576,22 @@ export class WsRelay {
       case "pong": this._pending.delete(m.ref); return;
       case "welcome":
         this.session = m.session ?? null;
-        this._emit("welcome", { session: m.session, resumed: !!m.resumed, url: this.url });
+        this.clientId = m.client ?? null;
+        if (m.ref !== undefined) this._pending.delete(m.ref);
+        this._emit("welcome", { session: m.session, resumed: !!m.resumed, url: this.url, client: this.clientId });
+        if (!this._wsOpen) {
+          // The answer to our `connect` (or a server that needs no token): usable now.
+          if (m.ref === undefined) this._token = null;
+          this._ready();
+          this._scheduleRefresh();
+        }
         return;
+      case "presence":
+      case "presence_stats":
+      case "history": return this._onAnswer(m);
+      case "refreshed": return this._onRefreshed(m);
+      case "join":
+      case "leave": return this._onPresenceEvent(m);
       case "error": return this._onError(m);
       default: return; // unknown frame types are ignored (forward compatibility)
     }
@@ -537,10 +701,33 @@ export class WsRelay {
   }
 
   _onPublished(m) {
+    this._onAnswer(m);
+  }
+
+  /** The reply to a publish, presence or history request. */
+  _onAnswer(m) {
     const p = this._pending.get(m.ref);
-    if (!p || p.kind !== "publish") return;
+    if (!p || p.kind !== "request") return;
     this._pending.delete(m.ref);
-    p.resolve({ channel: m.channel, offset: m.offset, epoch: m.epoch });
+    p.resolve(m);
+  }
+
+  _onRefreshed(m) {
+    const p = this._pending.get(m.ref);
+    if (!p || p.kind !== "refresh") return;
+    this._pending.delete(m.ref);
+    this._token = p.token;
+    this._emit("refreshed", { expires: m.expires });
+    this._scheduleRefresh();
+  }
+
+  _onPresenceEvent(m) {
+    const sub = this._subs.get(m.channel);
+    if (!sub || !sub.active) return;
+    const p = { channel: m.channel, client: m.client, user: m.user, info: m.info };
+    const name = m.type === "join" ? "onJoin" : "onLeave";
+    this._call(sub, name, p);
+    this._emit(m.type, p);
   }
 
   // The server ended a subscription by itself (reason "forbidden": the token no longer grants
@@ -563,8 +750,15 @@ export class WsRelay {
       return;
     }
     this._pending.delete(m.ref);
-    if (p.kind === "publish") {
+    if (p.kind === "request") {
       p.reject(err);
+    } else if (p.kind === "refresh") {
+      this._emit("error", err);
+      this._retryRefresh(this._ws);
+    } else if (p.kind === "connect") {
+      // The server refused the token: it closes the connection (1008), and we reconnect with
+      // a new one.
+      this._emit("error", err);
     } else if (p.kind === "subscribe") {
       const sub = p.sub;
       if (this._subs.get(sub.channel) !== sub || sub.ref !== m.ref) return;
@@ -600,6 +794,7 @@ export class WsRelay {
   _sendSubscribe(sub) {
     const ref = this._ref();
     const msg = { op: "subscribe", channel: sub.channel, ref };
+    if (sub.handlers.info !== undefined) msg.info = sub.handlers.info;
     let from = null;
     if (sub.offset !== null && sub.epoch !== null) {
       msg.offset = sub.offset;
@@ -632,9 +827,9 @@ export class WsRelay {
     }
   }
 
-  _sendPublish(item) {
+  _sendRequest(item) {
     const ref = this._ref();
-    this._pending.set(ref, { kind: "publish", resolve: item.resolve, reject: item.reject });
+    this._pending.set(ref, { kind: "request", resolve: item.resolve, reject: item.reject });
     this._send({ ...item.msg, ref });
   }
 
@@ -696,6 +891,7 @@ export class WsRelay {
     this._clear("_connectTimer");
     this._clear("_stableTimer");
     this._clear("_pingTimer");
+    this._clear("_refreshTimer");
   }
 }
 

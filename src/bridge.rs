@@ -3,9 +3,10 @@
 //! and a loop blocked in `poll` is woken by its `mio::Waker`.
 //!
 //! Direction loop → broker: [`Publish`] (a client's message), [`Control`] (subscribe and
-//! unsubscribe) and [`Request`] (history and session storage), through a [`BrokerHandle`].
-//! Direction broker → loop: [`ToLoop`] (deliveries, confirmations, replies) through a
-//! [`LoopHandle`]. Wakes merge: a sender only calls `wake()` when no wake is already pending, and
+//! unsubscribe), [`Request`] (history and session storage) and [`Cluster`] (presence, the
+//! nodes, the server API), through a [`BrokerHandle`].
+//! Direction broker → loop: [`ToLoop`] (deliveries, events, server API commands,
+//! confirmations, replies) through a [`LoopHandle`]. Wakes merge: a sender only calls `wake()` when no wake is already pending, and
 //! the loop clears the flag before it drains its inbox with `try_recv`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -175,11 +176,24 @@ pub struct SessionRecord {
     pub subject: Option<String>,
 }
 
+/// A history read a client asked for (the v1 `history` command, `GET /history`), not for a
+/// subscription: echoed in [`Reply::History`] so the answer finds its way back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistoryQuery {
+    /// The command's `ref` (v1), echoed in the reply.
+    pub reference: Option<Box<str>>,
+    /// Most messages to return (at most `recovery::PAGE_ENTRIES`); 0 for the position only.
+    pub limit: usize,
+    /// The messages after this position (offset, epoch); `None`: the newest `limit`.
+    pub since: Option<(u64, Arc<str>)>,
+}
+
 /// Request/response work for the broker (storage reads and writes), answered through
 /// [`ToLoop::Reply`] where a reply is due.
 #[derive(Debug)]
 pub enum Request {
-    /// The channel's position, and its stored messages after `since` if given.
+    /// The channel's position, and its stored messages after `since` if given (or, for a
+    /// [`HistoryQuery`] without a position, its newest messages).
     History {
         /// The channel.
         channel: Channel,
@@ -189,6 +203,8 @@ pub enum Request {
         record: Option<SessionRecord>,
         /// Who subscribes (a read can create the channel's history).
         origin: Option<Origin>,
+        /// Set when a client asked to read history, not to subscribe.
+        query: Option<Box<HistoryQuery>>,
         /// Who asked.
         to: ReplyTo,
     },
@@ -255,6 +271,138 @@ impl PublishError {
     }
 }
 
+/// A channel's presence as read: every entry (a `presence` read) or only counts
+/// (`presence_stats`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PresenceAnswer {
+    /// Subscriptions listed.
+    pub clients: u64,
+    /// Distinct users among them (token subjects; clients without one count once each).
+    pub users: u64,
+    /// The entries as JSON objects (`presence::encode`), for a `presence` read.
+    pub entries: Vec<Box<str>>,
+}
+
+/// One node as the server API's `info` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node's id (random, chosen at start; client ids start with it).
+    pub id: String,
+    /// wsrelay's version.
+    pub version: String,
+    /// Open WebSocket connections.
+    pub connections: u64,
+    /// Channels with local subscribers.
+    pub channels: u64,
+    /// When it started, in seconds since the Unix epoch.
+    pub started: u64,
+}
+
+/// Active channels across the nodes, as the server API's `channels` shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelCounts {
+    /// (channel, subscribers on every node together), most subscribers first, at most the
+    /// limit asked for.
+    pub channels: Vec<(String, u64)>,
+    /// How many channels there were before the limit.
+    pub total: usize,
+}
+
+/// A command for every node, from the server API: sent through Redis (the control channel)
+/// or, in-process, straight to every loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admin {
+    /// Close every connection of `user` (token subject) with `code` and `reason`.
+    Disconnect {
+        /// The token subject.
+        user: String,
+        /// WebSocket close code.
+        code: u16,
+        /// Close reason (at most 123 bytes of UTF-8).
+        reason: String,
+    },
+    /// End every subscription of `user` to `channel`.
+    Unsubscribe {
+        /// The token subject.
+        user: String,
+        /// The channel.
+        channel: String,
+    },
+}
+
+impl Admin {
+    /// Whether it may be carried out: a close code a server may send (1000, 1001, 1008,
+    /// 3000-4999) and a reason that fits a close frame (123 bytes).
+    pub fn valid(&self) -> bool {
+        match self {
+            Admin::Disconnect { code, reason, .. } => {
+                matches!(code, 1000 | 1001 | 1008 | 3000..=4999) && reason.len() <= 123
+            }
+            Admin::Unsubscribe { .. } => true,
+        }
+    }
+}
+
+/// Work about the cluster as a whole, handled off the loops: presence (this node's entries
+/// and reads), the registry of nodes, and the server API's reads and commands.
+#[derive(Debug)]
+pub enum Cluster {
+    /// A `wsrelay.v1` subscription entered `channel`'s presence with `entry`. No reply.
+    Join {
+        /// The channel.
+        channel: Channel,
+        /// The subscribing connection's client id.
+        client: Arc<str>,
+        /// Its entry, as JSON (`presence::encode`).
+        entry: Arc<str>,
+    },
+    /// It left. No reply.
+    Leave {
+        /// The channel.
+        channel: Channel,
+        /// The client id.
+        client: Arc<str>,
+    },
+    /// Read a channel's presence: answered with [`Reply::Presence`].
+    Presence {
+        /// The channel.
+        channel: Channel,
+        /// Counts only (`presence_stats`).
+        stats: bool,
+        /// The command's `ref`.
+        reference: Option<Box<str>>,
+        /// Who asked.
+        to: ReplyTo,
+    },
+    /// A loop's channels and how many of its connections are on each (sent while the server
+    /// API is on, when they changed). No reply.
+    LoopChannels {
+        /// Which loop.
+        loop_id: usize,
+        /// Its channels with their member counts.
+        channels: Vec<(Channel, u32)>,
+    },
+    /// The live nodes: answered with [`Reply::Nodes`].
+    Nodes {
+        /// Who asked.
+        to: ReplyTo,
+    },
+    /// The active channels across nodes: answered with [`Reply::Channels`].
+    Channels {
+        /// Most channels to list.
+        limit: usize,
+        /// Who asked.
+        to: ReplyTo,
+    },
+    /// Carry out `admin` on every node: answered with [`Reply::AdminSent`].
+    Admin {
+        /// The command.
+        admin: Admin,
+        /// Who asked.
+        to: ReplyTo,
+    },
+}
+
 /// An answer to a [`Request`] or an acknowledged [`Publish`].
 #[derive(Debug)]
 pub enum Reply {
@@ -264,7 +412,26 @@ pub enum Reply {
         channel: Channel,
         /// The history, or why it could not be read.
         result: Result<History, String>,
+        /// The client's read, when it was one (not a subscription's).
+        query: Option<Box<HistoryQuery>>,
     },
+    /// Answer to [`Cluster::Presence`].
+    Presence {
+        /// The channel.
+        channel: Channel,
+        /// Counts only.
+        stats: bool,
+        /// The command's `ref`.
+        reference: Option<Box<str>>,
+        /// The presence, or why it could not be read.
+        result: Result<PresenceAnswer, String>,
+    },
+    /// Answer to [`Cluster::Nodes`].
+    Nodes(Result<Vec<NodeInfo>, String>),
+    /// Answer to [`Cluster::Channels`].
+    Channels(Result<ChannelCounts, String>),
+    /// Answer to [`Cluster::Admin`]: how many nodes received the command.
+    AdminSent(Result<u64, String>),
     /// Answer to [`Request::LoadSession`]: `None` when no such session is stored.
     Session(Result<Option<SessionState>, String>),
     /// Acknowledgement of a publish.
@@ -278,11 +445,25 @@ pub enum Reply {
     },
 }
 
+/// A frame for the `wsrelay.v1` subscribers of a channel only (a `join` or `leave` event),
+/// encoded once; raw clients never see it, and it has no offset.
+#[derive(Debug)]
+pub struct Event {
+    /// The channel.
+    pub channel: Channel,
+    /// The complete text frame.
+    pub frame: Bytes,
+}
+
 /// What the broker sends a loop.
 #[derive(Debug)]
 pub enum ToLoop {
     /// Deliver to every local member of the channel.
     Deliver(Arc<Delivery>),
+    /// Send to every live `wsrelay.v1` subscription of the channel.
+    Event(Arc<Event>),
+    /// A server API command for every node.
+    Admin(Arc<Admin>),
     /// The loop's subscription `generation` to `channel` is in effect upstream: anything
     /// published from now on reaches this loop.
     Live {
@@ -406,6 +587,9 @@ pub struct BrokerHandle {
     pub control: Sender<Control>,
     /// Bounded; a full queue fails the request (the client is told `unavailable`).
     pub requests: Sender<Request>,
+    /// Bounded; presence changes that find it full wait in the loop and are sent again,
+    /// reads fail (`unavailable`).
+    pub cluster: Sender<Cluster>,
 }
 
 impl BrokerHandle {
@@ -442,6 +626,8 @@ pub struct BrokerInbox {
     pub control: Receiver<Control>,
     /// Storage requests.
     pub requests: Receiver<Request>,
+    /// Presence, nodes and server API work.
+    pub cluster: Receiver<Cluster>,
 }
 
 /// Creates the queues between the loops and a broker: at most `publish_cap` publishes of
@@ -456,18 +642,22 @@ pub fn broker_queues(
     let (ctx, crx) = crossbeam_channel::bounded(control_cap);
     // Requests are one per subscription or session change: the publish bound fits them too.
     let (rtx, rrx) = crossbeam_channel::bounded(publish_cap);
+    // One presence change per subscription and leave, like control requests.
+    let (xtx, xrx) = crossbeam_channel::bounded(control_cap);
     (
         BrokerHandle {
             publish: ptx,
             queued: queued.clone(),
             control: ctx,
             requests: rtx,
+            cluster: xtx,
         },
         BrokerInbox {
             publish: prx,
             queued,
             control: crx,
             requests: rrx,
+            cluster: xrx,
         },
     )
 }

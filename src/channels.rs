@@ -15,6 +15,22 @@ use indexmap::IndexSet;
 /// A channel name as shared between loops, broker and connections.
 pub type Channel = Arc<str>;
 
+/// The Redis Pub/Sub channel (after `--redis-prefix`) that carries server API commands to
+/// every node. No client channel may have this name: see [`check_name`].
+pub const CONTROL: &str = "wsrelay:control";
+
+/// Why `name` cannot be a channel, if it cannot: empty, longer than `max` bytes, or the
+/// name reserved for the nodes' control channel ([`CONTROL`]).
+pub fn check_name(name: &str, max: usize) -> Result<(), String> {
+    if name.is_empty() || name.len() > max {
+        return Err(format!("channel names are 1 to {max} bytes"));
+    }
+    if name == CONTROL {
+        return Err(format!("{CONTROL:?} is reserved for the nodes"));
+    }
+    Ok(())
+}
+
 /// Connections on one channel, in a set with O(1) insert and remove and contiguous iteration.
 pub type Members = IndexSet<usize, std::hash::BuildHasherDefault<KeyHasher>>;
 
@@ -42,11 +58,15 @@ struct Entry {
 pub struct ChannelIndex {
     map: HashMap<Channel, Entry>,
     next_generation: u64,
+    /// Joins and leaves so far: a reader of [`ChannelIndex::counts`] can tell whether they
+    /// changed since it last looked.
+    changes: u64,
 }
 
 impl ChannelIndex {
     /// Adds connection `key` to `channel`.
     pub fn join(&mut self, channel: &Channel, key: usize) -> Joined {
+        self.changes += 1;
         if let Some(e) = self.map.get_mut(channel) {
             e.members.insert(key);
             return Joined::Existing { live: e.live };
@@ -71,6 +91,7 @@ impl ChannelIndex {
         let Some(e) = self.map.get_mut(channel) else {
             return false;
         };
+        self.changes += 1;
         e.members.swap_remove(&key);
         if e.members.is_empty() {
             self.map.remove(channel);
@@ -107,6 +128,20 @@ impl ChannelIndex {
     /// Whether `channel`'s upstream subscription is confirmed.
     pub fn is_live(&self, channel: &str) -> bool {
         self.map.get(channel).is_some_and(|e| e.live)
+    }
+
+    /// Every channel with its number of members.
+    pub fn counts(&self) -> Vec<(Channel, u32)> {
+        self.map
+            .iter()
+            .map(|(c, e)| (c.clone(), u32::try_from(e.members.len()).unwrap_or(u32::MAX)))
+            .collect()
+    }
+
+    /// How many joins and leaves there have been: unchanged means [`ChannelIndex::counts`]
+    /// is too.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Number of channels with at least one local member.
@@ -155,7 +190,10 @@ mod tests {
             panic!()
         };
         assert_eq!(idx.join(&a, 2), Joined::Existing { live: false });
+        assert_eq!(idx.counts(), vec![(a.clone(), 2)]);
+        let before = idx.changes();
         assert!(!idx.leave("a", 1));
+        assert_ne!(idx.changes(), before);
         assert!(idx.leave("a", 2));
         assert!(idx.is_empty());
         // Leaving a channel that is not there is harmless.

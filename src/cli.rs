@@ -142,6 +142,21 @@ pub struct Cli {
     /// Most channels per wsrelay.v1 connection
     #[arg(long, value_name = "N")]
     pub max_channels_per_conn: Option<usize>,
+    /// Channels (pattern, `*` wildcards) whose wsrelay.v1 subscribers are listed in presence; repeatable; `*` for all
+    #[arg(long = "presence", value_name = "PATTERN")]
+    pub presence: Vec<String>,
+    /// Channels (pattern) whose subscribers receive join and leave events (and have presence); repeatable
+    #[arg(long = "join-leave", value_name = "PATTERN")]
+    pub join_leave: Vec<String>,
+    /// Most presence entries per channel (all nodes together); more subscribers are not listed
+    #[arg(long, value_name = "N")]
+    pub presence_max: Option<usize>,
+    /// Largest presence entry (client id, user and info as JSON), bytes
+    #[arg(long, value_name = "BYTES")]
+    pub presence_entry_size: Option<usize>,
+    /// A presence entry not refreshed for this long (its node died) expires; refreshed every third of it
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub presence_ttl: Option<Duration>,
     /// Origin allowed to open WebSockets; repeatable; `*` wildcards in the host
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
@@ -233,6 +248,9 @@ impl Cli {
             session_ttl,
             session_flush,
             max_channels_per_conn,
+            presence_max,
+            presence_entry_size,
+            presence_ttl,
             token_leeway,
             publish_rate,
             publish_burst,
@@ -240,6 +258,8 @@ impl Cli {
             log_level,
         );
         c.allowed_origins = self.allowed_origins;
+        c.presence = self.presence;
+        c.join_leave = self.join_leave;
         c.proxy_listen = self.proxy_listen.or(c.proxy_listen);
         c.trusted_proxies = self.trusted_proxies;
         // Secrets may come from the environment so they do not show in `ps`.
@@ -279,6 +299,13 @@ pub fn shown_defaults() -> Vec<(&'static str, String)> {
         }
     };
     let dur = format_duration;
+    let patterns = |p: &[String]| {
+        if p.is_empty() {
+            "none (off)".to_owned()
+        } else {
+            p.join(", ")
+        }
+    };
     vec![
         ("listen", d.listen.to_string()),
         (
@@ -342,6 +369,11 @@ pub fn shown_defaults() -> Vec<(&'static str, String)> {
         ("session_ttl", dur(d.session_ttl)),
         ("session_flush", dur(d.session_flush)),
         ("max_channels_per_conn", d.max_channels_per_conn.to_string()),
+        ("presence", patterns(&d.presence)),
+        ("join_leave", patterns(&d.join_leave)),
+        ("presence_max", d.presence_max.to_string()),
+        ("presence_entry_size", d.presence_entry_size.to_string()),
+        ("presence_ttl", dur(d.presence_ttl)),
         (
             "allowed_origins",
             if d.allowed_origins.is_empty() {

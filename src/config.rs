@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::forwarded::Cidr;
+use crate::wildcard::wildcard_match;
 
 /// Everything a running wsrelay process needs to know.
 #[derive(Clone, Debug)]
@@ -178,6 +179,26 @@ pub struct Config {
     pub session_flush: Duration,
     /// Most channels one `wsrelay.v1` connection may subscribe to. Default 128.
     pub max_channels_per_conn: usize,
+    /// Channel patterns (`*` wildcards, as in token grants) whose `wsrelay.v1` subscribers are
+    /// listed in presence (`presence`, `presence_stats`). Empty (default): presence is off, and
+    /// costs nothing. Channels matching `join_leave` have presence too.
+    pub presence: Vec<String>,
+    /// Channel patterns whose subscribers also receive `join` and `leave` events (and which
+    /// have presence). Empty (default): no events.
+    pub join_leave: Vec<String>,
+    /// Most presence entries one channel holds (all nodes together); a subscriber past it is
+    /// not listed (counted and logged). Default 1,000: a channel's presence is then at most
+    /// this times `presence_entry_size` bytes (plus Redis's overhead per entry, see
+    /// `tuning.md`), and a `presence` reply at most that.
+    pub presence_max: usize,
+    /// Largest presence entry in bytes: the client id, the token subject and the `info` the
+    /// subscriber supplied, as JSON. A subscribe whose entry is larger is refused
+    /// (`bad_request`). Default 512.
+    pub presence_entry_size: usize,
+    /// A presence entry not refreshed for this long expires by itself (its node died): its
+    /// node refreshes it every third of this. A dead node's subscribers leave presence (with
+    /// `leave` events) at most this plus a third of it after it died. Default 30 s.
+    pub presence_ttl: Duration,
     /// Origins allowed to open WebSockets (`https://app.example.com`, `https://*.example.com`,
     /// `http://localhost:*`, `*`). Empty: any origin. A handshake from another origin gets
     /// 403; this is what stops other sites' pages from using a visitor's browser to connect
@@ -249,6 +270,11 @@ impl Default for Config {
             session_ttl: Duration::from_secs(600),
             session_flush: Duration::from_secs(2),
             max_channels_per_conn: 128,
+            presence: Vec::new(),
+            join_leave: Vec::new(),
+            presence_max: 1000,
+            presence_entry_size: 512,
+            presence_ttl: Duration::from_secs(30),
             allowed_origins: Vec::new(),
             token_secret: None,
             token_leeway: Duration::from_secs(60),
@@ -269,6 +295,22 @@ impl Config {
             soft: self.soft_output.min(self.max_output),
             grace: self.soft_output_grace,
         }
+    }
+
+    /// Whether `channel`'s `wsrelay.v1` subscribers are listed in presence.
+    pub fn presence_on(&self, channel: &str) -> bool {
+        let any = |patterns: &[String]| patterns.iter().any(|p| wildcard_match(p, channel));
+        any(&self.presence) || any(&self.join_leave)
+    }
+
+    /// Whether `channel`'s subscribers receive `join` and `leave` events.
+    pub fn join_leave_on(&self, channel: &str) -> bool {
+        self.join_leave.iter().any(|p| wildcard_match(p, channel))
+    }
+
+    /// Whether any channel has presence: when none has, nothing of it runs.
+    pub fn presence_anywhere(&self) -> bool {
+        !self.presence.is_empty() || !self.join_leave.is_empty()
     }
 
     /// Rejects settings that cannot work together. The message names the flag to change.
@@ -292,6 +334,7 @@ impl Config {
             (self.history_memory, "--history-memory"),
             (self.history_channel_memory, "--history-channel-memory"),
             (self.session_memory, "--session-memory"),
+            (self.presence_max, "--presence-max"),
             (self.max_sessions_per_subject, "--max-sessions-per-subject"),
         ];
         if let Some((_, flag)) = positive.iter().find(|(v, _)| *v == 0) {
@@ -323,6 +366,14 @@ impl Config {
         if self.history_ttl.as_secs() == 0 || self.session_ttl.as_secs() == 0 {
             return Err(
                 "--history-ttl and --session-ttl must be at least 1s (Redis expiry is in seconds)".into(),
+            );
+        }
+        if self.presence_entry_size < 128 {
+            return Err("--presence-entry-size must be at least 128 bytes (a client id and a user)".into());
+        }
+        if self.presence_ttl < Duration::from_millis(300) {
+            return Err(
+                "--presence-ttl must be at least 300ms (entries are refreshed every third of it)".into(),
             );
         }
         if self.session_flush.is_zero() {

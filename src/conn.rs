@@ -353,6 +353,18 @@ pub struct SessionLink {
     pub saved_at: Instant,
 }
 
+/// What a connection's token says, as long as the token is valid.
+#[derive(Debug)]
+pub struct TokenState {
+    /// The token's `sub`.
+    pub subject: Arc<str>,
+    /// Which channels it may use.
+    pub grant: crate::auth::Grant,
+    /// When the connection is closed unless a fresh token replaced this one: the token's `exp`
+    /// plus `--token-leeway`, in milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+}
+
 /// Where an open WebSocket stands before it is served.
 ///
 /// ```text
@@ -396,8 +408,8 @@ pub struct Open {
     pub session: Option<Box<SessionLink>>,
     /// Whether it is served yet, or still owes a token or waits for its stored session.
     pub stage: Stage,
-    /// Channels this connection may use (from its token); `None` when tokens are off.
-    pub grant: Option<Box<crate::auth::Grant>>,
+    /// Who the connection is and what it may do, from its token; `None` when tokens are off.
+    pub token: Option<Box<TokenState>>,
     /// Publish rate limit, when `--publish-rate` is set.
     pub bucket: Option<Box<crate::ratelimit::TokenBucket>>,
     /// Bytes of deliveries held by subscriptions awaiting history (counted against the cap).
@@ -419,7 +431,7 @@ impl Open {
             tracks_offsets: protocol == Protocol::V1,
             session: None,
             stage: Stage::Ready,
-            grant: None,
+            token: None,
             bucket: None,
             held_bytes: 0,
             pages_wanted: false,
@@ -429,12 +441,17 @@ impl Open {
 
     /// Whether the token allows subscribing to `channel`.
     pub fn may_subscribe(&self, channel: &str) -> bool {
-        self.grant.as_ref().is_none_or(|g| g.may_subscribe(channel))
+        self.token.as_ref().is_none_or(|t| t.grant.may_subscribe(channel))
     }
 
     /// Whether the token allows publishing to `channel`.
     pub fn may_publish(&self, channel: &str) -> bool {
-        self.grant.as_ref().is_none_or(|g| g.may_publish(channel))
+        self.token.as_ref().is_none_or(|t| t.grant.may_publish(channel))
+    }
+
+    /// The token's subject, if the connection has a token.
+    pub fn subject(&self) -> Option<&str> {
+        self.token.as_deref().map(|t| &*t.subject)
     }
 
     /// Counts `n` bytes of held deliveries as released.
@@ -481,10 +498,13 @@ pub enum Phase {
     Request(Box<Request>),
     /// A WebSocket: frames in, deliveries out.
     Open(Box<Open>),
-    /// A `POST /publish` waiting for the broker to acknowledge the message.
-    Publishing {
-        /// When it is answered 504 if the broker has not acknowledged.
+    /// A server API request (`POST /publish`, `/api/...`, `GET /history`) waiting for the
+    /// broker's answer.
+    Api {
+        /// When it is answered 504 if the broker has not answered.
         deadline: Instant,
+        /// What it waits for.
+        wait: Box<ApiWait>,
     },
     /// The last bytes (HTTP response or close frame) are queued. Once they are written the
     /// write side is shut; input is discarded until the peer closes or the deadline passes.
@@ -494,6 +514,27 @@ pub enum Phase {
         /// The last bytes are out and the write side is shut.
         write_shut: bool,
     },
+}
+
+/// One publish's outcome for a broadcast: its position (when the channel keeps history), or
+/// the error code and message.
+pub type Acked = Result<Option<Position>, (&'static str, String)>;
+
+/// What a server API request waits for.
+#[derive(Debug)]
+pub enum ApiWait {
+    /// `POST /publish`: the acknowledgement of its message.
+    Publish,
+    /// `POST /api/broadcast`: one acknowledgement per channel (the publishes carry their index
+    /// as `ref`), each result kept until the last one came.
+    Broadcast {
+        /// The channels, in the request's order.
+        channels: Vec<Channel>,
+        /// Each channel's outcome once known.
+        results: Vec<Option<Acked>>,
+    },
+    /// Any other request: one reply.
+    Reply,
 }
 
 impl Phase {
@@ -579,7 +620,7 @@ impl Conn {
     pub fn deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Request(r) => Some(r.deadline),
-            Phase::Publishing { deadline } | Phase::Closing { deadline, .. } => Some(*deadline),
+            Phase::Api { deadline, .. } | Phase::Closing { deadline, .. } => Some(*deadline),
             Phase::Open(open) => match open.stage {
                 Stage::AwaitingConnect { deadline, .. } => Some(deadline),
                 Stage::Resuming { .. } | Stage::Ready => None,

@@ -28,6 +28,8 @@ pub enum Command {
         channel: String,
         /// Offset and epoch of the last message the client has.
         recover: Option<(u64, String)>,
+        /// What presence lists with this subscription (any JSON value, as JSON text).
+        info: Option<String>,
     },
     /// Leave a channel.
     Unsubscribe {
@@ -49,6 +51,27 @@ pub enum Command {
     Connect {
         /// The HS256 token.
         token: String,
+    },
+    /// Replace the connection's token (and grants) before it expires.
+    Refresh {
+        /// The new HS256 token.
+        token: String,
+    },
+    /// Read a channel's stored messages without subscribing.
+    History {
+        /// The channel.
+        channel: String,
+        /// Most messages to return; `None`: as many as one reply holds.
+        limit: Option<u64>,
+        /// The messages after this position (offset, epoch); `None`: the newest.
+        since: Option<(u64, String)>,
+    },
+    /// Who is subscribed to a channel (`stats`: only how many).
+    Presence {
+        /// The channel.
+        channel: String,
+        /// Counts only (`presence_stats`).
+        stats: bool,
     },
 }
 
@@ -147,7 +170,15 @@ fn command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
                     ));
                 }
             };
-            Ok(Command::Subscribe { channel, recover })
+            let info = match obj.get("info") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(v.to_string()),
+            };
+            Ok(Command::Subscribe {
+                channel,
+                recover,
+                info,
+            })
         }
         "unsubscribe" => Ok(Command::Unsubscribe {
             channel: string(obj, "channel")?,
@@ -174,6 +205,52 @@ fn command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
         "ping" => Ok(Command::Ping),
         "connect" => Ok(Command::Connect {
             token: string(obj, "token")?,
+        }),
+        "refresh" => Ok(Command::Refresh {
+            token: string(obj, "token")?,
+        }),
+        "history" => {
+            let channel = string(obj, "channel")?;
+            let limit = match obj.get("limit") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => Some(
+                    n.as_u64()
+                        .ok_or_else(|| Refusal::new("bad_request", "limit must be a non-negative integer"))?,
+                ),
+                Some(_) => return Err(Refusal::new("bad_request", "limit must be a number")),
+            };
+            let since = match obj.get("since") {
+                None | Some(Value::Null) => None,
+                Some(Value::Object(p)) => match (p.get("offset"), p.get("epoch")) {
+                    (Some(Value::Number(n)), Some(Value::String(e))) => {
+                        let offset = n.as_u64().ok_or_else(|| {
+                            Refusal::new("bad_request", "since.offset must be a non-negative integer")
+                        })?;
+                        Some((offset, e.clone()))
+                    }
+                    _ => {
+                        return Err(Refusal::new(
+                            "bad_request",
+                            "since needs offset (integer) and epoch (string)",
+                        ));
+                    }
+                },
+                Some(_) => {
+                    return Err(Refusal::new(
+                        "bad_request",
+                        "since must be an object {offset, epoch}",
+                    ));
+                }
+            };
+            Ok(Command::History {
+                channel,
+                limit,
+                since,
+            })
+        }
+        "presence" | "presence_stats" => Ok(Command::Presence {
+            channel: string(obj, "channel")?,
+            stats: op == "presence_stats",
         }),
         other => Err(Refusal::new(
             "unknown_op",
@@ -217,12 +294,93 @@ fn put_position(out: &mut String, position: Option<&Position>) {
     }
 }
 
-/// `{"type":"welcome",...}`; `reference` when it answers a `connect` command.
-pub fn welcome(reference: Option<&str>, session: &str, resumed: bool) -> String {
+/// `{"type":"welcome",...}`; `reference` when it answers a `connect` command. `client` is
+/// the connection's id, as presence lists it.
+pub fn welcome(reference: Option<&str>, session: &str, resumed: bool, client: &str) -> String {
     let mut s = String::from("{\"type\":\"welcome\"");
     put_ref(&mut s, reference);
     put_str(&mut s, "session", session);
+    put_str(&mut s, "client", client);
     let _ = write!(s, ",\"resumed\":{resumed}}}");
+    s
+}
+
+/// `{"type":"refreshed",...}`: the new token is in effect until `expires` (Unix seconds).
+pub fn refreshed(reference: Option<&str>, expires: u64) -> String {
+    let mut s = String::from("{\"type\":\"refreshed\"");
+    put_ref(&mut s, reference);
+    let _ = write!(s, ",\"expires\":{expires}}}");
+    s
+}
+
+/// `{"type":"history",...}`: the channel's position, the messages read (each a `message`
+/// object, oldest first), `more` when stored messages follow the last one returned, and, for a
+/// read after a position, whether the history still had everything after it (`recovered`).
+/// `reference` is `None` over HTTP.
+pub fn history(
+    reference: Option<&str>,
+    channel: &str,
+    top: &Position,
+    messages: &[String],
+    more: bool,
+    recovered: Option<bool>,
+) -> String {
+    let mut s = String::with_capacity(96 + messages.iter().map(|m| m.len() + 1).sum::<usize>());
+    s.push_str("{\"type\":\"history\"");
+    put_ref(&mut s, reference);
+    put_str(&mut s, "channel", channel);
+    put_position(&mut s, Some(top));
+    if let Some(r) = recovered {
+        let _ = write!(s, ",\"recovered\":{r}");
+    }
+    let _ = write!(s, ",\"more\":{more},\"messages\":[");
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(m);
+    }
+    s.push_str("]}");
+    s
+}
+
+/// `{"type":"presence",...,"clients":[entries]}`; each entry is a JSON object from
+/// `presence::encode`.
+pub fn presence(reference: Option<&str>, channel: &str, entries: &[Box<str>]) -> String {
+    let mut s = String::with_capacity(64 + entries.iter().map(|e| e.len() + 1).sum::<usize>());
+    s.push_str("{\"type\":\"presence\"");
+    put_ref(&mut s, reference);
+    put_str(&mut s, "channel", channel);
+    s.push_str(",\"clients\":[");
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(e);
+    }
+    s.push_str("]}");
+    s
+}
+
+/// `{"type":"presence_stats",...}`: subscriptions listed and distinct users among them.
+pub fn presence_stats(reference: Option<&str>, channel: &str, clients: u64, users: u64) -> String {
+    let mut s = String::from("{\"type\":\"presence_stats\"");
+    put_ref(&mut s, reference);
+    put_str(&mut s, "channel", channel);
+    let _ = write!(s, ",\"clients\":{clients},\"users\":{users}}}");
+    s
+}
+
+/// A `join` or `leave` event (`kind`) of `channel`: the entry's fields after the type and
+/// channel. `entry` must be a JSON object from `presence::encode` (it starts with `{"client"`).
+pub fn presence_event(kind: &str, channel: &str, entry: &str) -> String {
+    debug_assert!(entry.starts_with("{\"client\":"), "not an entry: {entry}");
+    let mut s = String::with_capacity(40 + channel.len() + entry.len());
+    s.push_str("{\"type\":");
+    s.push_str(&serde_json::to_string(kind).unwrap_or_default());
+    put_str(&mut s, "channel", channel);
+    s.push(',');
+    s.push_str(entry.strip_prefix('{').unwrap_or(entry));
     s
 }
 
@@ -321,15 +479,36 @@ mod tests {
             cmd(r#"{"op":"subscribe","channel":"a"}"#),
             Ok(Command::Subscribe {
                 channel: "a".into(),
-                recover: None
+                recover: None,
+                info: None,
             })
         );
         assert_eq!(
-            cmd(r#"{"op":"subscribe","channel":"a","offset":7,"epoch":"e"}"#),
+            cmd(r#"{"op":"subscribe","channel":"a","offset":7,"epoch":"e","info":{"n":1}}"#),
             Ok(Command::Subscribe {
                 channel: "a".into(),
-                recover: Some((7, "e".into()))
+                recover: Some((7, "e".into())),
+                info: Some(r#"{"n":1}"#.into()),
             })
+        );
+        assert_eq!(
+            cmd(r#"{"op":"history","channel":"a","limit":5,"since":{"offset":3,"epoch":"e"}}"#),
+            Ok(Command::History {
+                channel: "a".into(),
+                limit: Some(5),
+                since: Some((3, "e".into())),
+            })
+        );
+        assert_eq!(
+            cmd(r#"{"op":"presence_stats","channel":"a"}"#),
+            Ok(Command::Presence {
+                channel: "a".into(),
+                stats: true,
+            })
+        );
+        assert_eq!(
+            cmd(r#"{"op":"refresh","token":"t"}"#),
+            Ok(Command::Refresh { token: "t".into() })
         );
         assert_eq!(
             cmd(r#"{"op":"publish","channel":"a","data_b64":"AAH/"}"#),
@@ -386,6 +565,15 @@ mod tests {
             "bad_request"
         );
         assert_eq!(code(r#"{"op":"x","ref":{}}"#), "bad_request");
+        assert_eq!(
+            code(r#"{"op":"history","channel":"a","limit":-1}"#),
+            "bad_request"
+        );
+        assert_eq!(
+            code(r#"{"op":"history","channel":"a","since":{"offset":1}}"#),
+            "bad_request"
+        );
+        assert_eq!(code(r#"{"op":"presence"}"#), "bad_request");
         assert_eq!(code(r#"{"op":"ping","ref":97332E009733}"#), "bad_request");
         assert_eq!(
             code(r#"{"op":"subscribe","channel":"\uda27","ref":2}"#),
@@ -410,8 +598,25 @@ mod tests {
             epoch: Arc::from("ep\"och"),
         };
         for s in [
-            welcome(None, "abc", true),
-            welcome(Some("7"), "abc", false),
+            welcome(None, "abc", true, "n-0-1"),
+            welcome(Some("7"), "abc", false, "n-0-1"),
+            refreshed(Some("2"), 1_700_000_000),
+            history(
+                Some("1"),
+                "c",
+                &pos,
+                &[message("c", Some(&pos), Kind::Text, b"x")],
+                true,
+                Some(true),
+            ),
+            history(None, "c", &pos, &[], false, None),
+            presence(
+                Some("3"),
+                "c",
+                &[r#"{"client":"a"}"#.into(), r#"{"client":"b"}"#.into()],
+            ),
+            presence_stats(None, "c", 2, 1),
+            presence_event("join", "c\"", r#"{"client":"a","user":"u"}"#),
             subscribed(Some("\"r\""), "ch\n", Some(&pos), Some(false)),
             subscribed(None, "c", None, None),
             unsubscribed(None, "c"),

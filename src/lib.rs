@@ -20,6 +20,7 @@ pub mod channels;
 pub mod position;
 pub mod bridge;
 pub mod envelope;
+pub mod presence;
 pub mod broker;
 pub mod fanout;
 pub mod backpressure;

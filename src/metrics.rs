@@ -180,6 +180,8 @@ metrics! {
             protocol_errors: AtomicU64 => counter Process "protocol_error_closes_total" "Connections closed for protocol violations.";
             /// Connections closed for silence past `--idle-timeout`.
             idle_closed: AtomicU64 => counter Process "idle_closes_total" "Connections closed for silence past --idle-timeout.";
+            /// Connections closed because their token expired (and was not refreshed).
+            token_expired: AtomicU64 => counter Process "token_expired_closes_total" "Connections closed because their token expired (4401).";
             /// `POST /publish` requests refused (503) because the publish queue was full.
             publish_dropped: AtomicU64 => counter Process "publish_dropped_total" "POST /publish requests refused (503) because the publish queue was full.";
             /// Times a connection's reads were paused because the publish queue was full.
@@ -232,6 +234,10 @@ metrics! {
             publish_refused: AtomicU64 => counter Process "publish_refused_total" "Publishes Redis answered with an error (out of memory, read-only): not stored.";
             /// Deliveries dropped because a loop's inbox was full.
             deliveries_dropped: AtomicU64 => counter Process "deliveries_dropped_total" "Deliveries dropped because a loop's inbox was full.";
+            /// Gauge: presence entries this node holds (its subscriptions on channels with presence).
+            presence_entries: AtomicU64 => gauge Process "presence_entries" "Presence entries this node holds.";
+            /// Subscriptions not listed in presence: their channel held `--presence-max` entries.
+            presence_overflow: AtomicU64 => counter Process "presence_overflow_total" "Subscriptions not listed in presence because their channel held --presence-max entries.";
         }
         unrendered {
             /// Milliseconds since the Unix epoch of the last answered PING on the subscriber

@@ -47,6 +47,15 @@ pub fn page(mut h: History) -> History {
     h
 }
 
+/// Like [`page`], keeping the newest messages: for a read of the newest messages, whose
+/// oldest are the ones to leave out.
+pub fn page_newest(mut h: History) -> History {
+    h.entries.reverse();
+    let mut h = page(h);
+    h.entries.reverse();
+    h
+}
+
 /// What to do with a history answer.
 #[derive(Debug)]
 pub enum Settled {
@@ -380,5 +389,17 @@ mod tests {
             entries: vec![huge.clone(), huge],
         });
         assert_eq!(one.entries.len(), 1);
+        // Reading the newest, the oldest are cut.
+        let newest = page_newest(History {
+            epoch: Arc::from("e"),
+            top: 10,
+            entries: big,
+        });
+        let offsets: Vec<u64> = newest
+            .entries
+            .iter()
+            .map(|d| d.position.as_ref().unwrap().offset)
+            .collect();
+        assert_eq!(offsets, vec![8, 9, 10]);
     }
 }

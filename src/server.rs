@@ -22,6 +22,21 @@ use crate::ratelimit::PerIpLimit;
 pub use crate::shared::{Shared, Stop};
 use crate::{broker, listener};
 
+/// A fresh node id: 8 characters of `A-Z a-z 0-9` from the OS's randomness (48 bits: two
+/// nodes of a cluster never share one in practice).
+fn node_id() -> Arc<str> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        bytes.iter_mut().for_each(|b| *b = fastrand::u8(..));
+    }
+    bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect::<String>()
+        .into()
+}
+
 /// A running server.
 pub struct Server {
     shared: Arc<Shared>,
@@ -96,7 +111,8 @@ impl Server {
             loops.push(handle);
             inboxes.push(inbox);
         }
-        let broker = broker::start(&config, loops.clone(), metrics.clone())?;
+        let node = node_id();
+        let broker = broker::start(&config, node.clone(), loops.clone(), metrics.clone())?;
         let backplane = match &config.redis {
             Some(url) => format!("redis {url}"),
             None => "in-process broker".to_owned(),
@@ -117,6 +133,7 @@ impl Server {
             connections: AtomicUsize::new(0),
             origin,
             verifier,
+            node,
             per_ip,
         });
 

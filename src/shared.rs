@@ -32,6 +32,9 @@ pub struct Shared {
     pub verifier: Option<Verifier>,
     /// Proxies whose `X-Forwarded-For` is believed (`--trusted-proxy`).
     pub trusted: TrustedProxies,
+    /// This process's node id: random, chosen at start. Client ids (presence, the welcome)
+    /// start with it, and the server API's `info` lists nodes by it.
+    pub node: Arc<str>,
     /// Connections per client address, when `--max-connections-per-ip` is set. A lock is
     /// fine here: it is taken once per accept and once per close, never per message, and it
     /// must be shared because SO_REUSEPORT spreads one address's connections over all loops.

@@ -600,3 +600,111 @@ fn v1_client_through_haproxy_survives_a_crash_and_a_rolling_restart() {
         "every reconnect recovered: {recovered:?}"
     );
 }
+
+/// The demo page shows who is online in its room: itself (by the name it was given), a client
+/// of the other node joining, and that client leaving (presence read, then join/leave events).
+#[test]
+fn demo_page_shows_who_is_online() {
+    let Some(bin) = chromium_or_skip("demo_page_shows_who_is_online") else {
+        return;
+    };
+    let mut s = setup_with(
+        &bin,
+        &["--join-leave", "*"],
+        "/?channel=lobby&name=Ada&urls=ws://{A},ws://{B}",
+    );
+    let p = &mut s.page;
+    let online = "[...document.querySelectorAll('#online-list li')].map((li) => li.textContent)";
+    let shows = |names: &[&str]| {
+        format!(
+            "JSON.stringify({online}.sort()) === {}",
+            json!(json!(names).to_string())
+        )
+    };
+    p.wait_true("the page to list itself", &shows(&["Ada"]));
+    let mut rusty = common::V1::connect(s.b.addr, None).unwrap();
+    let r = rusty
+        .subscribe_with_info("lobby", json!({"name": "Rusty"}))
+        .unwrap();
+    assert_eq!(r["type"], "subscribed", "{r}");
+    p.wait_true("the other node's client to join", &shows(&["Ada", "Rusty"]));
+    assert_eq!(
+        p.eval("document.querySelector('#online-list li.me').textContent"),
+        json!("Ada")
+    );
+    rusty.client.close();
+    p.wait_true("the other node's client to leave", &shows(&["Ada"]));
+    assert_eq!(
+        p.eval("document.getElementById('online-count').textContent"),
+        json!("(1)")
+    );
+}
+
+/// The browser client with `getToken` keeps one connection open past many token lifetimes: it
+/// authenticates with a `connect` command and refreshes each 3-second token before it expires
+/// (the server closes an expired one with 4401), receiving all along.
+#[test]
+fn browser_client_refreshes_its_token_by_itself() {
+    let Some(bin) = chromium_or_skip("browser_client_refreshes_its_token_by_itself") else {
+        return;
+    };
+    const SECRET: &str = "browser-test-secret-of-32-bytes-or-more";
+    let mut s = setup_with(&bin, &["--token-secret", SECRET, "--token-leeway", "0s"], "/");
+    let a_ws = format!("ws://{}", s.a.addr);
+    // Tokens are minted in the page (WebCrypto HMAC-SHA256), each valid for 3 seconds.
+    s.page.eval(&format!(
+        "(async () => {{
+           const {{ WsRelay }} = await import('/wsrelay.js');
+           const enc = new TextEncoder();
+           const b64u = (b) => btoa(String.fromCharCode(...new Uint8Array(b)))
+             .replace(/\\+/g, '-').replace(/\\//g, '_').replace(/=+$/, '');
+           const key = await crypto.subtle.importKey('raw', enc.encode({secret}),
+             {{ name: 'HMAC', hash: 'SHA-256' }}, false, ['sign']);
+           window.t = {{ minted: 0, refreshed: [], opened: [], received: [], closes: [], errors: [] }};
+           async function getToken() {{
+             const head = b64u(enc.encode(JSON.stringify({{ alg: 'HS256', typ: 'JWT' }})));
+             const body = b64u(enc.encode(JSON.stringify({{ sub: 'ada',
+               exp: Math.floor(Date.now() / 1000) + 3, subscribe: ['*'], publish: ['*'] }})));
+             const sig = await crypto.subtle.sign('HMAC', key, enc.encode(head + '.' + body));
+             t.minted++;
+             return head + '.' + body + '.' + b64u(sig);
+           }}
+           const relay = new WsRelay({{ urls: [{url}], getToken, minDelay: 100, maxDelay: 1000 }});
+           window.relay = relay;
+           relay.on('open', ({{ url }}) => t.opened.push(url));
+           relay.on('refreshed', (r) => t.refreshed.push(r.expires));
+           relay.on('disconnect', (d) => t.closes.push(d.code));
+           relay.on('error', (e) => t.errors.push(String(e && (e.code || e.message))));
+           relay.subscribe('browser', {{ onMessage(data) {{ t.received.push(data); }} }});
+           return true;
+         }})()",
+        secret = json!(SECRET),
+        url = json!(a_ws),
+    ));
+    s.page
+        .wait_true("the page to connect with its token", "t.opened.length === 1");
+    // Past three token lifetimes: refreshed (at least) four times, on one connection.
+    s.page.wait_true("four refreshes", "t.refreshed.length >= 4");
+    let token = wsrelay::auth::mint(
+        SECRET.as_bytes(),
+        &wsrelay::auth::Claims {
+            sub: "backend".into(),
+            exp: SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 600,
+            nbf: None,
+            subscribe: vec!["*".into()],
+            publish: vec!["*".into()],
+        },
+    );
+    let mut pubb = s.b.client(&format!("/browser?token={token}"));
+    pubb.sync("sync", BROWSER_WAIT).unwrap();
+    publish_range(&mut pubb, 1, 5);
+    s.page.wait_true("the messages", "t.received.at(-1) === '5'");
+    assert_eq!(
+        s.page.eval("t.opened.length"),
+        json!(1),
+        "one connection all along"
+    );
+    assert_eq!(s.page.eval("t.closes"), json!([]), "never closed (no 4401)");
+    assert_eq!(s.a.metric("wsrelay_token_expired_closes_total"), 0);
+    assert!(s.page.eval("t.minted").as_u64().unwrap() >= 5);
+}

@@ -4,7 +4,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { WsRelay, backoffDelay, toBase64, fromBase64 } from "../wsrelay.js";
+import { WsRelay, backoffDelay, toBase64, fromBase64, tokenExpiry } from "../wsrelay.js";
 
 // ---------------------------------------------------------------- fakes
 
@@ -99,7 +99,7 @@ function setup(opts = {}, randoms = []) {
     ...opts,
   });
   const events = [];
-  for (const e of ["state", "disconnect", "recovered", "error", "welcome"]) {
+  for (const e of ["state", "disconnect", "recovered", "error", "welcome", "refreshed"]) {
     relay.on(e, (...args) => events.push([e, ...args]));
   }
   const last = () => sockets[sockets.length - 1];
@@ -583,4 +583,179 @@ test("a listener that subscribes on `open` is subscribed once", () => {
   relay.subscribe("y", {});
   last().accept();
   assert.deepEqual(last().take("subscribe").map((m) => m.channel), ["y", "x"]);
+});
+
+// ---------------------------------------------------------------- presence, history, tokens
+
+/** A JWT-shaped token with `exp` (seconds); the signature is not checked by the client. */
+function fakeToken(exp, sub = "u42") {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString("base64url");
+  return `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ sub, exp })}.c2ln`;
+}
+
+/** Lets pending promise callbacks (an async getToken) run. */
+const settle = () => new Promise((r) => setImmediate(r));
+
+test("tokenExpiry reads exp from a JWT, and null from anything else", () => {
+  assert.equal(tokenExpiry(fakeToken(1_700_000_123)), 1_700_000_123);
+  assert.equal(tokenExpiry("not-a-token"), null);
+  assert.equal(tokenExpiry(undefined), null);
+});
+
+test("presence, presenceStats and history are requests answered by ref, queued until open", async () => {
+  const { relay, last } = setup();
+  const p = relay.presence("room");
+  const st = relay.presenceStats("room");
+  const h = relay.history("room", { limit: 2, since: { offset: 4, epoch: "E" } });
+  const ws = last();
+  assert.equal(ws.sent.length, 0, "nothing before the socket opens");
+  ws.accept();
+  const [pr] = ws.take("presence");
+  const [sr] = ws.take("presence_stats");
+  const [hr] = ws.take("history");
+  assert.deepEqual({ ...hr, ref: 0 }, { op: "history", channel: "room", limit: 2, since: { offset: 4, epoch: "E" }, ref: 0 });
+  ws.push({ type: "presence", ref: pr.ref, channel: "room", clients: [{ client: "n-0-1", user: "u", info: { n: 1 } }] });
+  ws.push({ type: "presence_stats", ref: sr.ref, channel: "room", clients: 3, users: 2 });
+  ws.push({ type: "history", ref: hr.ref, channel: "room", offset: 6, epoch: "E", more: false, recovered: true,
+    messages: [{ type: "message", channel: "room", offset: 5, epoch: "E", data: "five" },
+      { type: "message", channel: "room", offset: 6, epoch: "E", data_b64: "AAE=" }] });
+  assert.deepEqual(await p, { channel: "room", clients: [{ client: "n-0-1", user: "u", info: { n: 1 } }] });
+  assert.deepEqual(await st, { channel: "room", clients: 3, users: 2 });
+  const got = await h;
+  assert.equal(got.recovered, true);
+  assert.equal(got.offset, 6);
+  assert.deepEqual(got.messages.map((m) => [m.offset, m.binary]), [[5, false], [6, true]]);
+  assert.equal(got.messages[0].data, "five");
+  assert.deepEqual([...got.messages[1].data], [0, 1]);
+  // A refusal rejects with the server's code.
+  const off = relay.presence("quiet");
+  const [q] = ws.take("presence");
+  ws.push({ type: "error", ref: q.ref, code: "not_enabled", message: "no presence" });
+  await assert.rejects(off, (e) => e.code === "not_enabled");
+});
+
+test("join and leave events reach the subscription's handlers and the relay's listeners", () => {
+  const { relay, clock, last } = setup();
+  const joins = [];
+  const leaves = [];
+  const all = [];
+  relay.on("join", (p) => all.push(["join", p.client]));
+  relay.on("leave", (p) => all.push(["leave", p.client]));
+  relay.subscribe("room", { info: { name: "Ada" }, onJoin: (p) => joins.push(p), onLeave: (p) => leaves.push(p) });
+  const ws = last();
+  ws.accept();
+  const sent = confirm(ws, "room", { offset: 0, epoch: "E" });
+  assert.deepEqual(sent.info, { name: "Ada" }, "info goes with the subscribe");
+  ws.push({ type: "join", channel: "room", client: "n-0-2", user: "u", info: { name: "Bo" } });
+  ws.push({ type: "leave", channel: "room", client: "n-0-2", user: "u", info: { name: "Bo" } });
+  ws.push({ type: "join", channel: "elsewhere", client: "n-0-3" });
+  assert.deepEqual(joins, [{ channel: "room", client: "n-0-2", user: "u", info: { name: "Bo" } }]);
+  assert.equal(leaves.length, 1);
+  assert.deepEqual(all, [["join", "n-0-2"], ["leave", "n-0-2"]]);
+  // The info is sent again on every resubscribe.
+  ws.drop();
+  clock.advance(10_000);
+  last().accept();
+  assert.deepEqual(confirm(last(), "room", { offset: 0, epoch: "E" }).info, { name: "Ada" });
+});
+
+test("getToken: the token goes in a connect command, and subscribes wait for the welcome", async () => {
+  const { relay, clock, last } = setup({ getToken: async () => fakeToken(clock.now() / 1000 + 3600) });
+  relay.subscribe("room", {});
+  const ws = last();
+  ws.protocol = "wsrelay.v1";
+  ws.onopen({});
+  await settle();
+  const [connect] = ws.take("connect");
+  assert.ok(connect.token.split(".").length === 3, "a token");
+  assert.equal(ws.take("subscribe").length, 0, "nothing else before the welcome");
+  ws.push({ type: "welcome", ref: connect.ref, session: "s", client: "n-0-9", resumed: false });
+  assert.equal(relay.clientId, "n-0-9");
+  assert.equal(relay.state, "open");
+  assert.equal(ws.take("subscribe").length, 1);
+});
+
+test("getToken: refreshed before expiry, again after each refresh; a failed refresh is retried", async () => {
+  let n = 0;
+  const { relay, clock, last, events } = setup({
+    refreshBefore: 10_000,
+    getToken: async () => {
+      n++;
+      return fakeToken(Math.floor(clock.now() / 1000) + 60);
+    },
+  });
+  const ws = last();
+  ws.protocol = "wsrelay.v1";
+  ws.onopen({});
+  await settle();
+  const [connect] = ws.take("connect");
+  ws.push({ type: "welcome", ref: connect.ref, session: "s", client: "c" });
+  assert.equal(n, 1);
+  clock.advance(49_000);
+  await settle();
+  assert.equal(ws.take("refresh").length, 0, "not before exp - refreshBefore");
+  clock.advance(1_000);
+  await settle();
+  const [r1] = ws.take("refresh");
+  assert.ok(r1, "refreshed 10 s before exp");
+  assert.equal(n, 2);
+  // Refused: retried a second later.
+  ws.push({ type: "error", ref: r1.ref, code: "unauthorized", message: "bad" });
+  assert.ok(events.some(([e, err]) => e === "error" && err.code === "unauthorized"));
+  clock.advance(1_000);
+  await settle();
+  const [r2] = ws.take("refresh");
+  assert.ok(r2);
+  ws.push({ type: "refreshed", ref: r2.ref, expires: 123 });
+  assert.ok(events.some(([e, info]) => e === "refreshed" && info.expires === 123));
+  // The new token also lives 60 s: the next refresh 50 s later.
+  clock.advance(49_000);
+  await settle();
+  assert.equal(ws.take("refresh").length, 0);
+  clock.advance(1_000);
+  await settle();
+  assert.equal(ws.take("refresh").length, 1);
+  relay.close();
+});
+
+test("getToken: a short-lived token is refreshed halfway; a failing getToken drops and retries", async () => {
+  let fail = true;
+  const { clock, sockets, last, events } = setup({
+    getToken: async () => {
+      if (fail) throw new Error("backend down");
+      return fakeToken(Math.floor(clock.now() / 1000) + 4);
+    },
+  });
+  let ws = last();
+  ws.protocol = "wsrelay.v1";
+  ws.onopen({});
+  await settle();
+  assert.ok(ws.closed, "no token: dropped");
+  assert.ok(events.some(([e, err]) => e === "error" && err.code === "token"));
+  fail = false;
+  clock.advance(10_000);
+  assert.equal(sockets.length, 2);
+  ws = last();
+  ws.protocol = "wsrelay.v1";
+  ws.onopen({});
+  await settle();
+  const [connect] = ws.take("connect");
+  ws.push({ type: "welcome", ref: connect.ref, session: "s", client: "c" });
+  clock.advance(1_999);
+  await settle();
+  assert.equal(ws.take("refresh").length, 0);
+  clock.advance(1);
+  await settle();
+  assert.equal(ws.take("refresh").length, 1, "halfway through a 4 s token");
+});
+
+test("getToken with a server that needs no token: its welcome makes the connection usable", async () => {
+  const { relay, last } = setup({ getToken: async () => fakeToken(2_000_000_000) });
+  relay.subscribe("room", {});
+  const ws = last();
+  ws.accept(); // the server welcomes at once, unasked
+  await settle();
+  assert.equal(relay.state, "open");
+  assert.equal(ws.take("connect").length, 0, "no connect once welcomed");
+  assert.equal(ws.take("subscribe").length, 1);
 });

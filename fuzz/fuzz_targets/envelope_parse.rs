@@ -101,9 +101,29 @@ fn agrees(cmd: &Command, obj: &Map<String, Value>) {
             assert_eq!(obj["op"], "unsubscribe");
             assert_eq!(obj["channel"], channel.as_str());
         }
-        Command::Subscribe { channel, recover } => {
+        Command::Refresh { token } => {
+            assert_eq!(obj["op"], "refresh");
+            assert_eq!(obj["token"], token.as_str());
+        }
+        Command::Presence { channel, stats } => {
+            assert_eq!(obj["op"], if *stats { "presence_stats" } else { "presence" });
+            assert_eq!(obj["channel"], channel.as_str());
+        }
+        Command::History { channel, limit, since } => {
+            assert_eq!(obj["op"], "history");
+            assert_eq!(obj["channel"], channel.as_str());
+            assert_eq!(obj.get("limit").and_then(Value::as_u64), *limit);
+            if let Some((offset, epoch)) = since {
+                assert_eq!(obj["since"]["offset"].as_u64(), Some(*offset));
+                assert_eq!(obj["since"]["epoch"], epoch.as_str());
+            }
+        }
+        Command::Subscribe { channel, recover, info } => {
             assert_eq!(obj["op"], "subscribe");
             assert_eq!(obj["channel"], channel.as_str());
+            if let Some(i) = info {
+                assert_eq!(serde_json::from_str::<Value>(i).ok().as_ref(), obj.get("info"));
+            }
             match recover {
                 Some((offset, epoch)) => {
                     assert_eq!(obj["offset"].as_u64(), Some(*offset));
@@ -135,11 +155,28 @@ fn roundtrip(cmd: &Command, reference: Option<&str>) {
         Command::Ping => json!({"op": "ping"}),
         Command::Connect { token } => json!({"op": "connect", "token": token}),
         Command::Unsubscribe { channel } => json!({"op": "unsubscribe", "channel": channel}),
-        Command::Subscribe { channel, recover } => {
+        Command::Refresh { token } => json!({"op": "refresh", "token": token}),
+        Command::Presence { channel, stats } => {
+            json!({"op": if *stats { "presence_stats" } else { "presence" }, "channel": channel})
+        }
+        Command::History { channel, limit, since } => {
+            let mut v = json!({"op": "history", "channel": channel});
+            if let Some(l) = limit {
+                v["limit"] = json!(l);
+            }
+            if let Some((offset, epoch)) = since {
+                v["since"] = json!({"offset": offset, "epoch": epoch});
+            }
+            v
+        }
+        Command::Subscribe { channel, recover, info } => {
             let mut v = json!({"op": "subscribe", "channel": channel});
             if let Some((offset, epoch)) = recover {
                 v["offset"] = json!(offset);
                 v["epoch"] = json!(epoch);
+            }
+            if let Some(i) = info {
+                v["info"] = serde_json::from_str(i).expect("info is JSON");
             }
             v
         }
@@ -173,10 +210,28 @@ fn replies(cmd: &Command, r: Option<&str>) {
             reply(&envelope::pong(r), r);
         }
         Command::Connect { .. } => {
-            let m = reply(&envelope::welcome(r, "k3J9x0aQ2m8ZpL1c", false), r);
+            let m = reply(&envelope::welcome(r, "k3J9x0aQ2m8ZpL1c", false, "n-0-1"), r);
             assert_eq!(m["type"], "welcome");
         }
-        Command::Subscribe { channel, recover } => {
+        Command::Refresh { .. } => {
+            let m = reply(&envelope::refreshed(r, 1_700_000_000), r);
+            assert_eq!(m["type"], "refreshed");
+        }
+        Command::Presence { channel, .. } => {
+            let entry = wsrelay::presence::encode("n-0-1", Some(channel), Some("{\"a\":1}"));
+            let m = reply(&envelope::presence(r, channel, &[entry.clone().into()]), r);
+            assert_eq!(m["clients"][0]["user"], channel.as_str());
+            let m = reply(&envelope::presence_stats(r, channel, 1, 1), r);
+            assert_eq!(m["channel"], channel.as_str());
+            let m = reply(&envelope::presence_event("join", channel, &entry), None);
+            assert_eq!(m["client"], "n-0-1");
+        }
+        Command::History { channel, .. } => {
+            let msg = envelope::message(channel, Some(&pos), Kind::Text, b"x");
+            let m = reply(&envelope::history(r, channel, &pos, &[msg], true, Some(true)), r);
+            assert_eq!(m["messages"][0]["channel"], channel.as_str());
+        }
+        Command::Subscribe { channel, recover, .. } => {
             for (p, rec) in [(Some(&pos), Some(recover.is_some())), (None, None)] {
                 let m = reply(&envelope::subscribed(r, channel, p, rec), r);
                 assert_eq!(m["type"], "subscribed");

@@ -23,6 +23,20 @@ enum Op {
     Subscribe {
         channel: String,
         recover: Option<(u64, String)>,
+        /// Presence info, sent as a JSON string value.
+        info: Option<String>,
+    },
+    History {
+        channel: String,
+        limit: Option<u64>,
+        since: Option<(u64, String)>,
+    },
+    Presence {
+        channel: String,
+        stats: bool,
+    },
+    Refresh {
+        token: String,
     },
     Unsubscribe {
         channel: String,
@@ -69,14 +83,55 @@ fuzz_target!(|input: Input| {
             vec![("channel".into(), json!(channel))],
             Command::Unsubscribe { channel },
         ),
-        Op::Subscribe { channel, recover } => {
+        Op::Subscribe {
+            channel,
+            recover,
+            info,
+        } => {
             let mut f = vec![("channel".into(), json!(channel))];
             if let Some((offset, epoch)) = &recover {
                 f.push(("offset".into(), json!(offset)));
                 f.push(("epoch".into(), json!(epoch)));
             }
-            (f, Command::Subscribe { channel, recover })
+            if let Some(i) = &info {
+                f.push(("info".into(), json!(i)));
+            }
+            let info = info.map(|i| json!(i).to_string());
+            (
+                f,
+                Command::Subscribe {
+                    channel,
+                    recover,
+                    info,
+                },
+            )
         }
+        Op::History {
+            channel,
+            limit,
+            since,
+        } => {
+            let mut f = vec![("channel".into(), json!(channel))];
+            if let Some(l) = limit {
+                f.push(("limit".into(), json!(l)));
+            }
+            if let Some((offset, epoch)) = &since {
+                f.push(("since".into(), json!({"offset": offset, "epoch": epoch})));
+            }
+            (
+                f,
+                Command::History {
+                    channel,
+                    limit,
+                    since,
+                },
+            )
+        }
+        Op::Presence { channel, stats } => (
+            vec![("channel".into(), json!(channel))],
+            Command::Presence { channel, stats },
+        ),
+        Op::Refresh { token } => (vec![("token".into(), json!(token))], Command::Refresh { token }),
         Op::PublishText { channel, data } => (
             vec![("channel".into(), json!(channel)), ("data".into(), json!(data))],
             Command::Publish {
@@ -103,6 +158,10 @@ fuzz_target!(|input: Input| {
         Command::Unsubscribe { .. } => "unsubscribe",
         Command::Publish { .. } => "publish",
         Command::Connect { .. } => "connect",
+        Command::Refresh { .. } => "refresh",
+        Command::History { .. } => "history",
+        Command::Presence { stats: false, .. } => "presence",
+        Command::Presence { stats: true, .. } => "presence_stats",
     };
     fields.insert(0, ("op".into(), json!(op)));
     let reference = match input.reference {
@@ -118,7 +177,7 @@ fuzz_target!(|input: Input| {
         fields.push(("ref".into(), r.clone()));
     }
     let known = [
-        "op", "channel", "offset", "epoch", "data", "data_b64", "token", "ref",
+        "op", "channel", "offset", "epoch", "data", "data_b64", "token", "ref", "info", "limit", "since",
     ];
     for (k, v) in input.extra {
         if !known.contains(&k.as_str()) && !fields.iter().any(|(f, _)| *f == k) {

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::select;
 
 use super::memory_store::{HistoryLimits, HistoryStore, SessionStore};
-use super::{Outbox, Routes};
-use crate::bridge::{BrokerInbox, Control, Delivery, LoopHandle, Position, Publish, Reply, Request};
+use super::presence::{Added, PresenceTable};
+use super::{LoopChannels, Outbox, Routes};
+use crate::bridge::{BrokerInbox, Cluster, Control, Delivery, LoopHandle, Position, Publish, Reply, Request};
 use crate::config::Config;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, inc};
@@ -23,6 +24,7 @@ const SWEEP: Duration = Duration::from_secs(1);
 /// Starts the broker thread. It exits when every loop has dropped its broker handle.
 pub fn spawn(
     config: &Config,
+    node: Arc<str>,
     inbox: BrokerInbox,
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
@@ -45,6 +47,11 @@ pub fn spawn(
         }),
         sessions: SessionStore::new(config.session_ttl, config.max_sessions, config.session_memory)
             .per_subject(config.max_sessions_per_subject),
+        presence: PresenceTable::default(),
+        loop_channels: LoopChannels::default(),
+        config: config.clone(),
+        node,
+        started: super::unix_secs(),
     };
     std::thread::Builder::new()
         .name("wsrelay-broker".into())
@@ -61,6 +68,13 @@ struct MemoryBroker {
     /// `None` with `--history-size 0`.
     history: Option<HistoryStore>,
     sessions: SessionStore,
+    /// Every presence entry of the process.
+    presence: PresenceTable,
+    /// The loops' channel counts (server API on).
+    loop_channels: LoopChannels,
+    config: Config,
+    node: Arc<str>,
+    started: u64,
 }
 
 impl MemoryBroker {
@@ -79,6 +93,10 @@ impl MemoryBroker {
                 },
                 recv(inbox.requests) -> r => match r {
                     Ok(r) => self.request(r),
+                    Err(_) => return,
+                },
+                recv(inbox.cluster) -> c => match c {
+                    Ok(c) => self.cluster(c),
                     Err(_) => return,
                 },
                 default(timeout) => {}
@@ -151,11 +169,14 @@ impl MemoryBroker {
                 since,
                 record,
                 origin,
+                query,
                 to,
             } => {
-                let result = match &mut self.history {
-                    Some(h) => Ok(h.read(&channel, since, now, origin.as_ref())),
-                    None => Err("history is off (--history-size 0)".to_owned()),
+                let newest = query.as_ref().filter(|q| q.since.is_none()).map(|q| q.limit);
+                let result = match (&mut self.history, newest) {
+                    (Some(h), Some(n)) => Ok(h.newest(&channel, n, now, origin.as_ref())),
+                    (Some(h), None) => Ok(h.read(&channel, since, now, origin.as_ref())),
+                    (None, _) => Err("history is off (--history-size 0)".to_owned()),
                 };
                 if let (Some(r), Ok(h)) = (record, &result) {
                     let position = Position {
@@ -165,8 +186,12 @@ impl MemoryBroker {
                     self.sessions
                         .record(r.id, r.subject, channel.clone(), position, now);
                 }
-                self.outbox
-                    .reply(&self.loops, to, Reply::History { channel, result });
+                let reply = Reply::History {
+                    channel,
+                    result,
+                    query,
+                };
+                self.outbox.reply(&self.loops, to, reply);
             }
             Request::LoadSession { id, to } => {
                 let found = self.sessions.load(&id, now);
@@ -178,5 +203,83 @@ impl MemoryBroker {
                 self.outbox.send(&self.loops, to.loop_id, msg);
             }
         }
+    }
+}
+
+impl MemoryBroker {
+    /// Presence, the node's info and the server API, in one process: presence is this
+    /// broker's table, events go straight to the loops, commands to every loop.
+    fn cluster(&mut self, c: Cluster) {
+        let max = self.config.presence_max;
+        match c {
+            Cluster::Join {
+                channel,
+                client,
+                entry,
+            } => match self.presence.add(&channel, client, entry.clone(), max) {
+                Added::New if self.config.join_leave_on(&channel) => {
+                    let e = super::presence_event("join", &channel, &entry);
+                    self.outbox
+                        .event(&self.loops, self.routes.loops(&channel), &e, &self.metrics);
+                }
+                Added::Full => {
+                    inc(&self.metrics.broker.presence_overflow);
+                    if self.drop_log.allow() {
+                        log::warn!(
+                            "presence of {channel:?} is full (--presence-max {max}): a subscriber is not listed"
+                        );
+                    }
+                }
+                Added::New | Added::Existing => {}
+            },
+            Cluster::Leave { channel, client } => {
+                if let Some(entry) = self.presence.remove(&channel, &client) {
+                    if self.config.join_leave_on(&channel) {
+                        let e = super::presence_event("leave", &channel, &entry);
+                        self.outbox
+                            .event(&self.loops, self.routes.loops(&channel), &e, &self.metrics);
+                    }
+                }
+            }
+            Cluster::Presence {
+                channel,
+                stats,
+                reference,
+                to,
+            } => {
+                let result = Ok(self.presence.read(&channel, stats));
+                let reply = Reply::Presence {
+                    channel,
+                    stats,
+                    reference,
+                    result,
+                };
+                self.outbox.reply(&self.loops, to, reply);
+            }
+            Cluster::LoopChannels { loop_id, channels } => self.loop_channels.set(loop_id, channels),
+            Cluster::Nodes { to } => {
+                let channels = self.loop_channels.total().len();
+                let me = super::node_info(&self.node, self.started, &self.metrics, channels);
+                self.outbox.reply(&self.loops, to, Reply::Nodes(Ok(vec![me])));
+            }
+            Cluster::Channels { limit, to } => {
+                let counts = self
+                    .loop_channels
+                    .total()
+                    .into_iter()
+                    .map(|(c, n)| (c.to_string(), n))
+                    .collect();
+                let reply = Reply::Channels(Ok(super::top_channels(counts, limit)));
+                self.outbox.reply(&self.loops, to, reply);
+            }
+            Cluster::Admin { admin, to } => {
+                self.outbox.admin(&self.loops, &Arc::new(admin));
+                self.outbox.reply(&self.loops, to, Reply::AdminSent(Ok(1)));
+            }
+        }
+        self.metrics
+            .broker
+            .presence_entries
+            .store(self.presence.len() as u64, Ordering::Relaxed);
     }
 }

@@ -296,6 +296,20 @@ impl HistoryStore {
         })
     }
 
+    /// The channel's position and its newest `n` stored messages (oldest of them first), at
+    /// most one page (`recovery::PAGE_ENTRIES`, `recovery::PAGE_BYTES`).
+    pub fn newest(&mut self, channel: &Channel, n: usize, now: Instant, origin: Option<&Origin>) -> History {
+        let log = self.log(channel, now, origin, &|_| true);
+        let n = n.min(crate::recovery::PAGE_ENTRIES);
+        let skip = log.ring.len().saturating_sub(n);
+        let entries = log.ring.iter().skip(skip).cloned().collect();
+        crate::recovery::page_newest(History {
+            epoch: log.epoch.clone(),
+            top: log.top,
+            entries,
+        })
+    }
+
     /// Forgets expired channels (their memory is released).
     pub fn expire(&mut self, now: Instant) {
         let expired: Vec<Channel> = self

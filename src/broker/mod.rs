@@ -15,13 +15,17 @@ use std::thread::JoinHandle;
 
 use log::warn;
 
-use crate::bridge::{BrokerHandle, Channel, Control, Delivery, LoopHandle, Reply, ReplyTo, ToLoop};
+use crate::bridge::{
+    BrokerHandle, Channel, ChannelCounts, Control, Delivery, Event, LoopHandle, NodeInfo, Reply, ReplyTo,
+    ToLoop,
+};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, inc};
 
 pub mod memory;
 pub mod redis;
 pub mod memory_store;
+pub mod presence;
 pub mod wire;
 
 /// A running broker: the handle loops publish through, and its threads.
@@ -40,16 +44,75 @@ pub const CONTROL_QUEUE: usize = 65_536;
 /// unreachable at start.
 pub fn start(
     config: &crate::config::Config,
+    node: Arc<str>,
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
 ) -> Result<Broker, String> {
     let (handle, inbox) =
         crate::bridge::broker_queues(config.publish_queue, config.publish_queue_bytes, CONTROL_QUEUE);
     let threads = match &config.redis {
-        None => vec![memory::spawn(config, inbox, loops, metrics)],
-        Some(url) => redis::spawn(config, url, inbox, loops, metrics)?,
+        None => vec![memory::spawn(config, node, inbox, loops, metrics)],
+        Some(url) => redis::spawn(config, node, url, inbox, loops, metrics)?,
     };
     Ok(Broker { handle, threads })
+}
+
+/// A `join` or `leave` event (`kind`) of `channel` for `entry` (an entry as
+/// `presence::encode` writes it), framed once for every loop.
+pub fn presence_event(kind: &str, channel: &Channel, entry: &str) -> Arc<Event> {
+    Arc::new(Event {
+        channel: channel.clone(),
+        frame: crate::frame::text(&crate::envelope::presence_event(kind, channel, entry)),
+    })
+}
+
+/// The channels with the most subscribers first (then by name), at most `limit` of them.
+pub fn top_channels(counts: HashMap<String, u64>, limit: usize) -> ChannelCounts {
+    let total = counts.len();
+    let mut channels: Vec<(String, u64)> = counts.into_iter().filter(|(_, n)| *n > 0).collect();
+    channels.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    channels.truncate(limit);
+    ChannelCounts { channels, total }
+}
+
+/// Each loop's channel member counts, as the loops last reported them (server API on).
+#[derive(Debug, Default)]
+pub struct LoopChannels {
+    per_loop: HashMap<usize, Vec<(Channel, u32)>>,
+}
+
+impl LoopChannels {
+    /// Replaces loop `loop_id`'s counts.
+    pub fn set(&mut self, loop_id: usize, channels: Vec<(Channel, u32)>) {
+        self.per_loop.insert(loop_id, channels);
+    }
+
+    /// The node's counts: every loop's added up.
+    pub fn total(&self) -> HashMap<Channel, u64> {
+        let mut out: HashMap<Channel, u64> = HashMap::new();
+        for (c, n) in self.per_loop.values().flatten() {
+            *out.entry(c.clone()).or_default() += u64::from(*n);
+        }
+        out
+    }
+}
+
+/// What `info` says about this node.
+pub fn node_info(node: &str, started: u64, metrics: &Metrics, channels: usize) -> NodeInfo {
+    NodeInfo {
+        id: node.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        connections: metrics.sum(|l| &l.websockets),
+        channels: channels as u64,
+        started,
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Which loops have members on which channel.
@@ -176,6 +239,23 @@ impl Outbox {
     /// Confirms to `loop_id` that its subscription `generation` to `channel` is live.
     pub fn confirm(&mut self, loops: &[LoopHandle], loop_id: usize, channel: Channel, generation: u64) {
         self.send(loops, loop_id, ToLoop::Live { channel, generation });
+    }
+
+    /// Sends an event to each of `targets`. Like a delivery, it is dropped for a loop whose
+    /// inbox is full (counted): events are at most once.
+    pub fn event(&mut self, loops: &[LoopHandle], targets: &[usize], e: &Arc<Event>, metrics: &Metrics) {
+        for &id in targets {
+            if loops[id].try_send(ToLoop::Event(e.clone())).is_err() {
+                inc(&metrics.broker.deliveries_dropped);
+            }
+        }
+    }
+
+    /// Sends a server API command to every loop, reliably.
+    pub fn admin(&mut self, loops: &[LoopHandle], a: &Arc<crate::bridge::Admin>) {
+        for id in 0..loops.len() {
+            self.send(loops, id, ToLoop::Admin(a.clone()));
+        }
     }
 
     /// Sends a reply to the connection that asked.

@@ -11,12 +11,16 @@
 //! header (`redis-cli PUBLISH chat_channel hello`) is delivered as it is, as a text frame when it
 //! is valid UTF-8 and as a binary frame otherwise. The history script (Lua) writes the same
 //! header, so live and replayed messages decode alike.
+//!
+//! Three more kinds are not messages ([`Signal`]): `j` and `l`, a `join` or `leave` event whose
+//! body is the presence entry (published by the presence script), and `c`, a server API command
+//! on the nodes' control channel (JSON). Their position fields are always `- -`.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::bridge::Position;
+use crate::bridge::{Admin, Position};
 use crate::frame::Kind;
 
 const MAGIC: &[u8] = b"\0wr1 ";
@@ -99,6 +103,83 @@ fn parse_header(payload: &[u8]) -> Option<Decoded> {
     })
 }
 
+/// What a payload that is not a message carries.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Signal<'a> {
+    /// A subscription joined the channel's presence: its entry.
+    Join(&'a [u8]),
+    /// A subscription left it: its entry.
+    Leave(&'a [u8]),
+    /// A server API command (JSON), on the control channel.
+    Command(&'a [u8]),
+}
+
+/// The header of a signal of kind `kind` (`j`, `l` or `c`), for the Lua scripts and PUBLISH.
+pub fn signal_header(kind: u8) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.push(kind);
+    out.extend_from_slice(b" - -\n");
+    out
+}
+
+/// The signal in `payload`, if it is one (else it is a message: [`decode`]).
+pub fn signal(payload: &[u8]) -> Option<Signal<'_>> {
+    // A message (kind `t` or `b`) is told apart at its fifth byte.
+    let rest = payload.strip_prefix(MAGIC)?;
+    let (&kind, rest) = rest.split_first()?;
+    if !matches!(kind, b'j' | b'l' | b'c') {
+        return None;
+    }
+    let body = rest.strip_prefix(b" - -\n")?;
+    Some(match kind {
+        b'j' => Signal::Join(body),
+        b'l' => Signal::Leave(body),
+        _ => Signal::Command(body),
+    })
+}
+
+/// Longest server API command accepted from the control channel, in bytes.
+const MAX_COMMAND: usize = 4096;
+
+/// A server API command as it travels on the control channel (after [`signal_header`]).
+pub fn encode_admin(a: &Admin) -> Vec<u8> {
+    let body = match a {
+        Admin::Disconnect { user, code, reason } => {
+            serde_json::json!({"op": "disconnect", "user": user, "code": code, "reason": reason})
+        }
+        Admin::Unsubscribe { user, channel } => {
+            serde_json::json!({"op": "unsubscribe", "user": user, "channel": channel})
+        }
+    };
+    let mut out = signal_header(b'c');
+    out.extend_from_slice(body.to_string().as_bytes());
+    out
+}
+
+/// A command read from the control channel, checked as strictly as the server API checks it
+/// (anyone with access to Redis may have written it): `None` when it is not one.
+pub fn decode_admin(body: &[u8]) -> Option<Admin> {
+    if body.len() > MAX_COMMAND {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = |k: &str| v.get(k)?.as_str().map(str::to_owned);
+    let user = text("user").filter(|u| !u.is_empty())?;
+    let admin = match v.get("op")?.as_str()? {
+        "disconnect" => Admin::Disconnect {
+            user,
+            code: u16::try_from(v.get("code")?.as_u64()?).ok()?,
+            reason: text("reason")?,
+        },
+        "unsubscribe" => Admin::Unsubscribe {
+            user,
+            channel: text("channel").filter(|c| !c.is_empty())?,
+        },
+        _ => return None,
+    };
+    admin.valid().then_some(admin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +210,50 @@ mod tests {
         // Something that only looks like our header is delivered whole.
         let fake = b"\0wr1 x 1 2\nbody";
         assert_eq!(&decode(fake).data[..], fake);
+    }
+
+    #[test]
+    fn signals_are_told_from_messages() {
+        let mut join = signal_header(b'j');
+        join.extend_from_slice(br#"{"client":"c"}"#);
+        assert_eq!(signal(&join), Some(Signal::Join(br#"{"client":"c"}"#)));
+        let mut cmd = signal_header(b'c');
+        cmd.extend_from_slice(b"{}");
+        assert_eq!(signal(&cmd), Some(Signal::Command(b"{}")));
+        assert_eq!(signal(&encode(Kind::Text, b"hi", None)), None);
+        assert_eq!(signal(b"\0wr1 j 1 e\n{}"), None);
+        assert_eq!(signal(b"plain"), None);
+    }
+
+    #[test]
+    fn commands_round_trip_and_bad_ones_are_refused() {
+        for a in [
+            Admin::Disconnect {
+                user: "u42".into(),
+                code: 4000,
+                reason: "banned".into(),
+            },
+            Admin::Unsubscribe {
+                user: "u42".into(),
+                channel: "room".into(),
+            },
+        ] {
+            let wire = encode_admin(&a);
+            let Some(Signal::Command(body)) = signal(&wire) else {
+                panic!("not a command")
+            };
+            assert_eq!(decode_admin(body), Some(a));
+        }
+        assert_eq!(
+            decode_admin(br#"{"op":"disconnect","user":"u","code":1005,"reason":""}"#),
+            None
+        );
+        assert_eq!(
+            decode_admin(br#"{"op":"disconnect","user":"","code":4000,"reason":""}"#),
+            None
+        );
+        assert_eq!(decode_admin(br#"{"op":"reboot","user":"u"}"#), None);
+        assert_eq!(decode_admin(b"not json"), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! How connections end, and the loop's clocks: WebSocket closes and HTTP answers that close
 //! after writing, removals at the end of a turn, and the periodic sweep (handshake, ping, idle,
-//! close and session deadlines). The graceful shutdown is `drain.rs`.
+//! token expiry, close and session deadlines). The graceful shutdown is `drain.rs`.
 
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -15,6 +15,16 @@ use crate::frame;
 use crate::http::{self, Status};
 use crate::metrics::{HandshakeFailure, dec, inc};
 
+/// The close code of a connection whose token expired (and was not refreshed in time).
+pub const TOKEN_EXPIRED: u16 = 4401;
+
+/// Milliseconds since the Unix epoch, for token expiry.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl EventLoop {
     // ---- closing -------------------------------------------------------------------------
 
@@ -27,6 +37,11 @@ impl EventLoop {
     /// Starts a WebSocket close with `code`: the close frame goes out after whatever is
     /// already queued.
     pub(super) fn close(&mut self, key: usize, code: CloseCode, reason: &'static str, now: Instant) {
+        self.close_with(key, code, reason.to_owned(), now);
+    }
+
+    /// [`EventLoop::close`] with a reason made at run time (at most 123 bytes).
+    pub(super) fn close_with(&mut self, key: usize, code: CloseCode, reason: String, now: Instant) {
         let conn = &mut self.conns[key];
         if let Phase::Open(open) = &mut conn.phase {
             let mut io = Io {
@@ -79,8 +94,10 @@ impl EventLoop {
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             dec(&self.metrics().connections);
         }
-        // Unsubscribes from removals go out this turn rather than next.
+        // Unsubscribes and presence leaves from removals go out this turn rather than next
+        // (there may be no next turn: the loop may be stopping).
         self.send_control();
+        self.send_cluster();
     }
 
     // ---- timers --------------------------------------------------------------------------
@@ -100,6 +117,8 @@ impl EventLoop {
         let mut sessions = Vec::new();
         let mut refreshes = Vec::new();
         let mut over_soft = Vec::new();
+        let mut token_expired = Vec::new();
+        let now_ms = unix_ms();
         for (key, conn) in self.conns.iter_mut() {
             if conn.dead {
                 continue;
@@ -107,7 +126,7 @@ impl EventLoop {
             let expired = conn.deadline().is_some_and(|d| now >= d);
             match &mut conn.phase {
                 Phase::Request(_) if expired => expired_requests.push(key),
-                Phase::Publishing { .. } if expired => expired_publishes.push(key),
+                Phase::Api { .. } if expired => expired_publishes.push(key),
                 Phase::Closing { .. } if expired => {
                     conn.dead = true;
                     self.dead.push(key);
@@ -115,6 +134,10 @@ impl EventLoop {
                 // Only a connection that owes its `connect` has a deadline while open.
                 Phase::Open(_) if expired => unauthenticated.push(key),
                 Phase::Open(open) => {
+                    if open.token.as_ref().is_some_and(|t| now_ms >= t.expires_ms) {
+                        token_expired.push(key);
+                        continue;
+                    }
                     if conn.over_soft_since.is_some() {
                         // Over the soft limit and not written to since: its grace runs out
                         // here, not only when more output comes.
@@ -154,10 +177,10 @@ impl EventLoop {
             self.respond(key, http::error_response(Status::RequestTimeout), now);
         }
         for key in expired_publishes {
-            let body = br#"{"error":"the broker did not acknowledge in time"}"#;
+            let body = crate::envelope::error(None, "unavailable", "the broker did not answer in time");
             self.respond(
                 key,
-                http::response(Status::GatewayTimeout, "application/json", body),
+                http::response(Status::GatewayTimeout, "application/json", body.as_bytes()),
                 now,
             );
         }
@@ -170,6 +193,15 @@ impl EventLoop {
             debug!("{}: idle past {idle_timeout:?}; closing", self.conns[key].peer);
             self.close(key, CloseCode::Away, "idle timeout", now);
         }
+        for key in token_expired {
+            inc(&self.metrics().token_expired);
+            debug!(
+                "{}: token expired; closing with {TOKEN_EXPIRED}",
+                self.conns[key].peer
+            );
+            self.close(key, CloseCode::from(TOKEN_EXPIRED), "token expired", now);
+        }
+        self.report_channels(now);
         self.flush_at = None;
         for key in std::mem::take(&mut self.turn.dirty) {
             self.flush(key);

@@ -203,9 +203,10 @@ impl EventLoop {
         if open.session.is_none() {
             return self.close(id.key, CloseCode::Away, "server shutting down", now);
         }
-        // The subscriptions stay: the session is stored from them.
+        // The subscriptions stay: the session is stored from them. They leave presence now.
         let channels: Vec<_> = open.subs.iter().map(|s| s.channel.clone()).collect();
         for channel in channels {
+            self.unlist(id.key, &channel);
             self.leave(id.key, channel);
         }
         let give_up = now + self.shared.config.close_timeout;

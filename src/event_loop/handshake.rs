@@ -15,7 +15,7 @@ use tungstenite::protocol::{Role, WebSocketContext};
 use super::{EventLoop, count_ip, interrupted, would_block};
 use crate::auth::Identity;
 use crate::bridge::{Channel, Position, PublishAck, PublishError};
-use crate::conn::{Open, Phase, Protocol, SessionLink, Stage, Sub};
+use crate::conn::{ApiWait, Open, Phase, Protocol, SessionLink, Stage, Sub, TokenState};
 use crate::envelope;
 use crate::frame::Kind;
 use crate::http::{self, Head, Parse, Status};
@@ -38,11 +38,6 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// Compares secrets in time independent of where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A session id a client may choose: 8 to 64 characters of `A-Z a-z 0-9 _ -`.
@@ -76,6 +71,20 @@ pub fn new_session_id() -> Arc<str> {
         .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
         .collect();
     Arc::from(id)
+}
+
+/// What a connection keeps of its verified token: it is closed at `exp` plus `leeway` unless
+/// a `refresh` replaced the token before.
+pub(super) fn token_state(identity: Identity, leeway: std::time::Duration) -> TokenState {
+    let expires_ms = identity
+        .expires_at
+        .saturating_add(leeway.as_secs())
+        .saturating_mul(1000);
+    TokenState {
+        subject: Arc::from(identity.subject),
+        grant: identity.grant,
+        expires_ms,
+    }
 }
 
 /// An upgrade let through: what the new WebSocket asked for and who it is.
@@ -279,6 +288,10 @@ impl EventLoop {
                 let body = Bytes::from(rest).slice(..head.content_length);
                 return self.http_publish(key, &head, body, now);
             }
+            if super::api::is_api(&head.path) {
+                let body = Bytes::from(rest).slice(..head.content_length);
+                return self.api_request(key, &head, body, now);
+            }
             let response = self.http_endpoint(&head);
             self.respond(key, response, now);
             return;
@@ -336,9 +349,9 @@ impl EventLoop {
                 } else {
                     name
                 };
-                if name.len() > cfg.max_channel_len {
-                    let body = "channel name too long\n";
-                    return refused(HandshakeFailure::BadRequest, Status::BadRequest, body);
+                if let Err(why) = crate::channels::check_name(name, cfg.max_channel_len) {
+                    let body = format!("{why}\n");
+                    return refused(HandshakeFailure::BadRequest, Status::BadRequest, &body);
                 }
                 Some(self.index.intern(name))
             }
@@ -471,15 +484,15 @@ impl EventLoop {
         };
         open.stage = Stage::Ready;
         if let Some(identity) = identity {
-            open.grant = Some(Box::new(identity.grant));
             if let Some(s) = &mut open.session {
                 if open.protocol == Protocol::Raw {
                     // A raw client chooses its id: stored under its subject, so that another
                     // user choosing the same id gets a session of their own.
                     s.id = raw_session_key(&identity.subject, &s.id);
                 }
-                s.subject = Some(identity.subject);
+                s.subject = Some(identity.subject.clone());
             }
+            open.token = Some(Box::new(token_state(identity, self.shared.config.token_leeway)));
         }
         if let Some(raw_channel) = resume {
             // Nothing is read or joined until the stored session is known.
@@ -491,7 +504,8 @@ impl EventLoop {
         if open.protocol == Protocol::V1 {
             let id = open.session.as_ref().map(|s| s.id.clone());
             if let Some(id) = id {
-                self.send_json(key, &envelope::welcome(reference.as_deref(), &id, false));
+                let client = self.client_id(key);
+                self.send_json(key, &envelope::welcome(reference.as_deref(), &id, false, &client));
             }
         }
         // Bytes that arrived with the request may already hold frames.
@@ -503,27 +517,12 @@ impl EventLoop {
     /// through the same path as clients (history, offsets). Answered once the broker has
     /// stored the message.
     fn http_publish(&mut self, key: usize, head: &Head, body: Bytes, now: Instant) {
-        let cfg = &self.shared.config;
-        let Some(api_key) = &cfg.api_key else {
-            let body = b"POST /publish is off: start wsrelay with --api-key\n";
-            return self.respond(key, http::response(Status::NotFound, "text/plain", body), now);
-        };
-        let presented = head
-            .authorization
-            .as_deref()
-            .and_then(|a| a.strip_prefix("Bearer "));
-        if !presented.is_some_and(|p| same_secret(p.trim().as_bytes(), api_key.as_bytes())) {
-            let body = b"{\"error\":\"missing or wrong API key\"}";
-            let response = http::response_with(
-                Status::Unauthorized,
-                "application/json",
-                &["WWW-Authenticate: Bearer"],
-                body,
-            );
-            return self.respond(key, response, now);
+        if !self.api_authorized(key, head, now) {
+            return;
         }
+        let cfg = &self.shared.config;
         let channel = http::query_param(head.query.as_deref(), "channel").unwrap_or_default();
-        if channel.is_empty() || channel.len() > cfg.max_channel_len {
+        if crate::channels::check_name(&channel, cfg.max_channel_len).is_err() {
             let body = b"{\"error\":\"?channel= must name a channel\"}";
             return self.respond(
                 key,
@@ -550,8 +549,9 @@ impl EventLoop {
         let ack = PublishAck { to, reference: None };
         match self.publish(key, Arc::from(channel), kind, body, Some(ack)) {
             Ok(()) => {
-                self.conns[key].phase = Phase::Publishing {
+                self.conns[key].phase = Phase::Api {
                     deadline: now + close_timeout,
+                    wait: Box::new(ApiWait::Publish),
                 };
             }
             Err(super::messages::Refused::QueueFull) => {
@@ -564,14 +564,22 @@ impl EventLoop {
         }
     }
 
-    /// The broker's answer to a `POST /publish`.
+    /// The broker's answer to a `POST /publish` (or to one of a broadcast's publishes).
     pub(super) fn http_published(
         &mut self,
         key: usize,
         channel: &str,
+        reference: Option<&str>,
         result: Result<Option<Position>, PublishError>,
         now: Instant,
     ) {
+        match &self.conns[key].phase {
+            Phase::Api { wait, .. } if matches!(**wait, ApiWait::Broadcast { .. }) => {
+                return self.broadcast_acked(key, reference, result, now);
+            }
+            Phase::Api { wait, .. } if matches!(**wait, ApiWait::Publish) => {}
+            _ => return,
+        }
         let response = match result {
             Ok(position) => http::response(
                 Status::Ok,

@@ -274,17 +274,61 @@ impl EventLoop {
             Command::Publish { channel, kind, data } => {
                 return self.publish_command(key, &channel, kind, data, reference, now);
             }
-            Command::Subscribe { channel, recover } => {
-                self.subscribe_command(key, &channel, recover, reference, now)
-            }
+            Command::Subscribe {
+                channel,
+                recover,
+                info,
+            } => self.subscribe_command(key, &channel, recover, info.as_deref(), reference, now),
             Command::Unsubscribe { channel } => self.unsubscribe_command(key, &channel, r),
             Command::Ping => self.send_json(key, &envelope::pong(r)),
+            Command::History {
+                channel,
+                limit,
+                since,
+            } => self.history_command(key, &channel, limit, since, reference),
+            Command::Presence { channel, stats } => self.presence_command(key, &channel, stats, reference),
+            Command::Refresh { token } => self.refresh_command(key, &token, r, now),
             Command::Connect { .. } => {
                 let refusal = Refusal::new("bad_request", "already connected");
                 self.send_error(key, r, &refusal);
             }
         }
         Ok(())
+    }
+
+    /// The v1 `refresh` command: a new token for the same subject replaces the connection's
+    /// token, its grants and its expiry; subscriptions the new grants do not allow end
+    /// (`unsubscribed`, reason `forbidden`). A bad token changes nothing.
+    fn refresh_command(&mut self, key: usize, token: &str, r: Option<&str>, _now: Instant) {
+        let Some(verifier) = &self.shared.verifier else {
+            let refusal = Refusal::new("bad_request", "tokens are off (no --token-secret)");
+            return self.send_error(key, r, &refusal);
+        };
+        let identity = match verifier.verify(token, super::handshake::unix_now()) {
+            Ok(i) => i,
+            Err(e) => return self.send_error(key, r, &Refusal::new("unauthorized", e.to_string())),
+        };
+        let leeway = self.shared.config.token_leeway;
+        let Some(open) = self.conns[key].open_mut() else {
+            return;
+        };
+        if open.subject() != Some(identity.subject.as_str()) {
+            let refusal = Refusal::new("forbidden", "the new token is for another subject");
+            return self.send_error(key, r, &refusal);
+        }
+        let expires = identity.expires_at;
+        open.token = Some(Box::new(super::handshake::token_state(identity, leeway)));
+        self.send_json(key, &envelope::refreshed(r, expires));
+        loop {
+            let Some(open) = self.conns[key].open_mut() else {
+                return;
+            };
+            let Some(i) = open.subs.iter().position(|s| !open.may_subscribe(&s.channel)) else {
+                return;
+            };
+            inc(&self.metrics().forbidden);
+            self.end_sub_because(key, i, "forbidden", "the new token does not grant it");
+        }
     }
 
     /// Why connection `key` may not subscribe to `channel`, if it may not.
@@ -321,6 +365,7 @@ impl EventLoop {
         key: usize,
         channel: &str,
         recover: Option<(u64, String)>,
+        info: Option<&str>,
         reference: Option<Box<str>>,
         now: Instant,
     ) {
@@ -331,6 +376,10 @@ impl EventLoop {
         if let Some(refusal) = self.may_subscribe(key, &channel) {
             return self.send_error(key, reference.as_deref(), &refusal);
         }
+        let presence = match self.presence_entry(key, &channel, info) {
+            Ok(p) => p,
+            Err(refusal) => return self.send_error(key, reference.as_deref(), &refusal),
+        };
         let recovering = recover.is_some();
         let (offset, epoch) = recover.map_or((0, None), |(o, e)| (o, Some(Arc::from(e))));
         let pending = Pending {
@@ -339,6 +388,9 @@ impl EventLoop {
             announce: true,
             ..Pending::default()
         };
+        if let Some(entry) = presence {
+            self.presence_pending.insert((key, channel.clone()), entry);
+        }
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
@@ -360,8 +412,8 @@ impl EventLoop {
             let refusal = Refusal::new("not_subscribed", format!("not subscribed to {channel:?}"));
             return self.send_error(key, r, &refusal);
         };
-        let sub = open.subs.swap_remove(i);
-        let pending = match sub.state {
+        let mut sub = open.subs.swap_remove(i);
+        let pending = match std::mem::replace(&mut sub.state, SubState::Live) {
             SubState::AwaitingHistory { pending, held } => {
                 open.release_held(held.iter().map(|d| d.data.len()).sum());
                 Some(pending)
@@ -369,7 +421,7 @@ impl EventLoop {
             SubState::AwaitingLive(pending) => Some(pending),
             SubState::Live => None,
         };
-        self.leave(key, sub.channel);
+        self.end_sub(key, sub);
         self.session_changed.push(key);
         if let Some(Pending {
             reference: Some(subscribe_ref),
@@ -442,14 +494,9 @@ impl EventLoop {
     }
 
     /// Validates a channel name from a command.
-    fn channel_name(&self, name: &str) -> Result<Channel, Refusal> {
-        let max = self.shared.config.max_channel_len;
-        if name.is_empty() || name.len() > max {
-            return Err(Refusal::new(
-                "bad_channel",
-                format!("channel names are 1 to {max} bytes"),
-            ));
-        }
+    pub(super) fn channel_name(&self, name: &str) -> Result<Channel, Refusal> {
+        crate::channels::check_name(name, self.shared.config.max_channel_len)
+            .map_err(|why| Refusal::new("bad_channel", why))?;
         Ok(self.index.intern(name))
     }
 
@@ -482,7 +529,7 @@ impl EventLoop {
         let conn = self.conns.get(key)?;
         let subject = match &conn.phase {
             Phase::Open(open) => open.session.as_ref().and_then(|s| s.subject.as_deref()),
-            Phase::Publishing { .. } | Phase::Request(_) => return Some(Arc::from("api")),
+            Phase::Api { .. } | Phase::Request(_) => return Some(Arc::from("api")),
             Phase::Closing { .. } => None,
         };
         Some(Arc::from(match (subject, conn.peer.ip()) {

@@ -43,10 +43,13 @@ use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{HandshakeFailure, LoopMetrics, add, inc};
 use crate::shared::Shared;
 
+mod api;
 mod close;
 mod drain;
 mod handshake;
+mod history;
 mod messages;
+mod presence;
 mod subscriptions;
 
 /// Token of the loop's waker.
@@ -87,6 +90,24 @@ fn interrupted(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Interrupted
 }
 
+/// Sends what `queue` holds, in order, until `tx` is full: the rest waits for the next turn.
+/// A broker that is gone (only during shutdown) takes nothing more.
+fn send_queued<T>(queue: &mut VecDeque<T>, tx: &crossbeam_channel::Sender<T>) {
+    while let Some(c) = queue.pop_front() {
+        match tx.try_send(c) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(c)) => {
+                queue.push_front(c);
+                return;
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                queue.clear();
+                return;
+            }
+        }
+    }
+}
+
 /// A per-core event loop and everything it owns.
 pub struct EventLoop {
     id: usize,
@@ -102,6 +123,17 @@ pub struct EventLoop {
     ws_config: WebSocketConfig,
     /// Subscription requests that did not fit in the control queue yet, in order.
     pending_control: VecDeque<Control>,
+    /// Presence entries of subscriptions that are listed once they are live (channels with
+    /// presence), by connection and channel.
+    presence_pending: std::collections::HashMap<(usize, crate::bridge::Channel), Arc<str>>,
+    /// Subscriptions listed in presence (to be taken out when they end).
+    presence_listed: std::collections::HashSet<(usize, crate::bridge::Channel)>,
+    /// Presence changes waiting for room in the cluster queue, in order.
+    pending_cluster: VecDeque<crate::bridge::Cluster>,
+    /// `index.changes()` when the loop last reported its channels (server API on).
+    channels_sent: u64,
+    /// When the loop may report its channels again.
+    next_channels: Instant,
     /// Connections to flush and gaps, gathered during the turn.
     turn: Turn,
     /// Unsent output of all connections as of their last write (see `Conn::accounted`):
@@ -175,6 +207,11 @@ impl EventLoop {
             shared,
             ws_config,
             pending_control: VecDeque::new(),
+            pending_cluster: VecDeque::new(),
+            presence_pending: Default::default(),
+            presence_listed: Default::default(),
+            channels_sent: 0,
+            next_channels: Instant::now(),
             turn: Turn::default(),
             unsent: 0,
             limits,
@@ -280,6 +317,7 @@ impl EventLoop {
             self.save_session(key, now, false);
         }
         self.send_control();
+        self.send_cluster();
         self.remove_dead();
     }
 
@@ -297,7 +335,7 @@ impl EventLoop {
             until = until.min(t);
         }
         let mut timeout = until.saturating_duration_since(now);
-        if !self.pending_control.is_empty() || !self.paused.is_empty() {
+        if !self.pending_control.is_empty() || !self.pending_cluster.is_empty() || !self.paused.is_empty() {
             // Retry soon: the control queue, or the publish queue paused connections wait for.
             timeout = timeout.min(Duration::from_millis(1));
         }
@@ -404,7 +442,7 @@ impl EventLoop {
         match conn.phase {
             Phase::Request(_) => self.read_request(key, now),
             Phase::Open(_) => self.read_frames(key, now),
-            Phase::Closing { .. } | Phase::Publishing { .. } => self.discard_input(key),
+            Phase::Closing { .. } | Phase::Api { .. } => self.discard_input(key),
         }
     }
 
@@ -426,20 +464,7 @@ impl EventLoop {
 
     /// Sends queued subscription requests in order; what does not fit waits for next turn.
     fn send_control(&mut self) {
-        while let Some(c) = self.pending_control.pop_front() {
-            match self.broker.control.try_send(c) {
-                Ok(()) => {}
-                Err(crossbeam_channel::TrySendError::Full(c)) => {
-                    self.pending_control.push_front(c);
-                    return;
-                }
-                // The broker is gone: only happens during shutdown.
-                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                    self.pending_control.clear();
-                    return;
-                }
-            }
-        }
+        send_queued(&mut self.pending_control, &self.broker.control);
     }
 
     /// Takes everything the broker sent. Wakes merge, so this drains until empty.
@@ -454,6 +479,8 @@ impl EventLoop {
                     let n = fanout::deliver(&d, members, &mut self.conns, &mut self.turn);
                     add(&self.shared.metrics.loops[self.id].deliveries, n as u64);
                 }
+                ToLoop::Event(e) => self.on_event(&e),
+                ToLoop::Admin(a) => self.on_admin(&a, now),
                 ToLoop::Live { channel, generation } => self.channel_live(&channel, generation),
                 ToLoop::Lost { channel } => self.channel_lost(&channel),
                 ToLoop::Reply { conn, reply } => self.on_reply(conn, reply, now),

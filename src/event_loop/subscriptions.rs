@@ -95,7 +95,9 @@ impl EventLoop {
                 held: Vec::new(),
             };
             self.request_history(key, channel);
-        } else if pending.announce && protocol == Protocol::V1 {
+            return;
+        }
+        if pending.announce && protocol == Protocol::V1 {
             let json = envelope::subscribed(
                 pending.reference.as_deref(),
                 channel,
@@ -107,6 +109,7 @@ impl EventLoop {
             }
             self.send_json(key, &json);
         }
+        self.list_present(key, channel);
     }
 
     /// Deliveries on `channel` were dropped before reaching this loop: every member that
@@ -173,6 +176,7 @@ impl EventLoop {
             since,
             record,
             origin: self.origin(key),
+            query: None,
             to,
         };
         if self.broker.requests.try_send(request).is_err() {
@@ -186,14 +190,27 @@ impl EventLoop {
         if !current || self.conns[id.key].dead {
             return;
         }
+        let api = matches!(self.conns[id.key].phase, Phase::Api { .. });
         match reply {
-            Reply::History { channel, result } => self.on_history(id.key, channel, result),
+            Reply::History {
+                channel,
+                result,
+                query: Some(query),
+            } => self.history_answer(id.key, &channel, *query, result, now),
+            Reply::History { channel, result, .. } => self.on_history(id.key, channel, result),
             Reply::Session(result) => self.on_session(id.key, result, now),
-            Reply::Published { channel, result, .. }
-                if matches!(self.conns[id.key].phase, Phase::Publishing { .. }) =>
-            {
-                self.http_published(id.key, &channel, result, now)
-            }
+            Reply::Presence {
+                channel,
+                stats,
+                reference,
+                result,
+            } => self.on_presence(id.key, &channel, stats, reference.as_deref(), result, now),
+            Reply::Nodes(_) | Reply::Channels(_) | Reply::AdminSent(_) => self.api_answer(id.key, reply, now),
+            Reply::Published {
+                channel,
+                reference,
+                result,
+            } if api => self.http_published(id.key, &channel, reference.as_deref(), result, now),
             Reply::Published {
                 channel,
                 reference,
@@ -408,6 +425,8 @@ impl EventLoop {
             self.recover_quietly(key, channel);
         }
         self.queue_frames(key, &frames);
+        // Live: it enters the channel's presence (its join comes after its `subscribed`).
+        self.list_present(key, channel);
         // A raw connection's input waits for its subscription (see `read_frames`).
         if self.conns[key].read_pending {
             self.read_backlog.push(key);
@@ -503,7 +522,8 @@ impl EventLoop {
         let channels = stored.map(|s| s.channels).unwrap_or_default();
         match protocol {
             Protocol::V1 => {
-                self.send_json(key, &envelope::welcome(None, &id, resumed));
+                let client = self.client_id(key);
+                self.send_json(key, &envelope::welcome(None, &id, resumed, &client));
                 let mut dropped = false;
                 for (channel, offset, epoch) in channels {
                     let Some(open) = self.conns[key].open_mut() else {
@@ -524,10 +544,18 @@ impl EventLoop {
                         self.send_json(key, &envelope::unsubscribed_because(&channel, reason));
                         continue;
                     }
+                    // Listed in presence without info: info is not kept in sessions.
+                    let presence = self.presence_entry(key, &channel, None).ok().flatten();
+                    let Some(open) = self.conns[key].open_mut() else {
+                        return;
+                    };
                     let pending = Pending {
                         announce: true,
                         ..Pending::quiet()
                     };
+                    if let Some(entry) = presence {
+                        self.presence_pending.insert((key, channel.clone()), entry);
+                    }
                     open.add_sub(crate::conn::Sub::awaiting(
                         channel.clone(),
                         offset,
@@ -630,7 +658,7 @@ impl EventLoop {
         let subs = std::mem::take(&mut open.subs);
         open.held_bytes = 0;
         for sub in subs {
-            self.leave(key, sub.channel);
+            self.end_sub(key, sub);
         }
         dec(&self.metrics().websockets);
     }

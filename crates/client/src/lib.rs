@@ -5,6 +5,9 @@
 //!   sent is published on it, and every frame published on it arrives, the client's own too.
 //! - [`V1`]: the `wsrelay.v1` envelope protocol (JSON commands with acknowledgements, several
 //!   channels per connection, offsets for recovery, sessions), on top of a [`Client`].
+//! - [`Api`]: the server API for backends (JSON over HTTP with the API key): publish,
+//!   broadcast, disconnect or unsubscribe a user on every node, channels, nodes, history and
+//!   presence.
 //! - [`wire`]: the client side of the WebSocket wire format byte by byte, for clients that
 //!   cannot afford a `WebSocket` per connection (the load generator) or must send what a
 //!   well-behaved client never would (the hostile tests).
@@ -63,12 +66,14 @@
 //! ```
 #![deny(missing_docs, rust_2018_idioms)]
 
+mod api;
 mod raw;
 mod v1;
 pub mod wire;
 
+pub use api::Api;
 pub use raw::{Client, Received, url};
-pub use v1::V1;
+pub use v1::{TOKEN_EXPIRED, V1};
 
 /// The `Sec-WebSocket-Protocol` name of the envelope protocol, as the server's
 /// `envelope::PROTOCOL` (a root test checks that the two agree).

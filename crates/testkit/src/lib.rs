@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use wsrelay_client::{Client, PROTOCOL, Received, V1, wire};
+pub use wsrelay_client::{Api, Client, PROTOCOL, Received, TOKEN_EXPIRED, V1, wire};
 
 /// Default timeout for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(10);

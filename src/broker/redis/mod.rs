@@ -9,6 +9,9 @@
 //!   Redis is delivered to this node's clients only, counted and logged.
 //! - `requests.rs`: request/response work off the loops: history reads for recovery
 //!   (`read.lua`) and session reads and writes.
+//! - `cluster.rs`: presence (this node's entries, refreshed so that they outlive nothing but
+//!   their node; `presence.lua`), the registry of live nodes (`node.lua`) and the server API's
+//!   reads and commands (published on the control channel, which the subscriber hears).
 //!
 //! Redis data model, per channel `C` (with `--redis-prefix P`):
 //! `P` + `C` the Pub/Sub channel; `Pwsrelay:{C}:meta` a hash with the channel's `epoch` and
@@ -18,7 +21,13 @@
 //! channel's expiry at most once a second). Epochs made by the publish script are a 4-character
 //! per-process prefix and Redis's clock in hexadecimal microseconds. The braces keep both
 //! keys of a channel in one cluster slot. Sessions: `Pwsrelay:session:<id>`, a hash expiring
-//! `--session-ttl` after the last write.
+//! `--session-ttl` after the last write. Presence: `Pwsrelay:{C}:presence`, a hash client id →
+//! entry, and `Pwsrelay:{C}:presence-exp`, a sorted set client id → expiry; both expire
+//! `--presence-ttl` after the last write. The live nodes (server API on): `Pwsrelay:nodes`, a
+//! sorted set node id → last heartbeat, each node's `Pwsrelay:node:<id>` (its info) and
+//! `Pwsrelay:node:<id>:channels` (channel → its local subscribers). The control channel, a
+//! Pub/Sub channel every node subscribes to: `P` + `wsrelay:control` (a name no client channel
+//! may take).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -29,6 +38,7 @@ use crate::bridge::{BrokerInbox, LoopHandle};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
+mod cluster;
 mod publisher;
 mod requests;
 mod subscriber;
@@ -41,6 +51,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Checks that Redis answers, then starts the subscriber, publisher and request threads.
 pub fn spawn(
     config: &Config,
+    node: Arc<str>,
     url: &str,
     inbox: BrokerInbox,
     loops: Vec<LoopHandle>,
@@ -65,10 +76,12 @@ pub fn spawn(
         loops,
         metrics,
         backoff: Backoff::new(config.redis_backoff_min, config.redis_backoff_max),
+        entry_size: config.presence_entry_size,
     };
     let sub = subscriber::Subscriber::new(shared.clone(), inbox.control);
     let publ = publisher::Publisher::new(shared.clone(), config, inbox.publish, inbox.queued, con);
-    let req = requests::Requests::new(shared, config, inbox.requests);
+    let req = requests::Requests::new(shared.clone(), config, inbox.requests);
+    let clu = cluster::ClusterThread::new(shared, config, node, inbox.cluster);
     let start = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name.into())
@@ -79,6 +92,7 @@ pub fn spawn(
         start("wsrelay-redis-sub", Box::new(move || sub.run()))?,
         start("wsrelay-redis-pub", Box::new(move || publ.run()))?,
         start("wsrelay-redis-req", Box::new(move || req.run()))?,
+        start("wsrelay-redis-clu", Box::new(move || clu.run()))?,
     ])
 }
 
@@ -90,6 +104,8 @@ struct Shared {
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
     backoff: Backoff,
+    /// `--presence-entry-size`: entries and events read back are checked against it.
+    entry_size: usize,
 }
 
 /// The registry of key prefixes of the deployments sharing a Redis (not prefixed itself).
@@ -166,6 +182,24 @@ impl Keys {
     }
     fn session(&self, id: &str) -> String {
         format!("{}wsrelay:session:{id}", self.prefix)
+    }
+    fn presence(&self, channel: &str) -> String {
+        format!("{}wsrelay:{{{channel}}}:presence", self.prefix)
+    }
+    fn presence_expiry(&self, channel: &str) -> String {
+        format!("{}wsrelay:{{{channel}}}:presence-exp", self.prefix)
+    }
+    fn nodes(&self) -> String {
+        format!("{}wsrelay:nodes", self.prefix)
+    }
+    fn node(&self, id: &str) -> String {
+        format!("{}wsrelay:node:{id}", self.prefix)
+    }
+    fn node_channels(&self, id: &str) -> String {
+        format!("{}wsrelay:node:{id}:channels", self.prefix)
+    }
+    fn control(&self) -> String {
+        format!("{}{}", self.prefix, crate::channels::CONTROL)
     }
     /// The index of one token subject's sessions (the subject hashed: it may be anything).
     fn subject_sessions(&self, subject: &str) -> String {

@@ -1,8 +1,9 @@
 -- Read a channel's position and stored messages (wsrelay, src/broker/redis/requests.rs).
 -- KEYS[1] meta hash; KEYS[2] stream; KEYS[3], when given, a session hash that records the
 -- position read (a subscription starting now: stored before anyone can see the position).
--- ARGV: 1 first stream id to return ("N-0"), or "" for the position only; 2 most entries to
---       return (a page: the caller asks again after the last one);
+-- ARGV: 1 first stream id to return ("N-0"), "newest" for the newest entries, or "" for the
+--       position only; 2 most entries to return (a page: the caller asks again after the last
+--       one);
 --       3 epoch to create if the channel has none; 4 ttl seconds for a created meta hash;
 --       with KEYS[3]: 5 the session's field for the channel ("c:<channel>"), 6 session ttl
 --       seconds, 7 "" or "=" followed by the session's token subject.
@@ -16,7 +17,13 @@ end
 local epoch = redis.call('HGET', meta, 'epoch')
 local top = redis.call('HGET', meta, 'offset') or '0'
 local entries = {}
-if ARGV[1] ~= '' then
+if ARGV[1] == 'newest' then
+  -- Newest first from Redis: turned around, oldest first like every other read.
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', ARGV[2])
+  for i = #newest, 1, -1 do
+    entries[#entries + 1] = newest[i]
+  end
+elseif ARGV[1] ~= '' then
   entries = redis.call('XRANGE', stream, ARGV[1], '+', 'COUNT', ARGV[2])
 end
 local session = KEYS[3]

@@ -91,14 +91,21 @@ impl Requests {
                 channel,
                 since,
                 record,
+                query,
                 to,
                 ..
             } => {
+                // A client's read without a position: the newest messages.
+                let newest = query.as_ref().filter(|q| q.since.is_none()).map(|q| q.limit);
                 let result = self.with_con(|con, keys, ttl| {
-                    read_history(con, keys, &channel, since, ttl, record.as_ref())
+                    read_history(con, keys, &channel, since, newest, ttl, record.as_ref())
                 });
-                self.outbox
-                    .reply(&self.redis.loops, to, Reply::History { channel, result });
+                let reply = Reply::History {
+                    channel,
+                    result,
+                    query,
+                };
+                self.outbox.reply(&self.redis.loops, to, reply);
             }
             Request::LoadSession { id, to } => {
                 let result = self.with_con(|con, keys, _| load_session(con, &keys.session(&id)));
@@ -166,21 +173,26 @@ impl Requests {
     }
 }
 
-/// Reads the channel's position and history; with `record`, stores the position in that
-/// session in the same script.
+/// Reads the channel's position and history (after `since`, or its `newest` messages); with
+/// `record`, stores the position in that session in the same script.
 fn read_history(
     con: &mut redis::Connection,
     keys: &super::Keys,
     channel: &Channel,
     since: Option<u64>,
+    newest: Option<usize>,
     (history_ttl, session_ttl): (u64, u64),
     record: Option<&SessionRecord>,
 ) -> redis::RedisResult<History> {
-    let start = since.map(|s| format!("{}-0", s + 1)).unwrap_or_default();
+    let (start, count) = match (newest, since) {
+        (Some(n), _) => ("newest".to_owned(), n.min(crate::recovery::PAGE_ENTRIES)),
+        (None, Some(s)) => (format!("{}-0", s + 1), crate::recovery::PAGE_ENTRIES),
+        (None, None) => (String::new(), crate::recovery::PAGE_ENTRIES),
+    };
     let mut call = READ_SCRIPT.key(keys.meta(channel));
     call.key(keys.stream(channel))
         .arg(start)
-        .arg(crate::recovery::PAGE_ENTRIES)
+        .arg(count)
         .arg(&*new_epoch())
         // A history created by a read (a subscribe to a channel nobody published to yet)
         // expires soon unless a publish follows: subscribing alone cannot fill Redis.
@@ -192,14 +204,17 @@ fn read_history(
             .arg(subject_arg(r.subject.as_deref()));
     }
     let v: Value = call.invoke(con)?;
-    parse_history(channel, &v)
-        .map(crate::recovery::page)
-        .ok_or_else(|| {
-            redis::RedisError::from((
-                redis::ErrorKind::Parse,
-                "unexpected reply from the history script",
-            ))
-        })
+    let page = if newest.is_some() {
+        crate::recovery::page_newest
+    } else {
+        crate::recovery::page
+    };
+    parse_history(channel, &v).map(page).ok_or_else(|| {
+        redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "unexpected reply from the history script",
+        ))
+    })
 }
 
 fn text(v: &Value) -> Option<&str> {

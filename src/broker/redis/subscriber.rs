@@ -4,6 +4,11 @@
 //! is short (10 ms) so subscription requests from loops reach Redis within milliseconds. After
 //! a lost connection it reconnects with jittered backoff and resubscribes every routed channel.
 //! While Redis is down, subscriptions are confirmed to loops at once, so local delivery goes on.
+//!
+//! It also listens, always, on the nodes' control channel (server API commands for every loop)
+//! and tells `join`/`leave` events from messages on client channels (`wire::Signal`). Both are
+//! checked like anything else read from Redis: a command is carried out only when it is one the
+//! server API could have sent, an event passed on only re-encoded from a valid entry.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -36,6 +41,8 @@ enum Exit {
 
 pub(super) struct Subscriber {
     redis: Shared,
+    /// The control channel's name in Redis (with the prefix).
+    control_channel: String,
     routes: Routes,
     outbox: Outbox,
     control: Receiver<Control>,
@@ -46,6 +53,7 @@ pub(super) struct Subscriber {
 impl Subscriber {
     pub(super) fn new(redis: Shared, control: Receiver<Control>) -> Self {
         Subscriber {
+            control_channel: redis.keys.control(),
             redis,
             routes: Routes::default(),
             outbox: Outbox::default(),
@@ -100,7 +108,8 @@ impl Subscriber {
         let mut ps = con.as_pubsub();
         // Everything currently routed is subscribed on this new connection.
         let mut upstream: HashSet<Channel> = self.routes.channels().cloned().collect();
-        let names: Vec<String> = upstream.iter().map(|c| self.redis.keys.channel(c)).collect();
+        let mut names: Vec<String> = upstream.iter().map(|c| self.redis.keys.channel(c)).collect();
+        names.push(self.control_channel.clone());
         for chunk in names.chunks(RESUBSCRIBE_CHUNK) {
             if let Err(e) = ps.subscribe(chunk) {
                 return Exit::Lost(e);
@@ -194,17 +203,32 @@ impl Subscriber {
     }
 
     fn route(&mut self, msg: &redis::Msg) {
-        let Some(channel) = msg
-            .get_channel_name()
-            .strip_prefix(self.redis.keys.prefix.as_str())
-        else {
+        let name = msg.get_channel_name();
+        if name == self.control_channel {
+            return self.command(msg.get_payload_bytes());
+        }
+        let Some(channel) = name.strip_prefix(self.redis.keys.prefix.as_str()) else {
             return;
         };
         let targets = self.routes.loops(channel);
         if targets.is_empty() {
             return;
         }
-        let decoded = wire::decode(msg.get_payload_bytes());
+        let payload = msg.get_payload_bytes();
+        if let Some(signal) = wire::signal(payload) {
+            let (kind, entry) = match signal {
+                wire::Signal::Join(e) => ("join", e),
+                wire::Signal::Leave(e) => ("leave", e),
+                wire::Signal::Command(_) => return,
+            };
+            if let Some(entry) = crate::presence::canonical(entry, self.redis.entry_size) {
+                let e = crate::broker::presence_event(kind, &Arc::from(channel), &entry);
+                self.outbox
+                    .event(&self.redis.loops, targets, &e, &self.redis.metrics);
+            }
+            return;
+        }
+        let decoded = wire::decode(payload);
         let channel: Channel = Arc::from(channel);
         let d = Delivery::new(channel, decoded.kind, decoded.data, decoded.position);
         self.outbox.fan_out(
@@ -214,6 +238,24 @@ impl Subscriber {
             &self.redis.metrics,
             &mut self.drop_log,
         );
+    }
+}
+
+impl Subscriber {
+    /// A server API command from the control channel: to every loop, if it is one.
+    fn command(&mut self, payload: &[u8]) {
+        let admin = match wire::signal(payload) {
+            Some(wire::Signal::Command(body)) => wire::decode_admin(body),
+            _ => None,
+        };
+        match admin {
+            Some(a) => self.outbox.admin(&self.redis.loops, &Arc::new(a)),
+            None => {
+                if self.drop_log.allow() {
+                    warn!("ignoring a payload on the control channel that is not a server API command");
+                }
+            }
+        }
     }
 }
 
