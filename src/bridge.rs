@@ -3,7 +3,7 @@
 //! and a loop blocked in `poll` is woken by its `mio::Waker`.
 //!
 //! Direction loop → broker: [`Publish`] (a client's message), [`Control`] (subscribe and
-//! unsubscribe), [`Request`] (history and session storage) and [`Cluster`] (presence, the
+//! unsubscribe), [`Request`] (history and session storage) and [`NodeWork`] (presence, the
 //! nodes, the server API), through a [`BrokerHandle`].
 //! Direction broker → loop: [`ToLoop`] (deliveries, events, server API commands,
 //! confirmations, replies) through a [`LoopHandle`]. Wakes merge: a sender only calls `wake()` when no wake is already pending, and
@@ -343,10 +343,10 @@ impl Admin {
     }
 }
 
-/// Work about the cluster as a whole, handled off the loops: presence (this node's entries
+/// Work about all the nodes as a whole, handled off the loops: presence (this node's entries
 /// and reads), the registry of nodes, and the server API's reads and commands.
 #[derive(Debug)]
-pub enum Cluster {
+pub enum NodeWork {
     /// A `wsrelay.v1` subscription entered `channel`'s presence with `entry`. No reply.
     Join {
         /// The channel.
@@ -415,7 +415,7 @@ pub enum Reply {
         /// The client's read, when it was one (not a subscription's).
         query: Option<Box<HistoryQuery>>,
     },
-    /// Answer to [`Cluster::Presence`].
+    /// Answer to [`NodeWork::Presence`].
     Presence {
         /// The channel.
         channel: Channel,
@@ -426,11 +426,11 @@ pub enum Reply {
         /// The presence, or why it could not be read.
         result: Result<PresenceAnswer, String>,
     },
-    /// Answer to [`Cluster::Nodes`].
+    /// Answer to [`NodeWork::Nodes`].
     Nodes(Result<Vec<NodeInfo>, String>),
-    /// Answer to [`Cluster::Channels`].
+    /// Answer to [`NodeWork::Channels`].
     Channels(Result<ChannelCounts, String>),
-    /// Answer to [`Cluster::Admin`]: how many nodes received the command.
+    /// Answer to [`NodeWork::Admin`]: how many nodes received the command.
     AdminSent(Result<u64, String>),
     /// Answer to [`Request::LoadSession`]: `None` when no such session is stored.
     Session(Result<Option<SessionState>, String>),
@@ -589,7 +589,7 @@ pub struct BrokerHandle {
     pub requests: Sender<Request>,
     /// Bounded; presence changes that find it full wait in the loop and are sent again,
     /// reads fail (`unavailable`).
-    pub cluster: Sender<Cluster>,
+    pub nodes: Sender<NodeWork>,
 }
 
 impl BrokerHandle {
@@ -627,7 +627,7 @@ pub struct BrokerInbox {
     /// Storage requests.
     pub requests: Receiver<Request>,
     /// Presence, nodes and server API work.
-    pub cluster: Receiver<Cluster>,
+    pub nodes: Receiver<NodeWork>,
 }
 
 /// Creates the queues between the loops and a broker: at most `publish_cap` publishes of
@@ -650,14 +650,14 @@ pub fn broker_queues(
             queued: queued.clone(),
             control: ctx,
             requests: rtx,
-            cluster: xtx,
+            nodes: xtx,
         },
         BrokerInbox {
             publish: prx,
             queued,
             control: crx,
             requests: rrx,
-            cluster: xrx,
+            nodes: xrx,
         },
     )
 }

@@ -13,7 +13,9 @@ use crossbeam_channel::select;
 use super::memory_store::{HistoryLimits, HistoryStore, SessionStore};
 use super::presence::{Added, PresenceTable};
 use super::{LoopChannels, Outbox, Routes};
-use crate::bridge::{BrokerInbox, Cluster, Control, Delivery, LoopHandle, Position, Publish, Reply, Request};
+use crate::bridge::{
+    BrokerInbox, Control, Delivery, LoopHandle, NodeWork, Position, Publish, Reply, Request,
+};
 use crate::config::Config;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{Metrics, inc};
@@ -95,8 +97,8 @@ impl MemoryBroker {
                     Ok(r) => self.request(r),
                     Err(_) => return,
                 },
-                recv(inbox.cluster) -> c => match c {
-                    Ok(c) => self.cluster(c),
+                recv(inbox.nodes) -> c => match c {
+                    Ok(c) => self.node_work(c),
                     Err(_) => return,
                 },
                 default(timeout) => {}
@@ -209,10 +211,10 @@ impl MemoryBroker {
 impl MemoryBroker {
     /// Presence, the node's info and the server API, in one process: presence is this
     /// broker's table, events go straight to the loops, commands to every loop.
-    fn cluster(&mut self, c: Cluster) {
+    fn node_work(&mut self, c: NodeWork) {
         let max = self.config.presence_max;
         match c {
-            Cluster::Join {
+            NodeWork::Join {
                 channel,
                 client,
                 entry,
@@ -232,7 +234,7 @@ impl MemoryBroker {
                 }
                 Added::New | Added::Existing => {}
             },
-            Cluster::Leave { channel, client } => {
+            NodeWork::Leave { channel, client } => {
                 if let Some(entry) = self.presence.remove(&channel, &client) {
                     if self.config.join_leave_on(&channel) {
                         let e = super::presence_event("leave", &channel, &entry);
@@ -241,7 +243,7 @@ impl MemoryBroker {
                     }
                 }
             }
-            Cluster::Presence {
+            NodeWork::Presence {
                 channel,
                 stats,
                 reference,
@@ -256,13 +258,13 @@ impl MemoryBroker {
                 };
                 self.outbox.reply(&self.loops, to, reply);
             }
-            Cluster::LoopChannels { loop_id, channels } => self.loop_channels.set(loop_id, channels),
-            Cluster::Nodes { to } => {
+            NodeWork::LoopChannels { loop_id, channels } => self.loop_channels.set(loop_id, channels),
+            NodeWork::Nodes { to } => {
                 let channels = self.loop_channels.total().len();
                 let me = super::node_info(&self.node, self.started, &self.metrics, channels);
                 self.outbox.reply(&self.loops, to, Reply::Nodes(Ok(vec![me])));
             }
-            Cluster::Channels { limit, to } => {
+            NodeWork::Channels { limit, to } => {
                 let counts = self
                     .loop_channels
                     .total()
@@ -272,7 +274,7 @@ impl MemoryBroker {
                 let reply = Reply::Channels(Ok(super::top_channels(counts, limit)));
                 self.outbox.reply(&self.loops, to, reply);
             }
-            Cluster::Admin { admin, to } => {
+            NodeWork::Admin { admin, to } => {
                 self.outbox.admin(&self.loops, &Arc::new(admin));
                 self.outbox.reply(&self.loops, to, Reply::AdminSent(Ok(1)));
             }

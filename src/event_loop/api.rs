@@ -23,7 +23,7 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use super::EventLoop;
-use crate::bridge::{Admin, Channel, Cluster, HistoryQuery, PublishAck, Reply};
+use crate::bridge::{Admin, Channel, HistoryQuery, NodeWork, PublishAck, Reply};
 use crate::conn::{ApiWait, Phase};
 use crate::envelope;
 use crate::frame::Kind;
@@ -102,9 +102,9 @@ impl EventLoop {
         let q = head.query.as_deref();
         let outcome = match (head.method.as_str(), head.path.as_str()) {
             ("GET", "/history") => self.http_history(key, q),
-            ("GET", "/api/info") => self.ask(key, |to| Cluster::Nodes { to }),
+            ("GET", "/api/info") => self.ask(key, |to| NodeWork::Nodes { to }),
             ("GET", "/api/channels") => match limit(q, DEFAULT_CHANNELS_LISTED, MAX_CHANNELS_LISTED) {
-                Ok(limit) => self.ask(key, |to| Cluster::Channels { limit, to }),
+                Ok(limit) => self.ask(key, |to| NodeWork::Channels { limit, to }),
                 Err(e) => Err(e),
             },
             ("GET", "/api/presence" | "/api/presence_stats") => {
@@ -113,7 +113,7 @@ impl EventLoop {
             }
             ("POST", "/api/broadcast") => self.broadcast(key, &body, now),
             ("POST", "/api/disconnect" | "/api/unsubscribe") => match admin(&head.path, &body, self) {
-                Ok(admin) => self.ask(key, |to| Cluster::Admin { admin, to }),
+                Ok(admin) => self.ask(key, |to| NodeWork::Admin { admin, to }),
                 Err(e) => Err(e),
             },
             (_, "/history" | "/api/info" | "/api/channels" | "/api/presence" | "/api/presence_stats")
@@ -144,12 +144,12 @@ impl EventLoop {
     fn ask(
         &mut self,
         key: usize,
-        make: impl FnOnce(crate::bridge::ReplyTo) -> Cluster,
+        make: impl FnOnce(crate::bridge::ReplyTo) -> NodeWork,
     ) -> Result<ApiWait, Refused> {
         let to = self
             .reply_to(key)
             .ok_or_else(|| (Status::Unavailable, "unavailable", "gone".to_owned()))?;
-        self.broker.cluster.try_send(make(to)).map_err(|_| {
+        self.broker.nodes.try_send(make(to)).map_err(|_| {
             (
                 Status::Unavailable,
                 "unavailable",
@@ -199,7 +199,7 @@ impl EventLoop {
                 format!("{channel:?} has no presence (see --presence)"),
             ));
         }
-        self.ask(key, |to| Cluster::Presence {
+        self.ask(key, |to| NodeWork::Presence {
             channel,
             stats,
             reference: None,

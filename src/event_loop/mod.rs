@@ -128,8 +128,8 @@ pub struct EventLoop {
     presence_pending: std::collections::HashMap<(usize, crate::bridge::Channel), Arc<str>>,
     /// Subscriptions listed in presence (to be taken out when they end).
     presence_listed: std::collections::HashSet<(usize, crate::bridge::Channel)>,
-    /// Presence changes waiting for room in the cluster queue, in order.
-    pending_cluster: VecDeque<crate::bridge::Cluster>,
+    /// Presence changes waiting for room in the nodes queue, in order.
+    pending_nodes: VecDeque<crate::bridge::NodeWork>,
     /// `index.changes()` when the loop last reported its channels (server API on).
     channels_sent: u64,
     /// When the loop may report its channels again.
@@ -207,7 +207,7 @@ impl EventLoop {
             shared,
             ws_config,
             pending_control: VecDeque::new(),
-            pending_cluster: VecDeque::new(),
+            pending_nodes: VecDeque::new(),
             presence_pending: Default::default(),
             presence_listed: Default::default(),
             channels_sent: 0,
@@ -317,7 +317,7 @@ impl EventLoop {
             self.save_session(key, now, false);
         }
         self.send_control();
-        self.send_cluster();
+        self.send_nodes();
         self.remove_dead();
     }
 
@@ -335,7 +335,7 @@ impl EventLoop {
             until = until.min(t);
         }
         let mut timeout = until.saturating_duration_since(now);
-        if !self.pending_control.is_empty() || !self.pending_cluster.is_empty() || !self.paused.is_empty() {
+        if !self.pending_control.is_empty() || !self.pending_nodes.is_empty() || !self.paused.is_empty() {
             // Retry soon: the control queue, or the publish queue paused connections wait for.
             timeout = timeout.min(Duration::from_millis(1));
         }

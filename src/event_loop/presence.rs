@@ -18,7 +18,7 @@ use log::debug;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::EventLoop;
-use crate::bridge::{Admin, Channel, Cluster, Event, PresenceAnswer};
+use crate::bridge::{Admin, Channel, Event, NodeWork, PresenceAnswer};
 use crate::conn::{Phase, Protocol, Sub, SubState};
 use crate::envelope::{self, Refusal};
 use crate::metrics::add;
@@ -29,7 +29,7 @@ pub(super) const CHANNELS_EVERY: Duration = Duration::from_secs(1);
 
 impl EventLoop {
     /// The id presence and the welcome give connection `key`: this node's id, the loop and
-    /// the connection's serial, unique across the cluster and over time.
+    /// the connection's serial, unique across all nodes and over time.
     pub(super) fn client_id(&self, key: usize) -> Arc<str> {
         let serial = self.conns.get(key).map_or(0, |c| c.serial);
         Arc::from(format!("{}-{}-{serial}", self.shared.node, self.id))
@@ -78,7 +78,7 @@ impl EventLoop {
             return;
         }
         let client = self.client_id(key);
-        self.pending_cluster.push_back(Cluster::Join {
+        self.pending_nodes.push_back(NodeWork::Join {
             channel: channel.clone(),
             client,
             entry,
@@ -102,7 +102,7 @@ impl EventLoop {
         self.presence_pending.remove(&at);
         if self.presence_listed.remove(&at) {
             let client = self.client_id(key);
-            self.pending_cluster.push_back(Cluster::Leave {
+            self.pending_nodes.push_back(NodeWork::Leave {
                 channel: channel.clone(),
                 client,
             });
@@ -168,14 +168,14 @@ impl EventLoop {
             return self.send_error(key, r, &refusal);
         }
         let Some(to) = self.reply_to(key) else { return };
-        let ask = Cluster::Presence {
+        let ask = NodeWork::Presence {
             channel,
             stats,
             reference,
             to,
         };
-        if let Err(e) = self.broker.cluster.try_send(ask) {
-            if let Cluster::Presence { reference, .. } = e.into_inner() {
+        if let Err(e) = self.broker.nodes.try_send(ask) {
+            if let NodeWork::Presence { reference, .. } = e.into_inner() {
                 let refusal = Refusal::new("unavailable", "presence queue full; try again");
                 self.send_error(key, reference.as_deref(), &refusal);
             }
@@ -302,18 +302,18 @@ impl EventLoop {
         {
             return;
         }
-        let msg = Cluster::LoopChannels {
+        let msg = NodeWork::LoopChannels {
             loop_id: self.id,
             channels: self.index.counts(),
         };
-        if self.broker.cluster.try_send(msg).is_ok() {
+        if self.broker.nodes.try_send(msg).is_ok() {
             self.channels_sent = self.index.changes();
             self.next_channels = now + CHANNELS_EVERY;
         }
     }
 
     /// Sends queued presence changes in order; what does not fit waits for the next turn.
-    pub(super) fn send_cluster(&mut self) {
-        super::send_queued(&mut self.pending_cluster, &self.broker.cluster);
+    pub(super) fn send_nodes(&mut self) {
+        super::send_queued(&mut self.pending_nodes, &self.broker.nodes);
     }
 }

@@ -9,7 +9,7 @@
 //!   Redis is delivered to this node's clients only, counted and logged.
 //! - `requests.rs`: request/response work off the loops: history reads for recovery
 //!   (`read.lua`) and session reads and writes.
-//! - `cluster.rs`: presence (this node's entries, refreshed so that they outlive nothing but
+//! - `nodes.rs`: presence (this node's entries, refreshed so that they outlive nothing but
 //!   their node; `presence.lua`), the registry of live nodes (`node.lua`) and the server API's
 //!   reads and commands (published on the control channel, which the subscriber hears).
 //!
@@ -38,7 +38,7 @@ use crate::bridge::{BrokerInbox, LoopHandle};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-mod cluster;
+mod nodes;
 mod publisher;
 mod requests;
 mod subscriber;
@@ -81,7 +81,7 @@ pub fn spawn(
     let sub = subscriber::Subscriber::new(shared.clone(), inbox.control);
     let publ = publisher::Publisher::new(shared.clone(), config, inbox.publish, inbox.queued, con);
     let req = requests::Requests::new(shared.clone(), config, inbox.requests);
-    let clu = cluster::ClusterThread::new(shared, config, node, inbox.cluster);
+    let nodes_thread = nodes::NodesThread::new(shared, config, node, inbox.nodes);
     let start = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name.into())
@@ -92,7 +92,7 @@ pub fn spawn(
         start("wsrelay-redis-sub", Box::new(move || sub.run()))?,
         start("wsrelay-redis-pub", Box::new(move || publ.run()))?,
         start("wsrelay-redis-req", Box::new(move || req.run()))?,
-        start("wsrelay-redis-clu", Box::new(move || clu.run()))?,
+        start("wsrelay-redis-nodes", Box::new(move || nodes_thread.run()))?,
     ])
 }
 

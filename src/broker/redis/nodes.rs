@@ -1,4 +1,4 @@
-//! The cluster thread: presence, the registry of live nodes and the server API, through Redis,
+//! The nodes thread: presence, the registry of live nodes and the server API, through Redis,
 //! off the loops and off the publish pipeline (a burst of subscribers joining never delays a
 //! message, a slow presence read never delays a recovery).
 //!
@@ -28,7 +28,7 @@ use log::{debug, warn};
 use redis::Value;
 
 use super::{Shared, connect};
-use crate::bridge::{Admin, Channel, Cluster, NodeInfo, PresenceAnswer, Reply, ReplyTo};
+use crate::bridge::{Admin, Channel, NodeInfo, NodeWork, PresenceAnswer, Reply, ReplyTo};
 use crate::broker::presence::{Added, PresenceTable};
 use crate::broker::{LoopChannels, Outbox, wire};
 use crate::config::Config;
@@ -55,9 +55,9 @@ struct Call {
     args: Vec<Vec<u8>>,
 }
 
-pub(super) struct ClusterThread {
+pub(super) struct NodesThread {
     redis: Shared,
-    queue: Receiver<Cluster>,
+    queue: Receiver<NodeWork>,
     config: Config,
     node: Arc<str>,
     started: u64,
@@ -74,9 +74,9 @@ pub(super) struct ClusterThread {
     full_log: LogThrottle,
 }
 
-impl ClusterThread {
-    pub(super) fn new(redis: Shared, config: &Config, node: Arc<str>, queue: Receiver<Cluster>) -> Self {
-        ClusterThread {
+impl NodesThread {
+    pub(super) fn new(redis: Shared, config: &Config, node: Arc<str>, queue: Receiver<NodeWork>) -> Self {
+        NodesThread {
             redis,
             queue,
             config: config.clone(),
@@ -142,12 +142,12 @@ impl ClusterThread {
 
     /// Carries out a batch in order: presence changes together in one pipeline, the rest one
     /// by one.
-    fn handle(&mut self, batch: Vec<Cluster>) {
+    fn handle(&mut self, batch: Vec<NodeWork>) {
         let mut changes = Vec::new();
         for c in batch {
             match c {
-                Cluster::Join { .. } | Cluster::Leave { .. } => changes.push(c),
-                Cluster::LoopChannels { loop_id, channels } => self.loop_channels.set(loop_id, channels),
+                NodeWork::Join { .. } | NodeWork::Leave { .. } => changes.push(c),
+                NodeWork::LoopChannels { loop_id, channels } => self.loop_channels.set(loop_id, channels),
                 other => {
                     self.presence_changes(std::mem::take(&mut changes));
                     self.answer(other);
@@ -184,7 +184,7 @@ impl ClusterThread {
     /// Joins and leaves, in order, in one pipeline. An entry Redis refused for a full channel
     /// is dropped here too (counted, logged); one that did not reach Redis stays here and is
     /// written by the next refresh.
-    fn presence_changes(&mut self, changes: Vec<Cluster>) {
+    fn presence_changes(&mut self, changes: Vec<NodeWork>) {
         if changes.is_empty() {
             return;
         }
@@ -193,7 +193,7 @@ impl ClusterThread {
         let mut joins = Vec::new();
         for c in changes {
             match c {
-                Cluster::Join {
+                NodeWork::Join {
                     channel,
                     client,
                     entry,
@@ -209,7 +209,7 @@ impl ClusterThread {
                         calls.push(self.presence_call(&channel, "add", extra));
                     }
                 },
-                Cluster::Leave { channel, client } if self.table.remove(&channel, &client).is_some() => {
+                NodeWork::Leave { channel, client } if self.table.remove(&channel, &client).is_some() => {
                     calls.push(self.presence_call(&channel, "remove", vec![client.as_bytes().to_vec()]));
                 }
                 _ => {}
@@ -344,9 +344,9 @@ impl ClusterThread {
     }
 
     /// A read or a command with an answer.
-    fn answer(&mut self, c: Cluster) {
+    fn answer(&mut self, c: NodeWork) {
         match c {
-            Cluster::Presence {
+            NodeWork::Presence {
                 channel,
                 stats,
                 reference,
@@ -365,7 +365,7 @@ impl ClusterThread {
                 };
                 self.outbox.reply(&self.redis.loops, to, reply);
             }
-            Cluster::Nodes { to } => {
+            NodeWork::Nodes { to } => {
                 let result = self.live_nodes(|keys, id| keys.node(id)).map(|nodes| {
                     nodes
                         .into_iter()
@@ -374,7 +374,7 @@ impl ClusterThread {
                 });
                 self.reply(to, Reply::Nodes(result));
             }
-            Cluster::Channels { limit, to } => {
+            NodeWork::Channels { limit, to } => {
                 let result = self.live_nodes(|keys, id| keys.node_channels(id)).map(|nodes| {
                     let mut counts: HashMap<String, u64> = HashMap::new();
                     for (channel, n) in nodes.into_iter().flat_map(|(_, f)| f) {
@@ -384,11 +384,11 @@ impl ClusterThread {
                 });
                 self.reply(to, Reply::Channels(result));
             }
-            Cluster::Admin { admin, to } => {
+            NodeWork::Admin { admin, to } => {
                 let result = self.publish_admin(&admin);
                 self.reply(to, Reply::AdminSent(result));
             }
-            Cluster::Join { .. } | Cluster::Leave { .. } | Cluster::LoopChannels { .. } => {}
+            NodeWork::Join { .. } | NodeWork::Leave { .. } | NodeWork::LoopChannels { .. } => {}
         }
     }
 
@@ -450,7 +450,7 @@ impl ClusterThread {
                     return Err(format!("redis: {e}"));
                 }
                 Err(e) => {
-                    debug!("redis cluster command failed: {e}; retrying on a new connection");
+                    debug!("redis nodes command failed: {e}; retrying on a new connection");
                     self.con = None;
                     self.next_attempt = Instant::now();
                 }
