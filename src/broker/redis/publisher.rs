@@ -441,29 +441,18 @@ impl Publisher {
             metrics.writes_accepted();
         }
         for (p, v) in batch.into_iter().zip(results) {
-            let result = match (&v, self.history) {
-                (Value::ServerError(e), _) => {
-                    let reason = format!(
-                        "{}{}",
-                        e.code(),
-                        e.details().map(|d| format!(" {d}")).unwrap_or_default()
-                    );
-                    inc(&metrics.publish_refused);
-                    if refuses_every_write(e.code()) {
-                        metrics.refusing_writes(&reason);
-                    }
-                    if self.refused_log.allow() {
-                        warn!("redis refused a publish on {:?}: {reason}", p.channel);
-                    }
-                    // Its expiry refresh was not applied either.
-                    self.refreshed.remove(&p.channel);
-                    Err(PublishError::Refused(reason))
+            let result = outcome(&v, self.history.is_some());
+            if let (Err(PublishError::Refused(reason)), Value::ServerError(e)) = (&result, &v) {
+                inc(&metrics.publish_refused);
+                if refuses_every_write(e.code()) {
+                    metrics.refusing_writes(reason);
                 }
-                (_, Some(_)) => position(&v)
-                    .ok_or_else(|| PublishError::Refused("unexpected reply from the publish script".into()))
-                    .map(Some),
-                (_, None) => Ok(None),
-            };
+                if self.refused_log.allow() {
+                    warn!("redis refused a publish on {:?}: {reason}", p.channel);
+                }
+                // Its expiry refresh was not applied either.
+                self.refreshed.remove(&p.channel);
+            }
             let Some(ack) = p.ack else { continue };
             let reply = Reply::Published {
                 channel: p.channel,
@@ -522,6 +511,22 @@ impl Publisher {
     }
 }
 
+/// What one publish's answer in a pipeline means: stored (with its position when the channel
+/// keeps history), or refused with Redis's reason (an error reply: the command was not applied).
+fn outcome(v: &Value, history: bool) -> Result<Option<Position>, PublishError> {
+    match v {
+        Value::ServerError(e) => Err(PublishError::Refused(format!(
+            "{}{}",
+            e.code(),
+            e.details().map(|d| format!(" {d}")).unwrap_or_default()
+        ))),
+        _ if history => position(v)
+            .ok_or_else(|| PublishError::Refused("unexpected reply from the publish script".into()))
+            .map(Some),
+        _ => Ok(None),
+    }
+}
+
 fn is_noscript(v: &Value) -> bool {
     matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
 }
@@ -549,4 +554,53 @@ fn position(v: &Value) -> Option<Position> {
         offset,
         epoch: epoch.into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error reply as redis-rs reads it off the wire.
+    fn server_error(line: &str) -> Value {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn each_answer_of_a_batch_has_its_own_outcome() {
+        use std::sync::Arc;
+        let stored = Value::Array(vec![Value::Int(7), Value::BulkString(b"ep".to_vec())]);
+        assert_eq!(
+            outcome(&stored, true),
+            Ok(Some(Position {
+                offset: 7,
+                epoch: Arc::from("ep")
+            }))
+        );
+        // History off: a plain PUBLISH answers how many received it.
+        assert_eq!(outcome(&Value::Int(3), false), Ok(None));
+        // A reply the script never gives is not taken for a position.
+        assert!(matches!(
+            outcome(&Value::Int(3), true),
+            Err(PublishError::Refused(_))
+        ));
+        let oom = server_error("OOM command not allowed when used memory > 'maxmemory'.");
+        match outcome(&oom, true) {
+            Err(PublishError::Refused(reason)) => {
+                assert!(reason.starts_with("OOM command not allowed"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!is_noscript(&oom));
+        assert!(is_noscript(&server_error("NOSCRIPT No matching script.")));
+    }
+
+    #[test]
+    fn only_some_refusals_concern_every_write() {
+        for code in ["OOM", "READONLY", "MISCONF", "NOREPLICAS"] {
+            assert!(refuses_every_write(code), "{code}");
+        }
+        for code in ["WRONGTYPE", "ERR", "NOSCRIPT"] {
+            assert!(!refuses_every_write(code), "{code}");
+        }
+    }
 }
