@@ -103,7 +103,7 @@
 // relay.publish(channel, data) -> Promise<{channel, offset, epoch}>
 //   data: string (sent as "data"), or Uint8Array / ArrayBuffer / any ArrayBufferView (sent as
 //   "data_b64"). Resolves on the server's {"type":"published"}; rejects with an Error whose `code`
-//   is the server's error code ("publish_queue_full", "rate_limited", "forbidden", ...), or
+//   is the server's error code ("refused", "rate_limited", "forbidden", ...), or
 //   "queue_full" (more than maxQueue publishes waiting for a connection), "disconnected" (the
 //   connection dropped after the publish was sent and before it was acknowledged: it may or may
 //   not have been published; it is not resent, to avoid duplicates), or "closed" (relay.close()).

@@ -98,6 +98,12 @@ run_one() { # mode rate
     --rate "$rate" --size 64 --warmup 2s --duration "${SECS}s" --drain "$DRAIN" --server-pid "$pid" \
     --json > "$OUT/run.json" 2>"$OUT/load.log" || true
   r1=$(redis_cpu); s1=$(thread_ticks "$pid" wsrelay-redis-s)
+  if [ "$mode" = wsrelay ]; then
+    # Reads paused by a full publish queue, and anything closed or dropped, from /metrics.
+    (exec 3<>/dev/tcp/127.0.0.1/"$sp" && printf 'GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n' >&3 && cat <&3) |
+      grep -E '^wsrelay_(publish_pauses|publish_dropped|publish_failed|slow_consumer_closes|deliveries_dropped)_total' |
+      awk '{s[$1]+=$2} END{for (k in s) printf "%s=%d ", k, s[k]; print ""}' | sed 's/wsrelay_//g; s/_total//g'
+  fi
   kill "$pid"; wait "$pid" 2>/dev/null || true
   hz=$(getconf CLK_TCK)
   python3 - "$OUT/run.json" "$mode" "$rate" "$r0" "$r1" "$s0" "$s1" "$hz" "$HISTORY" <<'PY'
