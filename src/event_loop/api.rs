@@ -149,7 +149,7 @@ impl EventLoop {
         let to = self
             .reply_to(key)
             .ok_or_else(|| (Status::Unavailable, "unavailable", "gone".to_owned()))?;
-        self.broker.nodes.try_send(make(to)).map_err(|_| {
+        self.link.ask_nodes(make(to)).map_err(|_| {
             (
                 Status::Unavailable,
                 "unavailable",
@@ -363,9 +363,8 @@ impl EventLoop {
             query: Some(Box::new(query)),
             to,
         };
-        self.broker
-            .requests
-            .try_send(request)
+        self.link
+            .request(request)
             .map_err(|_| envelope::Refusal::new("unavailable", "request queue full; try again"))
     }
 }

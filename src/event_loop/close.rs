@@ -96,8 +96,7 @@ impl EventLoop {
         }
         // Unsubscribes and presence leaves from removals go out this turn rather than next
         // (there may be no next turn: the loop may be stopping).
-        self.send_control();
-        self.send_nodes();
+        self.link.send_queued();
     }
 
     // ---- timers --------------------------------------------------------------------------

@@ -234,7 +234,7 @@ impl EventLoop {
                 open.session = None;
             }
             let Some(to) = self.reply_to(id.key) else { continue };
-            if self.broker.requests.try_send(Request::Barrier { to }).is_err() {
+            if self.link.request(Request::Barrier { to }).is_err() {
                 self.close(id.key, CloseCode::Away, "server shutting down", now);
             }
         }

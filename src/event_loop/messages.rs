@@ -389,7 +389,7 @@ impl EventLoop {
             ..Pending::default()
         };
         if let Some(entry) = presence {
-            self.presence_pending.insert((key, channel.clone()), entry);
+            self.listing.pending.insert((key, channel.clone()), entry);
         }
         let Some(open) = self.conns[key].open_mut() else {
             return;
@@ -454,7 +454,7 @@ impl EventLoop {
                 return Ok(());
             }
         };
-        if self.broker.publish_full(data.len()) {
+        if self.link.publish_full(data.len()) {
             return Err(Refused::QueueFull);
         }
         if let Err(denied) = self.may_publish_now(key, &channel, now) {
@@ -516,7 +516,7 @@ impl EventLoop {
             data,
             ack,
         };
-        match self.broker.try_publish(p) {
+        match self.link.publish(p) {
             Ok(()) => Ok(()),
             Err(crossbeam_channel::TrySendError::Full(_)) => Err(Refused::QueueFull),
             // Shutting down: the message has nowhere to go.
@@ -591,7 +591,7 @@ impl EventLoop {
             };
             conn.last_seen = now;
             let size = waiting.front().map_or(0, |(_, d)| d.len());
-            if self.broker.publish_full(size) {
+            if self.link.publish_full(size) {
                 self.conns[key].unpublished = Some(waiting);
                 return;
             }

@@ -34,7 +34,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::backpressure::{Backpressure, judge};
-use crate::bridge::{BrokerHandle, Control, LoopInbox, ToLoop};
+use crate::bridge::{BrokerHandle, LoopInbox, ToLoop};
 use crate::channels::ChannelIndex;
 use crate::conn::{Conn, Phase, ReadAhead, Written};
 use crate::fanout::{self, Turn};
@@ -48,6 +48,7 @@ mod close;
 mod drain;
 mod handshake;
 mod history;
+mod link;
 mod messages;
 mod presence;
 mod subscriptions;
@@ -90,24 +91,6 @@ fn interrupted(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::Interrupted
 }
 
-/// Sends what `queue` holds, in order, until `tx` is full: the rest waits for the next turn.
-/// A broker that is gone (only during shutdown) takes nothing more.
-fn send_queued<T>(queue: &mut VecDeque<T>, tx: &crossbeam_channel::Sender<T>) {
-    while let Some(c) = queue.pop_front() {
-        match tx.try_send(c) {
-            Ok(()) => {}
-            Err(crossbeam_channel::TrySendError::Full(c)) => {
-                queue.push_front(c);
-                return;
-            }
-            Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                queue.clear();
-                return;
-            }
-        }
-    }
-}
-
 /// A per-core event loop and everything it owns.
 pub struct EventLoop {
     id: usize,
@@ -117,23 +100,13 @@ pub struct EventLoop {
     accept_paused_until: Option<Instant>,
     conns: Slab<Conn>,
     index: ChannelIndex,
-    inbox: LoopInbox,
-    broker: BrokerHandle,
+    /// The broker: its inbox, and the queues the loop sends on (`link.rs`).
+    link: link::Link,
     shared: Arc<Shared>,
     ws_config: WebSocketConfig,
-    /// Subscription requests that did not fit in the control queue yet, in order.
-    pending_control: VecDeque<Control>,
-    /// Presence entries of subscriptions that are listed once they are live (channels with
-    /// presence), by connection and channel.
-    presence_pending: std::collections::HashMap<(usize, crate::bridge::Channel), Arc<str>>,
-    /// Subscriptions listed in presence (to be taken out when they end).
-    presence_listed: std::collections::HashSet<(usize, crate::bridge::Channel)>,
-    /// Presence changes waiting for room in the nodes queue, in order.
-    pending_nodes: VecDeque<crate::bridge::NodeWork>,
-    /// `index.changes()` when the loop last reported its channels (server API on).
-    channels_sent: u64,
-    /// When the loop may report its channels again.
-    next_channels: Instant,
+    /// Which subscriptions are listed in presence, and the loop's channel report
+    /// (`presence.rs`).
+    listing: presence::Listing,
     /// Connections to flush and gaps, gathered during the turn.
     turn: Turn,
     /// Unsent output of all connections as of their last write (see `Conn::accounted`):
@@ -202,16 +175,10 @@ impl EventLoop {
             accept_paused_until: None,
             conns: Slab::with_capacity(1024),
             index: ChannelIndex::default(),
-            inbox,
-            broker,
+            link: link::Link::new(broker, inbox),
             shared,
             ws_config,
-            pending_control: VecDeque::new(),
-            pending_nodes: VecDeque::new(),
-            presence_pending: Default::default(),
-            presence_listed: Default::default(),
-            channels_sent: 0,
-            next_channels: Instant::now(),
+            listing: presence::Listing::new(Instant::now()),
             turn: Turn::default(),
             unsent: 0,
             limits,
@@ -316,8 +283,7 @@ impl EventLoop {
         for key in std::mem::take(&mut self.session_changed) {
             self.save_session(key, now, false);
         }
-        self.send_control();
-        self.send_nodes();
+        self.link.send_queued();
         self.remove_dead();
     }
 
@@ -335,7 +301,7 @@ impl EventLoop {
             until = until.min(t);
         }
         let mut timeout = until.saturating_duration_since(now);
-        if !self.pending_control.is_empty() || !self.pending_nodes.is_empty() || !self.paused.is_empty() {
+        if self.link.has_queued() || !self.paused.is_empty() {
             // Retry soon: the control queue, or the publish queue paused connections wait for.
             timeout = timeout.min(Duration::from_millis(1));
         }
@@ -463,14 +429,10 @@ impl EventLoop {
     // ---- the broker ----------------------------------------------------------------------
 
     /// Sends queued subscription requests in order; what does not fit waits for next turn.
-    fn send_control(&mut self) {
-        send_queued(&mut self.pending_control, &self.broker.control);
-    }
-
     /// Takes everything the broker sent. Wakes merge, so this drains until empty.
     fn drain_inbox(&mut self, now: Instant) {
-        self.inbox.rearm();
-        while let Some(msg) = self.inbox.try_recv() {
+        self.link.rearm();
+        while let Some(msg) = self.link.next() {
             match msg {
                 ToLoop::Deliver(d) => {
                     let Some(members) = self.index.members(&d.channel) else {

@@ -7,9 +7,9 @@
 //! path (`fanout.rs`) never sees events.
 //!
 //! Subscriptions carry nothing of it (a subscription costs the same with presence off): the
-//! loop keeps, beside them, the entries of subscriptions that will be listed once live
-//! (`presence_pending`) and which are listed (`presence_listed`); the broker keeps this node's
-//! entries, refreshes them and takes them out.
+//! loop keeps, beside them, a [`Listing`]: the entries of subscriptions that will be listed
+//! once live and which are listed; the broker keeps this node's entries, refreshes them and
+//! takes them out.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +26,31 @@ use crate::metrics::add;
 /// How often a loop tells the broker its channels' member counts, when they changed and the
 /// server API is on (`GET /api/channels` is at most about this much behind).
 pub(super) const CHANNELS_EVERY: Duration = Duration::from_secs(1);
+
+/// What the loop knows of presence: which subscriptions wait to be listed and which are, and
+/// when it last reported its channels.
+pub(super) struct Listing {
+    /// Entries of subscriptions listed once they are live (channels with presence), by
+    /// connection and channel.
+    pub(super) pending: std::collections::HashMap<(usize, Channel), Arc<str>>,
+    /// Subscriptions listed in presence (to be taken out when they end).
+    listed: std::collections::HashSet<(usize, Channel)>,
+    /// `index.changes()` when the loop last reported its channels (server API on).
+    channels_sent: u64,
+    /// When the loop may report its channels again.
+    next_channels: Instant,
+}
+
+impl Listing {
+    pub(super) fn new(now: Instant) -> Self {
+        Listing {
+            pending: Default::default(),
+            listed: Default::default(),
+            channels_sent: 0,
+            next_channels: now,
+        }
+    }
+}
 
 impl EventLoop {
     /// The id presence and the welcome give connection `key`: this node's id, the loop and
@@ -68,17 +93,17 @@ impl EventLoop {
     /// A subscription just went live: it enters its channel's presence (once), with the entry
     /// its subscribe prepared.
     pub(super) fn list_present(&mut self, key: usize, channel: &Channel) {
-        if self.presence_pending.is_empty() {
+        if self.listing.pending.is_empty() {
             return;
         }
-        let Some(entry) = self.presence_pending.remove(&(key, channel.clone())) else {
+        let Some(entry) = self.listing.pending.remove(&(key, channel.clone())) else {
             return;
         };
-        if !self.presence_listed.insert((key, channel.clone())) {
+        if !self.listing.listed.insert((key, channel.clone())) {
             return;
         }
         let client = self.client_id(key);
-        self.pending_nodes.push_back(NodeWork::Join {
+        self.link.presence(NodeWork::Join {
             channel: channel.clone(),
             client,
             entry,
@@ -95,14 +120,14 @@ impl EventLoop {
     /// Takes connection `key`'s subscription to `channel` out of presence, if it was listed
     /// (or about to be).
     pub(super) fn unlist(&mut self, key: usize, channel: &Channel) {
-        if self.presence_listed.is_empty() && self.presence_pending.is_empty() {
+        if self.listing.listed.is_empty() && self.listing.pending.is_empty() {
             return;
         }
         let at = (key, channel.clone());
-        self.presence_pending.remove(&at);
-        if self.presence_listed.remove(&at) {
+        self.listing.pending.remove(&at);
+        if self.listing.listed.remove(&at) {
             let client = self.client_id(key);
-            self.pending_nodes.push_back(NodeWork::Leave {
+            self.link.presence(NodeWork::Leave {
                 channel: channel.clone(),
                 client,
             });
@@ -174,11 +199,9 @@ impl EventLoop {
             reference,
             to,
         };
-        if let Err(e) = self.broker.nodes.try_send(ask) {
-            if let NodeWork::Presence { reference, .. } = e.into_inner() {
-                let refusal = Refusal::new("unavailable", "presence queue full; try again");
-                self.send_error(key, reference.as_deref(), &refusal);
-            }
+        if let Err(NodeWork::Presence { reference, .. }) = self.link.ask_nodes(ask) {
+            let refusal = Refusal::new("unavailable", "presence queue full; try again");
+            self.send_error(key, reference.as_deref(), &refusal);
         }
     }
 
@@ -297,8 +320,8 @@ impl EventLoop {
     /// they changed, at most every [`CHANNELS_EVERY`].
     pub(super) fn report_channels(&mut self, now: Instant) {
         if self.shared.config.api_key.is_none()
-            || now < self.next_channels
-            || self.index.changes() == self.channels_sent
+            || now < self.listing.next_channels
+            || self.index.changes() == self.listing.channels_sent
         {
             return;
         }
@@ -306,14 +329,9 @@ impl EventLoop {
             loop_id: self.id,
             channels: self.index.counts(),
         };
-        if self.broker.nodes.try_send(msg).is_ok() {
-            self.channels_sent = self.index.changes();
-            self.next_channels = now + CHANNELS_EVERY;
+        if self.link.ask_nodes(msg).is_ok() {
+            self.listing.channels_sent = self.index.changes();
+            self.listing.next_channels = now + CHANNELS_EVERY;
         }
-    }
-
-    /// Sends queued presence changes in order; what does not fit waits for the next turn.
-    pub(super) fn send_nodes(&mut self) {
-        super::send_queued(&mut self.pending_nodes, &self.broker.nodes);
     }
 }

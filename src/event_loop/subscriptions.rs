@@ -42,7 +42,7 @@ impl EventLoop {
     /// channel's first local member) and starts its subscription if the channel is live.
     pub(super) fn join(&mut self, key: usize, channel: &Channel, _now: Instant) {
         match self.index.join(channel, key) {
-            Joined::First(generation) => self.pending_control.push_back(crate::bridge::Control::Subscribe {
+            Joined::First(generation) => self.link.subscription(crate::bridge::Control::Subscribe {
                 channel: channel.clone(),
                 loop_id: self.id,
                 generation,
@@ -55,11 +55,10 @@ impl EventLoop {
     /// Removes the connection from `channel`, unsubscribing upstream after the last member.
     pub(super) fn leave(&mut self, key: usize, channel: Channel) {
         if self.index.leave(&channel, key) {
-            self.pending_control
-                .push_back(crate::bridge::Control::Unsubscribe {
-                    channel,
-                    loop_id: self.id,
-                });
+            self.link.subscription(crate::bridge::Control::Unsubscribe {
+                channel,
+                loop_id: self.id,
+            });
         }
     }
 
@@ -179,7 +178,7 @@ impl EventLoop {
             query: None,
             to,
         };
-        if self.broker.requests.try_send(request).is_err() {
+        if self.link.request(request).is_err() {
             self.on_history(key, channel.clone(), Err("request queue full".into()));
         }
     }
@@ -475,12 +474,7 @@ impl EventLoop {
         else {
             return;
         };
-        if self
-            .broker
-            .requests
-            .try_send(Request::LoadSession { id, to })
-            .is_err()
-        {
+        if self.link.request(Request::LoadSession { id, to }).is_err() {
             self.on_session(key, Err("request queue full".into()), Instant::now());
         }
     }
@@ -554,7 +548,7 @@ impl EventLoop {
                         ..Pending::quiet()
                     };
                     if let Some(entry) = presence {
-                        self.presence_pending.insert((key, channel.clone()), entry);
+                        self.listing.pending.insert((key, channel.clone()), entry);
                     }
                     open.add_sub(crate::conn::Sub::awaiting(
                         channel.clone(),
@@ -632,12 +626,7 @@ impl EventLoop {
                 .collect(),
         };
         let id = session.id.clone();
-        if self
-            .broker
-            .requests
-            .try_send(Request::SaveSession { id, state })
-            .is_err()
-        {
+        if self.link.request(Request::SaveSession { id, state }).is_err() {
             // Retried at the next flush.
             if let Some(s) = &mut open.session {
                 s.offsets_dirty = true;
