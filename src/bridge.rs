@@ -205,6 +205,9 @@ pub enum Request {
         origin: Option<Origin>,
         /// Set when a client asked to read history, not to subscribe.
         query: Option<Box<HistoryQuery>>,
+        /// The asking loop's number for this read, echoed in the reply: a subscription takes
+        /// only the answer to the read it is waiting for (0 for a client's read).
+        read: u64,
         /// Who asked.
         to: ReplyTo,
     },
@@ -414,6 +417,8 @@ pub enum Reply {
         result: Result<History, String>,
         /// The client's read, when it was one (not a subscription's).
         query: Option<Box<HistoryQuery>>,
+        /// The request's `read`.
+        read: u64,
     },
     /// Answer to [`NodeWork::Presence`].
     Presence {

@@ -221,6 +221,11 @@ pub struct Pending {
     /// payload published into Redis with a header that only looks like ours), and it does not
     /// start another read.
     pub gap_to: Option<u64>,
+    /// The loop's number of the history read asked for this wait (0: not asked yet). An
+    /// answer to another read is stale: it was asked for a subscription since cancelled (the
+    /// client unsubscribed and subscribed again while it was under way) or for an earlier
+    /// wait, and settles nothing.
+    pub read: u64,
 }
 
 impl Pending {

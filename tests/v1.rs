@@ -486,3 +486,65 @@ fn a_subscribe_undone_at_once_still_gets_its_reply() {
 fn the_client_offers_the_protocol_name_the_server_accepts() {
     assert_eq!(wsrelay_client::PROTOCOL, wsrelay::envelope::PROTOCOL);
 }
+
+/// A subscription's history read is still under way when the client unsubscribes and
+/// subscribes again: the first read's answer belongs to the cancelled subscription, and only
+/// the new read's answer settles the new one (here: recovering from a later offset).
+#[test]
+fn an_answer_to_a_cancelled_subscription_does_not_settle_the_next() {
+    let redis = Redis::start();
+    let n = node(Some(&redis), &["--threads", "1"]);
+    let mut first = 0;
+    for i in 1..=20 {
+        let at = publish(&n, "reread", &format!("m{i}"));
+        if i == 1 {
+            first = at;
+        }
+    }
+    let mut p = V1::connect(n.addr, None).unwrap();
+    let ack = p.publish("reread", "m21").unwrap();
+    let (top, ep) = (offset(&ack), epoch(&ack));
+    assert_eq!(top, first + 20);
+    // Another client keeps the channel live on the (only) loop, so both subscriptions go
+    // straight to their history reads.
+    let mut watcher = V1::connect(n.addr, None).unwrap();
+    assert_eq!(watcher.subscribe("reread", None).unwrap()["type"], "subscribed");
+    // Redis answers nothing while stopped: both reads wait, in order.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    let mut c = V1::connect(n.addr, None).unwrap();
+    for cmd in [
+        json!({"op":"subscribe","channel":"reread","offset":0,"epoch":ep,"ref":1}),
+        json!({"op":"unsubscribe","channel":"reread","ref":2}),
+        json!({"op":"subscribe","channel":"reread","offset":top - 3,"epoch":ep,"ref":3}),
+        json!({"op":"ping","ref":4}),
+    ] {
+        c.send(&cmd).unwrap();
+    }
+    let mut replies = Vec::new();
+    while replies.last().is_none_or(|v: &Value| v["ref"] != 4) {
+        replies.push(c.next(WAIT).unwrap());
+    }
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    let codes: Vec<_> = replies
+        .iter()
+        .map(|v| (v["ref"].clone(), v["type"].clone()))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (json!(1), json!("error")),
+            (json!(2), json!("unsubscribed")),
+            (json!(4), json!("pong"))
+        ],
+        "{replies:?}"
+    );
+    let subscribed = c.next(WAIT).unwrap();
+    assert_eq!(subscribed["ref"], 3, "{subscribed}");
+    assert_eq!(subscribed["recovered"], true, "{subscribed}");
+    for want in top - 2..=top {
+        let m = c.message(WAIT).unwrap();
+        assert_eq!(offset(&m), want, "{m}");
+    }
+    let after = publish(&n, "reread", "after");
+    assert_eq!(offset(&c.message(WAIT).unwrap()), after);
+}

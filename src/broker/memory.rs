@@ -172,6 +172,7 @@ impl MemoryBroker {
                 record,
                 origin,
                 query,
+                read,
                 to,
             } => {
                 let newest = query.as_ref().filter(|q| q.since.is_none()).map(|q| q.limit);
@@ -192,6 +193,7 @@ impl MemoryBroker {
                     channel,
                     result,
                     query,
+                    read,
                 };
                 self.outbox.reply(&self.loops, to, reply);
             }

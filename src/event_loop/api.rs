@@ -361,6 +361,7 @@ impl EventLoop {
             record: None,
             origin: self.origin(key),
             query: Some(Box::new(query)),
+            read: 0,
             to,
         };
         self.link

@@ -53,9 +53,9 @@ impl Link {
         self.broker.publish_full(n)
     }
 
-    /// Queues a storage request; a full queue hands it back.
-    pub(super) fn request(&self, r: Request) -> Result<(), Request> {
-        self.broker.requests.try_send(r).map_err(TrySendError::into_inner)
+    /// Queues a storage request, unless the queue is full.
+    pub(super) fn request(&self, r: Request) -> Result<(), QueueFull> {
+        self.broker.requests.try_send(r).map_err(|_| QueueFull)
     }
 
     /// Sends work for all nodes that has an answer (the caller answers a refusal).
@@ -102,3 +102,7 @@ fn send_in_order<T>(queue: &mut VecDeque<T>, tx: &Sender<T>) {
         }
     }
 }
+
+/// A request was not queued: the broker's request queue is full.
+#[derive(Debug)]
+pub(super) struct QueueFull;

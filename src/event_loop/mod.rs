@@ -126,6 +126,8 @@ pub struct EventLoop {
     flush_at: Option<Instant>,
     /// Serial number for the next open connection (see `ConnId`).
     next_serial: u64,
+    /// History reads asked for subscriptions so far: each read's number (`Pending::read`).
+    reads: u64,
     /// Shared read buffer: one large read per socket, handed to tungstenite in small pieces.
     ahead: ReadAhead,
     next_sweep: Instant,
@@ -188,6 +190,7 @@ impl EventLoop {
             session_changed: Vec::new(),
             flush_at: None,
             next_serial: 0,
+            reads: 0,
             ahead: ReadAhead::new(READ_AHEAD),
             next_sweep: Instant::now() + sweep_every,
             sweep_every,

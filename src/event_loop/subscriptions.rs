@@ -152,6 +152,8 @@ impl EventLoop {
     /// session has the broker store that position in the session as it reads it.
     pub(super) fn request_history(&mut self, key: usize, channel: &Channel) {
         let Some(to) = self.reply_to(key) else { return };
+        self.reads += 1;
+        let read = self.reads;
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
@@ -160,9 +162,10 @@ impl EventLoop {
             subject: s.subject.clone(),
         });
         let Some(sub) = open.sub_mut(channel) else { return };
-        let SubState::AwaitingHistory { pending, .. } = &sub.state else {
+        let SubState::AwaitingHistory { pending, .. } = &mut sub.state else {
             return;
         };
+        pending.read = read;
         let (since, record) = match (&pending.checked, pending.restarted, pending.recover) {
             // An epoch check: the history's epoch (and position) is all it needs.
             (Some(_), false, _) => (None, None),
@@ -176,10 +179,11 @@ impl EventLoop {
             record,
             origin: self.origin(key),
             query: None,
+            read,
             to,
         };
         if self.link.request(request).is_err() {
-            self.on_history(key, channel.clone(), Err("request queue full".into()));
+            self.on_history(key, channel.clone(), read, Err("request queue full".into()));
         }
     }
 
@@ -195,8 +199,14 @@ impl EventLoop {
                 channel,
                 result,
                 query: Some(query),
+                ..
             } => self.history_answer(id.key, &channel, *query, result, now),
-            Reply::History { channel, result, .. } => self.on_history(id.key, channel, result),
+            Reply::History {
+                channel,
+                result,
+                read,
+                ..
+            } => self.on_history(id.key, channel, read, result),
             Reply::Session(result) => self.on_session(id.key, result, now),
             Reply::Presence {
                 channel,
@@ -228,10 +238,14 @@ impl EventLoop {
 
     /// The position (and history) of a subscription arrived: announce, replay, release the
     /// deliveries held meanwhile. See `recovery.rs` for the decisions.
-    fn on_history(&mut self, key: usize, channel: Channel, result: Result<History, String>) {
+    /// An answer to any read but the one the subscription waits for is stale and ignored.
+    fn on_history(&mut self, key: usize, channel: Channel, read: u64, result: Result<History, String>) {
         let Some(sub) = self.conns[key].open_mut().and_then(|o| o.sub_mut(&channel)) else {
             return;
         };
+        if !matches!(&sub.state, SubState::AwaitingHistory { pending, .. } if pending.read == read) {
+            return;
+        }
         let SubState::AwaitingHistory { pending, held } = std::mem::replace(&mut sub.state, SubState::Live)
         else {
             return;

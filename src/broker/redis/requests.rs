@@ -92,6 +92,7 @@ impl Requests {
                 since,
                 record,
                 query,
+                read,
                 to,
                 ..
             } => {
@@ -104,6 +105,7 @@ impl Requests {
                     channel,
                     result,
                     query,
+                    read,
                 };
                 self.outbox.reply(&self.redis.loops, to, reply);
             }
