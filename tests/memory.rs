@@ -194,3 +194,78 @@ fn a_quiet_channel_whose_epoch_expired_goes_on_without_a_notice() {
     );
     assert_eq!(n.metric("wsrelay_recovery_failed_total"), 0);
 }
+
+/// Payload bytes of the messages Redis holds for `channel`, and how many there are.
+fn stored(redis: &Redis, channel: &str) -> (usize, usize) {
+    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg(format!("wsrelay:{{{channel}}}:stream"))
+        .arg("-")
+        .arg("+")
+        .query(&mut redis.con())
+        .unwrap();
+    let bytes = entries
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().filter(|(f, _)| f == "d").map(|(_, d)| d.len()))
+        .sum();
+    (bytes, entries.len())
+}
+
+#[test]
+fn a_channels_history_in_redis_is_bounded_in_bytes() {
+    let redis = Redis::start();
+    let n = Node::start(&["--redis", &redis.url(), "--history-channel-memory", "1048576"]);
+    let mut p = V1::connect(n.addr, None).unwrap();
+    // 200 messages of 60 KB: 12 MB, well within --history-size (1,000) by count.
+    let body = "b".repeat(60_000);
+    for round in 0..4 {
+        let cmds: Vec<_> = (0..50)
+            .map(|i| json!({"op":"publish","channel":"big","data":body,"ref":round * 50 + i}))
+            .collect();
+        pipelined(&mut p, &cmds);
+    }
+    let (bytes, count) = stored(&redis, "big");
+    assert!(bytes <= (1 << 20) + 60_000, "{bytes} bytes in {count} messages");
+    assert!(count >= 8, "only {count} messages kept");
+    // What is kept is the newest: a recovery from just before the last few replays them.
+    let mut c = V1::connect(n.addr, None).unwrap();
+    let last = p.publish("big", "last").unwrap();
+    let top = last["offset"].as_u64().unwrap();
+    let ep = last["epoch"].as_str().unwrap();
+    let sub = c.subscribe("big", Some((top - 5, ep))).unwrap();
+    assert_eq!(sub["recovered"], true, "{sub}");
+    for want in top - 4..=top {
+        assert_eq!(c.message(WAIT).unwrap()["offset"], want);
+    }
+    // Small messages are bounded by count as before, and none of it counts against them.
+    for round in 0..3 {
+        let cmds: Vec<_> = (0..500)
+            .map(|i| json!({"op":"publish","channel":"big","data":"s","ref":round * 500 + i}))
+            .collect();
+        pipelined(&mut p, &cmds);
+    }
+    let (bytes, count) = stored(&redis, "big");
+    assert!((1000..=1164).contains(&count), "{count} messages, {bytes} bytes");
+}
+
+#[test]
+fn a_history_byte_count_that_redis_lost_track_of_does_not_empty_the_history() {
+    let redis = Redis::start();
+    let n = Node::start(&["--redis", &redis.url(), "--history-channel-memory", "1048576"]);
+    let mut p = V1::connect(n.addr, None).unwrap();
+    let body = "b".repeat(60_000);
+    let cmds: Vec<_> = (0..40)
+        .map(|i| json!({"op":"publish","channel":"lost","data":body,"ref":i}))
+        .collect();
+    pipelined(&mut p, &cmds);
+    // Someone removes the stored messages (eviction, a script): the count of their bytes in
+    // the channel's meta is now wrong.
+    let _: () = redis::cmd("DEL")
+        .arg("wsrelay:{lost}:stream")
+        .query(&mut redis.con())
+        .unwrap();
+    let cmds: Vec<_> = (0..5)
+        .map(|i| json!({"op":"publish","channel":"lost","data":body,"ref":i}))
+        .collect();
+    pipelined(&mut p, &cmds);
+    assert_eq!(stored(&redis, "lost").1, 5);
+}

@@ -1,9 +1,10 @@
 -- Publish one message with history, atomically (wsrelay, src/broker/redis/publisher.rs).
--- KEYS[1] meta hash {epoch, offset}; KEYS[2] stream of stored messages.
+-- KEYS[1] meta hash {epoch, offset, bytes}; KEYS[2] stream of stored messages.
 -- ARGV: 1 stream max length, 2 ttl seconds, 3 Pub/Sub channel, 4 kind ("t"/"b"), 5 payload,
 --       6 this node's epoch prefix (random, chosen once per process),
 --       7 "1" to refresh both keys' time to live (the caller asks at most once a second per
---       channel; a new history always gets it).
+--       channel; a new history always gets it),
+--       8 the byte budget of large messages, 9 the size above which a message is large.
 -- Returns {offset, epoch}.
 --
 -- Every call here costs Redis CPU, so the common case is four: HINCRBY, HGET, XADD, PUBLISH.
@@ -13,6 +14,14 @@
 -- every 64th publish, approximately (whole stream nodes): it keeps at least max length entries
 -- and at most about 64 + 100 more. tuning.md has its Redis CPU per publish beside the script
 -- before it (six calls, and an exact trim on every publish).
+--
+-- Bytes: the meta's `bytes` counts the payload of the large messages the stream holds (one
+-- HINCRBY per large publish; small ones cost nothing more). Past the budget, the oldest
+-- messages go, exactly, until it is met again; every 64th publish of a channel holding large
+-- messages trims by count the same way, so the count stays right. Small messages, at most
+-- max length + 164 of them, fill at most the other half of the channel's byte cap (the caller
+-- picks ARGV[9] so). A count that has gone wrong (someone else removed entries) is set right
+-- when trimming reaches the newest message without meeting the budget.
 local meta, stream = KEYS[1], KEYS[2]
 local offset = redis.call('HINCRBY', meta, 'offset', 1)
 local epoch = redis.call('HGET', meta, 'epoch')
@@ -23,11 +32,58 @@ if not epoch then
   local t = redis.call('TIME')
   epoch = ARGV[6] .. string.format('%x', t[1] * 1000000 + t[2])
   redis.call('DEL', stream)
+  redis.call('HDEL', meta, 'bytes')
   redis.call('HSET', meta, 'epoch', epoch)
   refresh = true
 end
-redis.call('XADD', stream, offset .. '-0', 'k', ARGV[4], 'd', ARGV[5])
-if offset % 64 == 0 then
+local id = offset .. '-0'
+local size, large = #ARGV[5], tonumber(ARGV[9])
+local held = 0
+if size > large then
+  held = redis.call('HINCRBY', meta, 'bytes', size)
+elseif offset % 64 == 0 then
+  held = tonumber(redis.call('HGET', meta, 'bytes')) or 0
+end
+redis.call('XADD', stream, id, 'k', ARGV[4], 'd', ARGV[5])
+local budget = tonumber(ARGV[8])
+if held > budget or (held > 0 and offset % 64 == 0) then
+  -- Oldest first, while over the count or the budget; never this message. Reads at most the
+  -- stream's own entries, in batches that grow from 2 (a large publish usually frees one).
+  local excess = redis.call('XLEN', stream) - tonumber(ARGV[1])
+  local freed, keep, from = 0, nil, '-'
+  local want = math.min(math.max(excess, 2), 128)
+  while not keep do
+    local batch = redis.call('XRANGE', stream, from, '+', 'COUNT', want)
+    if #batch == 0 then
+      break
+    end
+    for i = 1, #batch do
+      local e = batch[i]
+      if e[1] == id or (excess <= 0 and held - freed <= budget) then
+        keep = e[1]
+        break
+      end
+      local f = e[2]
+      for j = 1, #f - 1, 2 do
+        if f[j] == 'd' and #f[j + 1] > large then
+          freed = freed + #f[j + 1]
+        end
+      end
+      excess = excess - 1
+    end
+    from = '(' .. batch[#batch][1]
+    want = math.min(want * 2, 128)
+  end
+  if keep then
+    redis.call('XTRIM', stream, 'MINID', keep)
+  end
+  if held - freed > budget then
+    -- Only the newest is left and the count is still over: it was wrong. Start again from
+    -- what the stream holds.
+    held, freed = (size > large) and size or 0, 0
+  end
+  redis.call('HSET', meta, 'bytes', math.max(held - freed, 0))
+elseif offset % 64 == 0 then
   redis.call('XTRIM', stream, 'MAXLEN', '~', ARGV[1])
 end
 if refresh then

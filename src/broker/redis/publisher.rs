@@ -50,6 +50,30 @@ struct History {
     maxlen: usize,
     ttl: u64,
     refresh_every: Duration,
+    /// Bytes of large messages one channel's stream may hold (`publish.lua`'s ARGV 8).
+    large_budget: usize,
+    /// Payload size above which a message is large (ARGV 9).
+    large: usize,
+}
+
+/// Entries a stream may hold past `--history-size` (the trim every 64th publish, in whole
+/// stream nodes of 100 entries, Redis's default `stream-node-max-entries`).
+pub(super) const TRIM_SLACK: usize = 164;
+
+impl History {
+    /// A channel's stream holds at most `--history-channel-memory` bytes of payload (plus its
+    /// newest message): large messages are counted against half of it; the small ones, held
+    /// by count, cannot fill more than the other half.
+    fn new(config: &Config) -> History {
+        let half = config.history_channel_memory / 2;
+        History {
+            maxlen: config.history_size,
+            ttl: ttl_secs(config.history_ttl),
+            refresh_every: REFRESH_EVERY.min(config.history_ttl / 4),
+            large_budget: half,
+            large: half / (config.history_size + TRIM_SLACK),
+        }
+    }
 }
 
 /// A pipeline sent and being answered, in order.
@@ -91,11 +115,7 @@ impl Publisher {
         queued: PublishQueue,
         con: redis::Connection,
     ) -> Self {
-        let history = (config.history_size > 0).then(|| History {
-            maxlen: config.history_size,
-            ttl: ttl_secs(config.history_ttl),
-            refresh_every: REFRESH_EVERY.min(config.history_ttl / 4),
-        });
+        let history = (config.history_size > 0).then(|| History::new(config));
         Publisher {
             redis,
             queue,
@@ -189,7 +209,9 @@ impl Publisher {
                         .arg(&[wire::kind_byte(p.kind)][..])
                         .arg(&p.data[..])
                         .arg(self.epoch_prefix.as_str())
-                        .arg(if refresh { "1" } else { "0" });
+                        .arg(if refresh { "1" } else { "0" })
+                        .arg(h.large_budget)
+                        .arg(h.large);
                 }
                 None => {
                     pipe.cmd("PUBLISH")
