@@ -195,9 +195,12 @@ fn a_quiet_channel_whose_epoch_expired_goes_on_without_a_notice() {
     assert_eq!(n.metric("wsrelay_recovery_failed_total"), 0);
 }
 
+/// A stream entry as XRANGE returns it: its id and its fields.
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
 /// Payload bytes of the messages Redis holds for `channel`, and how many there are.
 fn stored(redis: &Redis, channel: &str) -> (usize, usize) {
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let entries: Vec<Entry> = redis::cmd("XRANGE")
         .arg(format!("wsrelay:{{{channel}}}:stream"))
         .arg("-")
         .arg("+")
