@@ -416,3 +416,39 @@ fn subscriber_cut_off_for_its_output_buffer_recovers_by_offset() {
             .any(|l| l.contains("client-output-buffer-limit"))
     );
 }
+
+/// A subscribe sent while Redis is stalled: the subscriber's SUBSCRIBE times out and its
+/// connection is given up. The subscribe is still answered, and delivery starts once Redis is
+/// back.
+#[test]
+fn a_subscribe_sent_while_redis_is_stalled_is_answered() {
+    let mut redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let mut c = V1::connect(node.addr, None).unwrap();
+    wait_for("subscriber up", WAIT, || {
+        (node.metric("wsrelay_redis_subscriber_up") == 1).then_some(())
+    });
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    c.send(&serde_json::json!({"op":"subscribe","channel":"stalled","ref":"s"}))
+        .unwrap();
+    // The SUBSCRIBE waits out its timeout (2 s) and the subscriber gives the connection up.
+    wait_for("subscriber down", Duration::from_secs(20), || {
+        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
+    });
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    let reply = c.next(Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        (reply["type"].as_str(), reply["ref"].as_str()),
+        (Some("subscribed"), Some("s")),
+        "{reply}"
+    );
+    wait_for("subscriber back", Duration::from_secs(20), || {
+        (node.http_get("/healthz").0 == 200).then_some(())
+    });
+    let mut p = V1::connect(node.addr, None).unwrap();
+    assert_eq!(p.publish("stalled", "after").unwrap()["type"], "published");
+    let m = c.message(WAIT).unwrap();
+    assert_eq!(m["data"], "after", "{m}");
+    redis.kill();
+}

@@ -48,6 +48,11 @@ pub(super) struct Subscriber {
     control: Receiver<Control>,
     drop_log: LogThrottle,
     connected_before: bool,
+    /// Loops waiting for a subscription to take effect: confirmed once Redis has answered the
+    /// SUBSCRIBE, or at once if the connection is lost first (offline, a route is live as soon
+    /// as it is in the table; the next connection subscribes it and has its offset-tracking
+    /// clients recover what they missed).
+    awaiting: Vec<(usize, Channel, u64)>,
 }
 
 impl Subscriber {
@@ -60,6 +65,7 @@ impl Subscriber {
             control,
             drop_log: LogThrottle::default(),
             connected_before: false,
+            awaiting: Vec::new(),
         }
     }
 
@@ -71,7 +77,11 @@ impl Subscriber {
                     Exit::Lost(e) => {
                         warn!(
                             "redis subscriber connection lost: {e}; local delivery continues, reconnecting, and offset-tracking clients recover what it missed (if Redis closed it for its output buffer, raise client-output-buffer-limit pubsub)"
-                        )
+                        );
+                        for (loop_id, channel, generation) in self.awaiting.drain(..) {
+                            self.outbox
+                                .confirm(&self.redis.loops, loop_id, channel, generation);
+                        }
                     }
                 },
                 Err(e) => debug!("redis subscriber cannot connect: {e}"),
@@ -141,7 +151,6 @@ impl Subscriber {
         self.connected_before = true;
 
         let mut touched = Vec::new();
-        let mut awaiting = Vec::new();
         let mut last_probe = Instant::now();
         self.redis.metrics.broker.probe_ok(PROBE_EVERY);
         loop {
@@ -152,7 +161,7 @@ impl Subscriber {
                     Ok(c) => {
                         let (channel, waiter) = self.routes.apply(c);
                         if let Some((loop_id, generation)) = waiter {
-                            awaiting.push((loop_id, channel.clone(), generation));
+                            self.awaiting.push((loop_id, channel.clone(), generation));
                         }
                         touched.push(channel);
                     }
@@ -179,7 +188,7 @@ impl Subscriber {
                     .channels
                     .store(upstream.len() as u64, Ordering::Relaxed);
                 // Redis has answered: the subscriptions are in effect.
-                for (loop_id, ch, generation) in awaiting.drain(..) {
+                for (loop_id, ch, generation) in self.awaiting.drain(..) {
                     self.outbox.confirm(&self.redis.loops, loop_id, ch, generation);
                 }
             }
