@@ -548,3 +548,59 @@ fn an_answer_to_a_cancelled_subscription_does_not_settle_the_next() {
     let after = publish(&n, "reread", "after");
     assert_eq!(offset(&c.message(WAIT).unwrap()), after);
 }
+
+/// Several channels recovering on one connection, each replay longer than one page: every
+/// channel gets `recovered: true` and all its messages once, with no second `subscribed`.
+#[test]
+fn several_long_recoveries_on_one_connection_all_complete() {
+    both_modes(|redis| {
+        let n = node(redis, &["--threads", "1", "--history-size", "2000"]);
+        let channels = ["pages0", "pages1", "pages2", "pages3"];
+        let mut p = V1::connect(n.addr, None).unwrap();
+        let mut epochs = Vec::new();
+        for ch in channels {
+            let mut last = Value::Null;
+            for round in 0..3 {
+                let cmds: Vec<_> = (0..200)
+                    .map(|i| json!({"op":"publish","channel":ch,"data":format!("{ch}-{}", round * 200 + i),"ref":i}))
+                    .collect();
+                for cmd in &cmds {
+                    p.send(cmd).unwrap();
+                }
+                for _ in &cmds {
+                    last = p.next(WAIT).unwrap();
+                    assert_eq!(last["type"], "published", "{last}");
+                }
+            }
+            assert_eq!(offset(&last), 600);
+            epochs.push(epoch(&last));
+        }
+        let mut c = V1::connect(n.addr, None).unwrap();
+        for (i, ch) in channels.iter().enumerate() {
+            c.send(&json!({"op":"subscribe","channel":ch,"offset":0,"epoch":epochs[i],"ref":i}))
+                .unwrap();
+        }
+        let mut next = [1u64; 4];
+        let mut replies = 0;
+        while next.iter().any(|&o| o <= 600) {
+            let v = c.next(WAIT).unwrap();
+            let i = channels.iter().position(|ch| v["channel"] == *ch).unwrap();
+            match v["type"].as_str() {
+                Some("subscribed") => {
+                    assert_eq!(v["recovered"], true, "{v}");
+                    replies += 1;
+                }
+                Some("message") => {
+                    assert_eq!(offset(&v), next[i], "{v}");
+                    next[i] += 1;
+                }
+                _ => panic!("unexpected {v}"),
+            }
+        }
+        assert_eq!(replies, channels.len());
+        // Nothing more follows: a ping's pong is next.
+        c.send(&json!({"op":"ping","ref":"end"})).unwrap();
+        let v = c.next(WAIT).unwrap();
+        assert_eq!(v["type"], "pong", "{v}");
+    });
+}

@@ -394,6 +394,8 @@ impl EventLoop {
                 announce: false,
                 reference: None,
                 checked: None,
+                // The next page is asked for once this one is written out (`next_pages`).
+                read: 0,
                 ..pending
             },
             held,
@@ -459,7 +461,12 @@ impl EventLoop {
         let waiting: Vec<Channel> = open
             .subs
             .iter()
-            .filter(|s| matches!(&s.state, SubState::AwaitingHistory { pending, .. } if !pending.announce && pending.recover))
+            .filter(|s| {
+                // A page not asked for yet; not a read under way (another channel's page, a
+                // gap's recovery): asking again would only waste a read.
+                matches!(&s.state, SubState::AwaitingHistory { pending, .. }
+                    if !pending.announce && pending.recover && pending.read == 0)
+            })
             .map(|s| s.channel.clone())
             .collect();
         for channel in waiting {
