@@ -392,6 +392,8 @@ pub enum Stage {
     Resuming {
         /// The raw connection's channel; `None` for v1.
         raw_channel: Option<Channel>,
+        /// The `connect` command's `ref`, echoed in the welcome (v1).
+        reference: Option<Box<str>>,
     },
     /// Served: frames are read, commands carried out.
     Ready,

@@ -184,6 +184,21 @@ fn v1_grants_connect_command_and_sessions_bound_to_their_subject() {
     b.client.close();
     let a2 = V1::connect_with(node.addr, Some(&id), Some(&alice)).unwrap();
     assert!(a2.resumed);
+    a2.client.close();
+    // The connect command resuming a session gets its welcome as its reply too.
+    let mut c = Client::connect_with(node.addr, &format!("/?session={id}"), Some("wsrelay.v1")).unwrap();
+    c.send_text(&json!({"op":"connect","token":alice,"ref":"resume"}).to_string())
+        .unwrap();
+    let welcome: serde_json::Value = serde_json::from_str(&c.recv_text(WAIT).unwrap()).unwrap();
+    assert_eq!(
+        (
+            welcome["type"].as_str(),
+            welcome["ref"].as_str(),
+            welcome["resumed"].as_bool()
+        ),
+        (Some("welcome"), Some("resume"), Some(true)),
+        "{welcome}"
+    );
 
     // Without a token, anything but connect is refused and the connection closed.
     let mut c = Client::connect_with(node.addr, "/", Some("wsrelay.v1")).unwrap();

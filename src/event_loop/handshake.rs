@@ -496,7 +496,10 @@ impl EventLoop {
         }
         if let Some(raw_channel) = resume {
             // Nothing is read or joined until the stored session is known.
-            open.stage = Stage::Resuming { raw_channel };
+            open.stage = Stage::Resuming {
+                raw_channel,
+                reference,
+            };
             self.conns[key].read_pending = true;
             self.load_session(key);
             return;

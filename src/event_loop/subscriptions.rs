@@ -505,7 +505,11 @@ impl EventLoop {
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
-        let Stage::Resuming { raw_channel } = std::mem::replace(&mut open.stage, Stage::Ready) else {
+        let Stage::Resuming {
+            raw_channel,
+            reference,
+        } = std::mem::replace(&mut open.stage, Stage::Ready)
+        else {
             return;
         };
         let protocol = open.protocol;
@@ -538,7 +542,10 @@ impl EventLoop {
         match protocol {
             Protocol::V1 => {
                 let client = self.client_id(key);
-                self.send_json(key, &envelope::welcome(None, &id, resumed, &client));
+                self.send_json(
+                    key,
+                    &envelope::welcome(reference.as_deref(), &id, resumed, &client),
+                );
                 let mut dropped = false;
                 for (channel, offset, epoch) in channels {
                     let Some(open) = self.conns[key].open_mut() else {
