@@ -263,18 +263,28 @@ impl Cli {
         c.proxy_listen = self.proxy_listen.or(c.proxy_listen);
         c.trusted_proxies = self.trusted_proxies;
         // Secrets may come from the environment so they do not show in `ps`.
-        c.token_secret = self.token_secret.or_else(|| {
-            std::env::var("WSRELAY_TOKEN_SECRET")
-                .ok()
-                .filter(|s| !s.is_empty())
-        });
-        c.api_key = self
-            .api_key
-            .or_else(|| std::env::var("WSRELAY_API_KEY").ok().filter(|s| !s.is_empty()));
+        c.token_secret = match self.token_secret {
+            Some(s) => Some(s),
+            None => secret_from_env("WSRELAY_TOKEN_SECRET")?,
+        };
+        c.api_key = match self.api_key {
+            Some(k) => Some(k),
+            None => secret_from_env("WSRELAY_API_KEY")?,
+        };
         c.redis = self.redis.or(c.redis);
         c.socket_send_buffer = self.socket_send_buffer.or(c.socket_send_buffer);
         c.validate()?;
         Ok(c)
+    }
+}
+
+/// A secret from the environment variable `var`. Set but empty is refused: it is a secret
+/// that was not filled in, and running without it would turn authentication off unnoticed.
+fn secret_from_env(var: &str) -> Result<Option<String>, String> {
+    match std::env::var(var) {
+        Ok(s) if s.is_empty() => Err(format!("{var} is set but empty; unset it to run without it")),
+        Ok(s) => Ok(Some(s)),
+        Err(_) => Ok(None),
     }
 }
 

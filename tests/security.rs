@@ -461,3 +461,12 @@ fn http_publish_bodies_larger_than_a_request_head() {
         Some(20_000)
     );
 }
+
+/// A secret variable that is set but empty is a deployment mistake (a secret that was not
+/// injected), not a request to run without authentication: the server refuses to start.
+#[test]
+fn an_empty_secret_in_the_environment_is_refused() {
+    for var in ["WSRELAY_TOKEN_SECRET", "WSRELAY_API_KEY"] {
+        refuses_to_start(&[], &[(var, "")], var);
+    }
+}

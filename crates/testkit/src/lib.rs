@@ -97,6 +97,36 @@ pub fn server_binary() -> PathBuf {
         .unwrap_or_else(|| panic!("no wsrelay binary next to {}: build it first", exe.display()))
 }
 
+/// Runs wsrelay with `args` and the environment `env` and expects it to refuse to start:
+/// exit 1 with a message containing `needle` on stderr.
+#[track_caller]
+pub fn refuses_to_start(args: &[&str], env: &[(&str, &str)], needle: &str) {
+    let mut child = Command::new(server_binary())
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("wsrelay {args:?} {env:?} started; it should have refused");
+        }
+        // Polling a child's exit: there is nothing to wait on but time.
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains(needle), "{err}");
+}
+
 /// A command running `program`, under `taskset -c CPU` when a CPU is given (the process keeps
 /// its pid: taskset execs it).
 pub fn command(program: impl AsRef<OsStr>, cpu: Option<usize>) -> Command {
