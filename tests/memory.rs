@@ -105,6 +105,8 @@ fn sessions_are_bounded_in_bytes() {
     }
     // The oldest sessions went to keep the cap; the newest are there.
     assert!(!V1::connect(n.addr, Some(&ids[0])).unwrap().resumed);
+    // Counted by the time a client can see it: the eviction came before the failed resume.
+    assert!(n.metric("wsrelay_store_evictions_total") > 0);
     assert!(V1::connect(n.addr, Some(&ids[199])).unwrap().resumed);
     wait_for("evictions counted", WAIT, || {
         (n.metric("wsrelay_store_evictions_total") >= 50).then_some(())
@@ -271,4 +273,21 @@ fn a_history_byte_count_that_redis_lost_track_of_does_not_empty_the_history() {
         .collect();
     pipelined(&mut p, &cmds);
     assert_eq!(stored(&redis, "lost").1, 5);
+}
+
+#[test]
+fn a_session_evicted_is_counted_before_its_client_can_tell() {
+    let n = Node::start(&["--max-sessions", "20"]);
+    let mut victim = V1::connect(n.addr, None).unwrap();
+    victim.subscribe("mine", None).unwrap();
+    let id = victim.session.clone();
+    victim.client.close();
+    for i in 0..40 {
+        let mut c = V1::connect(n.addr, None).unwrap();
+        c.subscribe(&format!("other{i}"), None).unwrap();
+        c.client.close();
+    }
+    let back = V1::connect(n.addr, Some(&id)).unwrap();
+    assert!(!back.resumed);
+    assert!(n.metric("wsrelay_store_evictions_total") > 0);
 }

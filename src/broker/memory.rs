@@ -106,18 +106,18 @@ impl MemoryBroker {
             self.outbox.retry(&self.loops);
             let now = Instant::now();
             if now >= next_sweep {
-                let mut evicted = self.sessions.evicted;
                 if let Some(h) = &mut self.history {
                     h.expire(now);
-                    evicted += h.evicted;
                 }
                 self.sessions.expire(now);
-                self.metrics
-                    .broker
-                    .store_evictions
-                    .store(evicted, Ordering::Relaxed);
                 next_sweep = now + SWEEP;
             }
+            // Counted before anything that follows can show its effect (a failed resume).
+            let evicted = self.sessions.evicted + self.history.as_ref().map_or(0, |h| h.evicted);
+            self.metrics
+                .broker
+                .store_evictions
+                .store(evicted, Ordering::Relaxed);
         }
     }
 
