@@ -89,6 +89,40 @@ fn a_client_flooding_new_channels_cannot_wipe_someone_elses_history() {
     assert_eq!(alice.message(WAIT).unwrap()["data"], "two");
 }
 
+/// The flooder even created the channel: what protects it is the session of the client
+/// waiting to come back to it.
+#[test]
+fn a_flooder_that_created_a_channel_cannot_wipe_the_history_an_offline_session_waits_for() {
+    let n = Node::start(&["--max-history-channels", "1000"]);
+    let mut flooder = v1_from("127.0.0.2", n.addr);
+    assert_eq!(flooder.publish("legit", "zero").unwrap()["offset"], 1);
+    let mut alice = V1::connect(n.addr, None).unwrap();
+    alice.subscribe("legit", None).unwrap();
+    assert_eq!(flooder.publish("legit", "one").unwrap()["offset"], 2);
+    assert_eq!(alice.message(WAIT).unwrap()["data"], "one");
+    let session = alice.session.clone();
+    alice.client.close();
+    for round in 0..30 {
+        let cmds: Vec<_> = (0..100)
+            .map(|i| json!({"op":"publish","channel":format!("junk{}", round * 100 + i),"data":"x","ref":i}))
+            .collect();
+        pipelined(&mut flooder, &cmds);
+    }
+    assert!(n.metric("wsrelay_store_evictions_total") >= 2000);
+    let mut bob = V1::connect(n.addr, None).unwrap();
+    assert_eq!(bob.publish("legit", "two").unwrap()["offset"], 3);
+    // Alice comes back through her session: nothing is missing.
+    let mut alice = V1::connect(n.addr, Some(&session)).unwrap();
+    assert!(alice.resumed);
+    let sub = alice.next(WAIT).unwrap();
+    assert_eq!(
+        (sub["type"].as_str(), sub["recovered"].as_bool()),
+        (Some("subscribed"), Some(true)),
+        "{sub}"
+    );
+    assert_eq!(alice.message(WAIT).unwrap()["data"], "two");
+}
+
 #[test]
 fn sessions_are_bounded_in_bytes() {
     // 4 MiB of sessions; each below is about 128 × (200 + 48) bytes ≈ 32 KiB: ~130 fit.

@@ -143,9 +143,10 @@ impl MemoryBroker {
         } = p;
         let d = match &mut self.history {
             Some(h) => {
-                let routes = &self.routes;
+                // Kept longest: channels someone is on, or an offline session waits for.
+                let (routes, sessions) = (&self.routes, &self.sessions);
                 h.append(channel, kind, data, Instant::now(), origin.as_ref(), &|c| {
-                    routes.contains(c)
+                    routes.contains(c) || sessions.names(c)
                 })
             }
             None => Delivery::new(channel, kind, data, None),

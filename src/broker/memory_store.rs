@@ -84,8 +84,9 @@ pub struct HistoryLimits {
 
 /// Message history per channel, capped in messages and bytes per channel, and in channels and
 /// bytes overall. Past an overall cap, what goes first is, in order: channels without live
-/// subscribers; of those, the ones whose creator (see [`Origin`]) created the most channels
-/// still held; then those published to longest ago. So one client creating channels by the
+/// subscribers and not named in a stored session (the caller's `live`); of those, the ones
+/// whose creator (see [`Origin`]) created the most channels still held; then those published
+/// to longest ago. So one client creating channels by the
 /// thousand pushes out its own, not the history of channels people are on or wait to recover.
 #[derive(Debug)]
 pub struct HistoryStore {
@@ -365,6 +366,10 @@ pub struct SessionStore {
     /// Each subject's session ids, oldest first (some may be gone already; at most
     /// `per_subject + 1` each).
     by_subject: HashMap<String, VecDeque<Arc<str>>>,
+    /// How many stored sessions name each channel: the history of such a channel is what an
+    /// offline client waits to recover, and goes after every other (see [`HistoryStore`]).
+    /// One entry per distinct channel named, so it is bounded with the sessions' bytes.
+    named: HashMap<Channel, u32>,
     /// Sessions dropped early to stay under the caps.
     pub evicted: u64,
 }
@@ -381,7 +386,27 @@ impl SessionStore {
             bytes: 0,
             sessions: HashMap::new(),
             by_subject: HashMap::new(),
+            named: HashMap::new(),
             evicted: 0,
+        }
+    }
+
+    /// Whether a stored session names `channel`.
+    pub fn names(&self, channel: &str) -> bool {
+        self.named.contains_key(channel)
+    }
+
+    /// Counts the channels of a session stored (`add`) or gone.
+    fn count_names(named: &mut HashMap<Channel, u32>, state: &SessionState, add: bool) {
+        for (channel, _, _) in &state.channels {
+            if add {
+                *named.entry(channel.clone()).or_default() += 1;
+            } else if let Some(n) = named.get_mut(channel) {
+                *n -= 1;
+                if *n == 0 {
+                    named.remove(channel);
+                }
+            }
         }
     }
 
@@ -446,8 +471,9 @@ impl SessionStore {
     fn put(&mut self, id: Arc<str>, state: SessionState, now: Instant) {
         let size = session_bytes(&id, &state);
         let new = match self.sessions.remove(&id) {
-            Some((_, _, old)) => {
+            Some((old_state, _, old)) => {
                 self.bytes -= old;
+                Self::count_names(&mut self.named, &old_state, false);
                 false
             }
             None => true,
@@ -460,14 +486,16 @@ impl SessionStore {
         {
             let cap = self.sessions.len().min(self.max);
             let dropped = make_room(&mut self.sessions, cap, now, |(_, t, _)| *t, |_, (_, t, _)| *t);
-            for (_, expires, b) in &dropped {
+            for (gone, expires, b) in &dropped {
                 self.bytes -= b;
+                Self::count_names(&mut self.named, gone, false);
                 if *expires >= now {
                     self.evicted += 1;
                 }
             }
         }
         self.bytes += size;
+        Self::count_names(&mut self.named, &state, true);
         self.sessions.insert(id, (state, now + self.ttl, size));
     }
 
@@ -477,8 +505,9 @@ impl SessionStore {
         ids.push_back(id);
         while ids.len() > self.per_subject {
             let Some(old) = ids.pop_front() else { break };
-            if let Some((_, _, b)) = self.sessions.remove(&old) {
+            if let Some((gone, _, b)) = self.sessions.remove(&old) {
                 self.bytes -= b;
+                Self::count_names(&mut self.named, &gone, false);
                 self.evicted += 1;
             }
         }
@@ -487,10 +516,12 @@ impl SessionStore {
     /// Forgets expired sessions.
     pub fn expire(&mut self, now: Instant) {
         let mut freed = 0;
-        self.sessions.retain(|_, (_, expires, b)| {
+        let named = &mut self.named;
+        self.sessions.retain(|_, (state, expires, b)| {
             let keep = *expires >= now;
             if !keep {
                 freed += *b;
+                Self::count_names(named, state, false);
             }
             keep
         });
@@ -677,6 +708,28 @@ mod tests {
         assert_eq!(s.load("other", t), None);
         s.expire(t + Duration::from_secs(6));
         assert!(s.sessions.is_empty());
+    }
+
+    #[test]
+    fn the_channels_stored_sessions_name_are_counted_while_they_are_stored() {
+        let t = Instant::now();
+        let mut s = SessionStore::new(Duration::from_secs(5), 2, usize::MAX);
+        let of = |names: &[&str]| SessionState {
+            subject: None,
+            channels: names.iter().map(|n| (ch(n), 0, None)).collect(),
+        };
+        s.save(Arc::from("x"), of(&["a", "b"]), t);
+        s.save(Arc::from("y"), of(&["b"]), t);
+        assert!(s.names("a") && s.names("b") && !s.names("c"));
+        // Replaced: "a" is no longer named.
+        s.save(Arc::from("x"), of(&["b", "c"]), t);
+        assert!(!s.names("a") && s.names("b") && s.names("c"));
+        // Evicted past the cap of 2 sessions, then expired.
+        s.save(Arc::from("z"), of(&["d"]), t + Duration::from_secs(1));
+        assert!(s.names("d"));
+        s.expire(t + Duration::from_secs(10));
+        assert!(!s.names("b") && !s.names("c") && !s.names("d"));
+        assert!(s.named.is_empty());
     }
 
     #[test]
