@@ -385,7 +385,7 @@ fn subscriber_cut_off_for_its_output_buffer_recovers_by_offset() {
     let script = format!(
         "local function publish(KEYS, ARGV)\n{}\nend\n\
          for i = 1, tonumber(ARGV[1]) do\n\
-           publish(KEYS, {{'100000', '600', 'burst', 't', ARGV[2] .. i, 'test', '0'}})\n\
+           publish(KEYS, {{'100000', '600', 'burst', 't', ARGV[2] .. i, 'test', '0', '1000000000', '1000000'}})\n\
          end\nreturn 1",
         include_str!("../src/broker/redis/publish.lua")
     );
