@@ -44,16 +44,17 @@ until redis-cli -p "$RP" PING >/dev/null 2>&1; do sleep 0.1; done
 
 # The ceiling: the publish script with its keys derived from one random argument, 64-byte
 # payloads, over ROOMS channels, pipelined (-P 64), after a fill that makes trimming happen.
+# ARGV 8 and 9 are the byte cap's (the defaults'); the room name is ARGV 10.
 # redis-benchmark runs on Redis's core, as the load generator does in the rooms runs; Redis CPU
 # per call (INFO cpu) is the figure that compares the scripts.
 bench_script() { # file -> "calls/s redis-us/call"
   local f=$1 body sha c0 c1 rps n=${2:-1000000}
-  body=$(sed "s/local meta, stream = KEYS\[1\], KEYS\[2\]/local meta, stream = 'wsrelay:{' .. ARGV[8] .. '}:meta', 'wsrelay:{' .. ARGV[8] .. '}:stream'/; s/ARGV\[3\]/ARGV[8]/" "$f")
+  body=$(sed "s/local meta, stream = KEYS\[1\], KEYS\[2\]/local meta, stream = 'wsrelay:{' .. ARGV[10] .. '}:meta', 'wsrelay:{' .. ARGV[10] .. '}:stream'/; s/ARGV\[3\]/ARGV[10]/" "$f")
   sha=$(redis-cli -p "$RP" SCRIPT LOAD "$body")
   c0=$(redis_cpu)
   rps=$(taskset -c 1 redis-benchmark -p "$RP" -P 64 -r "$ROOMS" -n "$n" -c 4 -q EVALSHA "$sha" 0 \
         1000 600 x t 0123456789012345678901234567890123456789012345678901234567890123 EP0 0 \
-        'r-__rand_int__' 2>&1 | tr '\r' '\n' | grep -o '[0-9.]* requests per second' | tail -1 | cut -d' ' -f1)
+        8388608 7206 'r-__rand_int__' 2>&1 | tr '\r' '\n' | grep -o '[0-9.]* requests per second' | tail -1 | cut -d' ' -f1)
   c1=$(redis_cpu)
   echo "$rps $(echo "($c1 - $c0) * 1000000 / $n" | bc -l | cut -c1-5)"
 }
