@@ -31,6 +31,9 @@ pub struct Cli {
     /// Redis backplane URL (redis://HOST:PORT or redis+unix:///path)
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
+    /// Redis Cluster seed nodes (redis://[[USER]:PASSWORD@]HOST:PORT,...); the slots are discovered
+    #[arg(long, value_name = "URLS")]
+    pub redis_cluster: Option<String>,
     /// Prefix added to channel names and keys in Redis; deployments sharing a Redis need prefix-free prefixes
     #[arg(long, value_name = "PREFIX")]
     pub redis_prefix: Option<String>,
@@ -272,6 +275,7 @@ impl Cli {
             None => secret_from_env("WSRELAY_API_KEY")?,
         };
         c.redis = self.redis.or(c.redis);
+        c.redis_cluster = self.redis_cluster.or(c.redis_cluster);
         c.socket_send_buffer = self.socket_send_buffer.or(c.socket_send_buffer);
         c.validate()?;
         Ok(c)
@@ -335,6 +339,10 @@ pub fn shown_defaults() -> Vec<(&'static str, String)> {
         (
             "redis",
             none_means(d.redis.as_ref().map(|v| v as _), "none (in-process broker)"),
+        ),
+        (
+            "redis_cluster",
+            none_means(d.redis_cluster.as_ref().map(|v| v as _), "none"),
         ),
         ("redis_prefix", text(&d.redis_prefix)),
         ("default_channel", text(&d.default_channel)),

@@ -31,6 +31,11 @@ pub struct Config {
     /// Redis URL (`redis://host:port`, `redis+unix:///path`). `None` runs the in-process broker:
     /// one process is then a complete server, but nodes do not share messages.
     pub redis: Option<String>,
+    /// Redis Cluster seed nodes, comma-separated `redis://[[user]:password@]host:port` URLs
+    /// (the first one's credentials are used for every node; the slot map is discovered).
+    /// `None` (default): no cluster. Exclusive with `redis`. Channels use sharded Pub/Sub
+    /// (`SSUBSCRIBE`/`SPUBLISH`), so Pub/Sub capacity grows with the number of primaries.
+    pub redis_cluster: Option<String>,
     /// Prepended to every channel name to form the Redis channel, and to every key. Default
     /// empty, so a backend's `PUBLISH chat_channel hello` reaches clients of `chat_channel`.
     /// Deployments sharing a Redis must use prefix-free prefixes (none starting with another):
@@ -233,6 +238,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             redis: None,
+            redis_cluster: None,
             redis_prefix: String::new(),
             default_channel: "chat_channel".into(),
             max_channel_len: 256,
@@ -389,6 +395,12 @@ impl Config {
         if let Some(url) = &self.redis {
             redis::parse_redis_url(url)
                 .ok_or_else(|| format!("--redis {url:?} is not a redis:// or redis+unix:// URL"))?;
+        }
+        if let Some(seeds) = &self.redis_cluster {
+            if self.redis.is_some() {
+                return Err("--redis and --redis-cluster exclude each other: name one Redis or one cluster".into());
+            }
+            crate::broker::redis::cluster::Seeds::parse(seeds)?;
         }
         Ok(())
     }

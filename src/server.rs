@@ -113,9 +113,13 @@ impl Server {
         }
         let node = node_id();
         let broker = broker::start(&config, node.clone(), loops.clone(), metrics.clone())?;
-        let backplane = match &config.redis {
-            Some(url) => format!("redis {url}"),
-            None => "in-process broker".to_owned(),
+        let backplane = match (&config.redis, &config.redis_cluster) {
+            (Some(url), _) => format!("redis {url}"),
+            (None, Some(seeds)) => format!(
+                "redis cluster ({} seed nodes)",
+                seeds.split(',').filter(|s| !s.trim().is_empty()).count()
+            ),
+            (None, None) => "in-process broker".to_owned(),
         };
         let origin = OriginPolicy::new(&config.allowed_origins)?;
         let verifier = match &config.token_secret {

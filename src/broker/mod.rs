@@ -50,9 +50,10 @@ pub fn start(
 ) -> Result<Broker, String> {
     let (handle, inbox) =
         crate::bridge::broker_queues(config.publish_queue, config.publish_queue_bytes, CONTROL_QUEUE);
-    let threads = match &config.redis {
-        None => vec![memory::spawn(config, node, inbox, loops, metrics)],
-        Some(url) => redis::spawn(config, node, url, inbox, loops, metrics)?,
+    let threads = match (&config.redis, &config.redis_cluster) {
+        (Some(url), _) => redis::spawn(config, node, redis::Target::One(url), inbox, loops, metrics)?,
+        (None, Some(seeds)) => redis::spawn(config, node, redis::Target::Cluster(seeds), inbox, loops, metrics)?,
+        (None, None) => vec![memory::spawn(config, node, inbox, loops, metrics)],
     };
     Ok(Broker { handle, threads })
 }

@@ -38,9 +38,11 @@ use crate::bridge::{BrokerInbox, LoopHandle};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
+pub mod cluster;
 mod nodes;
 mod publisher;
 mod requests;
+mod shards;
 mod subscriber;
 
 /// Time allowed for Redis to answer a command (SUBSCRIBE, a pipeline, a script).
@@ -48,37 +50,70 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time allowed to open a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Which Redis the nodes share.
+#[derive(Clone, Copy, Debug)]
+pub enum Target<'a> {
+    /// One Redis (`--redis`).
+    One(&'a str),
+    /// A Redis Cluster, by its seed nodes (`--redis-cluster`).
+    Cluster(&'a str),
+}
+
 /// Checks that Redis answers, then starts the subscriber, publisher and request threads.
 pub fn spawn(
     config: &Config,
     node: Arc<str>,
-    url: &str,
+    target: Target<'_>,
     inbox: BrokerInbox,
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
 ) -> Result<Vec<JoinHandle<()>>, String> {
-    let client = client(url)?;
-    let mut con = connect(&client).map_err(|e| format!("cannot reach Redis at {url}: {e}"))?;
+    let (backend, where_) = match target {
+        Target::One(url) => (Backend::One(client(url)?), format!("Redis at {url}")),
+        Target::Cluster(seeds) => (
+            Backend::Cluster(cluster::Seeds::parse(seeds)?),
+            "the Redis Cluster".to_owned(),
+        ),
+    };
+    let mut con = backend
+        .link(vec![&*publisher::PUBLISH_SCRIPT])
+        .map_err(|e| format!("cannot reach {where_}: {e}"))?;
     redis::cmd("PING")
         .query::<String>(&mut con)
-        .map_err(|e| format!("Redis at {url} does not answer PING: {e}"))?;
+        .map_err(|e| format!("{where_} does not answer PING: {e}"))?;
+    if let Link::Cluster(router) = &con
+        && !router.map().complete()
+    {
+        return Err(format!("{where_} does not serve every slot (CLUSTER SLOTS): is it set up?"));
+    }
     let prefix = &config.redis_prefix;
     match register(&mut con, prefix) {
         Ok(None) => {}
         Ok(Some(other)) => return Err(prefix_conflict(prefix, &other)),
-        Err(e) => return Err(format!("cannot register the key prefix in Redis at {url}: {e}")),
+        Err(e) => return Err(format!("cannot register the key prefix in {where_}: {e}")),
     }
+    let cluster = matches!(backend, Backend::Cluster(_));
     let shared = Shared {
-        client,
+        backend,
         keys: Keys {
             prefix: config.redis_prefix.clone(),
+            cluster,
         },
         loops,
         metrics,
         backoff: Backoff::new(config.redis_backoff_min, config.redis_backoff_max),
         entry_size: config.presence_entry_size,
     };
-    let sub = subscriber::Subscriber::new(shared.clone(), inbox.control);
+    let sub: Box<dyn FnOnce() + Send> = match &shared.backend {
+        Backend::One(_) => {
+            let sub = subscriber::Subscriber::new(shared.clone(), inbox.control);
+            Box::new(move || sub.run())
+        }
+        Backend::Cluster(seeds) => {
+            let sub = shards::ShardSubscriber::new(shared.clone(), seeds.clone(), inbox.control);
+            Box::new(move || sub.run())
+        }
+    };
     let publ = publisher::Publisher::new(shared.clone(), config, inbox.publish, inbox.queued, con);
     let req = requests::Requests::new(shared.clone(), config, inbox.requests);
     let nodes_thread = nodes::NodesThread::new(shared, config, node, inbox.nodes);
@@ -89,17 +124,88 @@ pub fn spawn(
             .map_err(|e| format!("cannot start {name} thread: {e}"))
     };
     Ok(vec![
-        start("wsrelay-redis-sub", Box::new(move || sub.run()))?,
+        start("wsrelay-redis-sub", sub)?,
         start("wsrelay-redis-pub", Box::new(move || publ.run()))?,
         start("wsrelay-redis-req", Box::new(move || req.run()))?,
         start("wsrelay-redis-nodes", Box::new(move || nodes_thread.run()))?,
     ])
 }
 
+/// How a thread reaches Redis.
+#[derive(Clone)]
+enum Backend {
+    /// One Redis.
+    One(redis::Client),
+    /// A Redis Cluster: each thread routes by slot ([`cluster::Router`]).
+    Cluster(cluster::Seeds),
+}
+
+impl Backend {
+    /// A new command connection (one Redis), or a new router over the cluster's primaries
+    /// that loads `scripts` on every node it connects to.
+    fn link(&self, scripts: Vec<&'static redis::Script>) -> redis::RedisResult<Link> {
+        match self {
+            Backend::One(client) => {
+                let mut con = connect(client)?;
+                for s in scripts {
+                    s.prepare_invoke().load(&mut con)?;
+                }
+                Ok(Link::One(con))
+            }
+            Backend::Cluster(seeds) => Ok(Link::Cluster(cluster::Router::new(seeds.clone(), scripts)?)),
+        }
+    }
+}
+
+/// A command connection to one Redis, or a router over a cluster: the request and nodes
+/// threads use either alike.
+#[allow(clippy::large_enum_variant)]
+enum Link {
+    One(redis::Connection),
+    Cluster(cluster::Router),
+}
+
+impl redis::ConnectionLike for Link {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        match self {
+            Link::One(c) => c.req_packed_command(cmd),
+            Link::Cluster(r) => r.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(&mut self, cmd: &[u8], offset: usize, count: usize) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            Link::One(c) => c.req_packed_commands(cmd, offset, count),
+            Link::Cluster(r) => r.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::One(c) => c.get_db(),
+            Link::Cluster(r) => r.get_db(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Link::One(c) => c.check_connection(),
+            Link::Cluster(r) => r.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Link::One(c) => c.is_open(),
+            Link::Cluster(r) => r.is_open(),
+        }
+    }
+}
+
 /// What every Redis thread needs.
 #[derive(Clone)]
 struct Shared {
-    client: redis::Client,
+    backend: Backend,
     keys: Keys,
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
@@ -121,7 +227,7 @@ static REGISTER_SCRIPT: std::sync::LazyLock<redis::Script> =
 /// Registers `prefix` in the registry. Returns the prefix of another live deployment that is
 /// not prefix-free with it (one starts with the other: their channels and keys could meet),
 /// in which case `prefix` is not registered.
-fn register(con: &mut redis::Connection, prefix: &str) -> redis::RedisResult<Option<String>> {
+fn register(con: &mut dyn redis::ConnectionLike, prefix: &str) -> redis::RedisResult<Option<String>> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -168,45 +274,99 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
 #[derive(Clone, Debug)]
 struct Keys {
     prefix: String,
+    /// Cluster names: no brace but the hash tags (see [`cluster::encode_name`]).
+    cluster: bool,
 }
 
 impl Keys {
+    /// The Pub/Sub channel of `channel`.
     fn channel(&self, channel: &str) -> String {
-        format!("{}{channel}", self.prefix)
+        let name = format!("{}{channel}", self.prefix);
+        if self.cluster {
+            cluster::encode_name(&name).into_owned()
+        } else {
+            name
+        }
+    }
+    /// The channel a Pub/Sub channel name is of (the inverse of [`Keys::channel`]).
+    fn channel_of<'a>(&self, name: &'a str) -> Option<std::borrow::Cow<'a, str>> {
+        let name = if self.cluster {
+            cluster::decode_name(name)?
+        } else {
+            name.into()
+        };
+        match name {
+            std::borrow::Cow::Borrowed(n) => n.strip_prefix(self.prefix.as_str()).map(Into::into),
+            std::borrow::Cow::Owned(n) => n.strip_prefix(self.prefix.as_str()).map(|c| c.to_owned().into()),
+        }
+    }
+    /// The start of every key: the prefix (without braces in a cluster).
+    fn key_prefix(&self) -> std::borrow::Cow<'_, str> {
+        if self.cluster {
+            cluster::encode_name(&self.prefix)
+        } else {
+            self.prefix.as_str().into()
+        }
+    }
+    /// A key of `channel`: in a cluster its hash tag is the channel's whole Pub/Sub name, so
+    /// every key of the channel and its Pub/Sub channel share one slot.
+    fn channel_key(&self, channel: &str, what: &str) -> String {
+        if self.cluster {
+            format!("{}wsrelay:{{{}}}:{what}", self.key_prefix(), self.channel(channel))
+        } else {
+            format!("{}wsrelay:{{{channel}}}:{what}", self.prefix)
+        }
     }
     fn meta(&self, channel: &str) -> String {
-        format!("{}wsrelay:{{{channel}}}:meta", self.prefix)
+        self.channel_key(channel, "meta")
     }
     fn stream(&self, channel: &str) -> String {
-        format!("{}wsrelay:{{{channel}}}:stream", self.prefix)
+        self.channel_key(channel, "stream")
     }
     fn session(&self, id: &str) -> String {
-        format!("{}wsrelay:session:{id}", self.prefix)
+        if self.cluster {
+            format!("{}wsrelay:session:{}", self.key_prefix(), cluster::encode_name(id))
+        } else {
+            format!("{}wsrelay:session:{id}", self.prefix)
+        }
     }
     fn presence(&self, channel: &str) -> String {
-        format!("{}wsrelay:{{{channel}}}:presence", self.prefix)
+        self.channel_key(channel, "presence")
     }
     fn presence_expiry(&self, channel: &str) -> String {
-        format!("{}wsrelay:{{{channel}}}:presence-exp", self.prefix)
+        self.channel_key(channel, "presence-exp")
     }
+    /// The registry of live nodes; in a cluster, it and every node's keys share one slot.
     fn nodes(&self) -> String {
-        format!("{}wsrelay:nodes", self.prefix)
+        if self.cluster {
+            format!("{}wsrelay:{{nodes}}", self.key_prefix())
+        } else {
+            format!("{}wsrelay:nodes", self.prefix)
+        }
     }
     fn node(&self, id: &str) -> String {
-        format!("{}wsrelay:node:{id}", self.prefix)
+        if self.cluster {
+            format!("{}wsrelay:{{nodes}}:node:{}", self.key_prefix(), cluster::encode_name(id))
+        } else {
+            format!("{}wsrelay:node:{id}", self.prefix)
+        }
     }
     fn node_channels(&self, id: &str) -> String {
-        format!("{}wsrelay:node:{id}:channels", self.prefix)
+        format!("{}:channels", self.node(id))
     }
     fn control(&self) -> String {
-        format!("{}{}", self.prefix, crate::channels::CONTROL)
+        self.channel(crate::channels::CONTROL)
+    }
+    /// The Pub/Sub publish command: `SPUBLISH` (sharded) in a cluster.
+    fn publish_command(&self) -> &'static str {
+        if self.cluster { "SPUBLISH" } else { "PUBLISH" }
     }
     /// The index of one token subject's sessions (the subject hashed: it may be anything).
     fn subject_sessions(&self, subject: &str) -> String {
         use sha2::Digest as _;
         let digest = sha2::Sha256::digest(subject.as_bytes());
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{}wsrelay:subject:{hex}", self.prefix)
+        format!("{}wsrelay:subject:{hex}", self.key_prefix())
     }
 }
 

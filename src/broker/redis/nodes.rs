@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, warn};
 use redis::Value;
 
-use super::{Shared, connect};
+use super::{Link, Shared};
 use crate::bridge::{Admin, Channel, NodeInfo, NodeWork, PresenceAnswer, Reply, ReplyTo};
 use crate::broker::presence::{Added, PresenceTable};
 use crate::broker::{LoopChannels, Outbox, wire};
@@ -61,7 +61,7 @@ pub(super) struct NodesThread {
     config: Config,
     node: Arc<str>,
     started: u64,
-    con: Option<redis::Connection>,
+    con: Option<Link>,
     next_attempt: Instant,
     /// This node's presence entries.
     table: PresenceTable,
@@ -157,13 +157,14 @@ impl NodesThread {
         self.presence_changes(changes);
     }
 
-    /// The Pub/Sub channel of `channel`'s join and leave events, or "" when it has none.
+    /// Where `presence.lua` publishes `channel`'s join and leave events: "" when it has none,
+    /// else "P" (PUBLISH) or "S" (SPUBLISH, in a cluster) and the Pub/Sub channel.
     fn events(&self, channel: &str) -> String {
-        if self.config.join_leave_on(channel) {
-            self.redis.keys.channel(channel)
-        } else {
-            String::new()
+        if !self.config.join_leave_on(channel) {
+            return String::new();
         }
+        let how = if self.redis.keys.cluster { "S" } else { "P" };
+        format!("{how}{}", self.redis.keys.channel(channel))
     }
 
     fn presence_call(&self, channel: &str, op: &str, extra: Vec<Vec<u8>>) -> Call {
@@ -400,8 +401,9 @@ impl NodesThread {
     fn publish_admin(&mut self, admin: &Admin) -> Result<u64, String> {
         let channel = self.redis.keys.control();
         let payload = wire::encode_admin(admin);
+        let keys_publish = self.redis.keys.publish_command();
         self.with_con(|con| {
-            redis::cmd("PUBLISH")
+            redis::cmd(keys_publish)
                 .arg(&channel)
                 .arg(&payload)
                 .query::<u64>(con)
@@ -441,7 +443,7 @@ impl NodesThread {
     /// safe to repeat.
     fn with_con<T>(
         &mut self,
-        mut f: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+        mut f: impl FnMut(&mut Link) -> redis::RedisResult<T>,
     ) -> Result<T, String> {
         if let Some(con) = &mut self.con {
             match f(con) {
@@ -459,11 +461,7 @@ impl NodesThread {
         if Instant::now() < self.next_attempt {
             return Err("redis unreachable".into());
         }
-        let mut con = match connect(&self.redis.client).and_then(|mut c| {
-            PRESENCE_SCRIPT.prepare_invoke().load(&mut c)?;
-            NODE_SCRIPT.prepare_invoke().load(&mut c)?;
-            Ok(c)
-        }) {
+        let mut con = match self.redis.backend.link(vec![&*PRESENCE_SCRIPT, &*NODE_SCRIPT]) {
             Ok(c) => c,
             Err(e) => {
                 self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
@@ -478,7 +476,7 @@ impl NodesThread {
 
 /// Runs script calls in one pipeline; calls answered NOSCRIPT (the scripts were flushed) are
 /// loaded and run again, in order. Other errors come back as the call's answer.
-fn eval_all(con: &mut redis::Connection, calls: &[Call]) -> redis::RedisResult<Vec<Value>> {
+fn eval_all(con: &mut Link, calls: &[Call]) -> redis::RedisResult<Vec<Value>> {
     if calls.is_empty() {
         return Ok(Vec::new());
     }

@@ -1,8 +1,8 @@
 -- The presence of one channel (wsrelay, src/broker/redis/cluster.rs).
 -- KEYS[1] entries: a hash, client id -> entry (JSON); KEYS[2] expiries: a sorted set, client id
 -- -> when the entry expires (ms, Redis's clock: one clock for every node).
--- ARGV: 1 operation; 2 the Pub/Sub channel of the channel's join and leave events, or "" when
---       it has none; 3 an entry's time to live (ms: its node refreshes it every third of it).
+-- ARGV: 1 operation; 2 where the channel's join and leave events go: "" when it has none, else
+--       "P" (PUBLISH) or "S" (SPUBLISH, in a Redis Cluster) followed by the Pub/Sub channel; 3 an entry's time to live (ms: its node refreshes it every third of it).
 --   "add"     4 most entries, 5 client id, 6 entry. Returns 1 added, 2 already there (entry
 --             replaced), 0 full (not added).
 --   "remove"  4 client id. Returns 1 removed, 0 not there.
@@ -23,7 +23,8 @@ local now = t[1] * 1000 + math.floor(t[2] / 1000)
 -- A join ('j') or leave ('l') event for `entry`, where the channel has them.
 local function event(kind, entry)
   if events ~= '' then
-    redis.call('PUBLISH', events, '\0wr1 ' .. kind .. ' - -\n' .. entry)
+    local how = string.sub(events, 1, 1) == 'S' and 'SPUBLISH' or 'PUBLISH'
+    redis.call(how, string.sub(events, 2), '\0wr1 ' .. kind .. ' - -\n' .. entry)
   end
 end
 

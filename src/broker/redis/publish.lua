@@ -4,7 +4,10 @@
 --       6 this node's epoch prefix (random, chosen once per process),
 --       7 "1" to refresh both keys' time to live (the caller asks at most once a second per
 --       channel; a new history always gets it),
---       8 the byte budget of large messages, 9 the size above which a message is large.
+--       8 the byte budget of large messages, 9 the size above which a message is large,
+--       10 unused (scripts/rooms-compare.sh passes its room name there),
+--       in a Redis Cluster only: 11 the publish command ("SPUBLISH"), 12 and 13 the primary's
+--       replication ids (master_replid and master_replid2 of INFO replication).
 -- Returns {offset, epoch}.
 --
 -- Every call here costs Redis CPU, so the common case is four: HINCRBY, HGET, XADD, PUBLISH.
@@ -23,6 +26,23 @@
 -- picks ARGV[9] so). A count that has gone wrong (someone else removed entries) is set right
 -- when trimming reaches the newest message without meeting the budget.
 local meta, stream = KEYS[1], KEYS[2]
+local publish = ARGV[11] or 'PUBLISH'
+if ARGV[12] then
+  -- Failover (cluster): the meta's `gen` names the replication id of the primary that wrote it
+  -- last. If this primary's previous replication id is that one, it was promoted from a
+  -- replica of that writer, and replication is asynchronous: it may lack the writer's last
+  -- publishes, whose offsets clients already hold under this epoch. Offsets must not be
+  -- reused: the history starts again under a new epoch (clients are told recovered: false).
+  -- Any other writer (a slot migrated here, nothing written since an older failover) needs
+  -- nothing.
+  local gen = redis.call('HGET', meta, 'gen')
+  if gen ~= ARGV[12] then
+    if gen and gen == ARGV[13] then
+      redis.call('DEL', meta, stream)
+    end
+    redis.call('HSET', meta, 'gen', ARGV[12])
+  end
+end
 local offset = redis.call('HINCRBY', meta, 'offset', 1)
 local epoch = redis.call('HGET', meta, 'epoch')
 local refresh = ARGV[7] == '1' or offset == 1
@@ -90,5 +110,5 @@ if refresh then
   redis.call('EXPIRE', meta, ARGV[2])
   redis.call('EXPIRE', stream, ARGV[2])
 end
-redis.call('PUBLISH', ARGV[3], '\0wr1 ' .. ARGV[4] .. ' ' .. offset .. ' ' .. epoch .. '\n' .. ARGV[5])
+redis.call(publish, ARGV[3], '\0wr1 ' .. ARGV[4] .. ' ' .. offset .. ' ' .. epoch .. '\n' .. ARGV[5])
 return {offset, epoch}

@@ -18,14 +18,15 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, info, warn};
 use redis::Value;
 
-use super::{Shared, connect, ttl_secs};
+use super::cluster::{Outcome, REPLID, REPLID2, Router};
+use super::{Backend, Link, Shared, connect, ttl_secs};
 use crate::bridge::{Channel, Delivery, Position, Publish, PublishError, PublishQueue, Reply};
 use crate::broker::{Outbox, wire};
 use crate::config::Config;
 use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{add, inc};
 
-static PUBLISH_SCRIPT: LazyLock<redis::Script> =
+pub(super) static PUBLISH_SCRIPT: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("publish.lua")));
 
 /// Most batches sent and not yet answered. Two keep Redis busy (it runs one while the next
@@ -96,6 +97,8 @@ pub(super) struct Publisher {
     refreshed: HashMap<Channel, Instant>,
     next_prune: Instant,
     con: Option<redis::Connection>,
+    /// In a cluster: the router over the primaries (and no `con`).
+    router: Option<Router>,
     in_flight: VecDeque<Batch>,
     in_flight_bytes: usize,
     next_attempt: Instant,
@@ -113,8 +116,12 @@ impl Publisher {
         config: &Config,
         queue: Receiver<Publish>,
         queued: PublishQueue,
-        con: redis::Connection,
+        link: Link,
     ) -> Self {
+        let (con, router) = match link {
+            Link::One(con) => (Some(con), None),
+            Link::Cluster(r) => (None, Some(r)),
+        };
         let history = (config.history_size > 0).then(|| History::new(config));
         Publisher {
             redis,
@@ -125,7 +132,8 @@ impl Publisher {
             epoch_prefix: std::iter::repeat_with(fastrand::alphanumeric).take(4).collect(),
             refreshed: HashMap::new(),
             next_prune: Instant::now(),
-            con: Some(con),
+            con,
+            router,
             in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
             in_flight_bytes: 0,
             next_attempt: Instant::now(),
@@ -156,7 +164,10 @@ impl Publisher {
                     Err(_) => break,
                 }
             }
-            if !next.is_empty() && self.may_send(next.len()) {
+            if !next.is_empty() && self.router.is_some() {
+                let batch = std::mem::replace(&mut next, Vec::with_capacity(self.batch_max));
+                self.run_cluster(batch);
+            } else if !next.is_empty() && self.may_send(next.len()) {
                 let batch = std::mem::replace(&mut next, Vec::with_capacity(self.batch_max));
                 self.start(batch);
             }
@@ -212,9 +223,14 @@ impl Publisher {
                         .arg(if refresh { "1" } else { "0" })
                         .arg(h.large_budget)
                         .arg(h.large);
+                    if keys.cluster {
+                        // ARGV 10 is left to scripts/rooms-compare.sh; 11 the publish
+                        // command, 12 and 13 the replication ids of the primary running it.
+                        pipe.arg("").arg("SPUBLISH").arg(REPLID).arg(REPLID2);
+                    }
                 }
                 None => {
-                    pipe.cmd("PUBLISH")
+                    pipe.cmd(keys.publish_command())
                         .arg(keys.channel(&p.channel))
                         .arg(wire::encode(p.kind, &p.data, None));
                 }
@@ -383,7 +399,10 @@ impl Publisher {
         if Instant::now() < self.next_attempt {
             return self.deliver_locally(batch);
         }
-        let mut con = match connect(&self.redis.client) {
+        let Backend::One(client) = &self.redis.backend else {
+            unreachable!("only the one-Redis publisher reconnects here")
+        };
+        let mut con = match connect(client) {
             Ok(con) => con,
             Err(e) => {
                 self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
@@ -445,6 +464,54 @@ impl Publisher {
             values[i] = v;
         }
         Ok(values)
+    }
+
+    /// Runs a batch on a cluster and waits for it: each publish on the primary of its channel's
+    /// slot, pipelined per primary, every primary's share sent before any answer is read. The
+    /// router follows `MOVED`/`ASK` and retries `TRYAGAIN`/`CLUSTERDOWN` (a publish refused so
+    /// did not run), in order, a bounded number of times. Then each publish is answered like
+    /// on one Redis: stored or refused; not sent (its primary cannot be reached, or no primary
+    /// serves its slot during a failover): delivered to this node's clients only; sent on a
+    /// connection lost before its answer (a primary that died): outcome unknown, not retried
+    /// (it may have run, and its message reached subscribers: a retry would deliver it twice
+    /// under two offsets) and not delivered locally.
+    fn run_cluster(&mut self, batch: Vec<Publish>) {
+        let packed = self.pipeline(&batch, false).get_packed_pipeline();
+        let router = self.router.as_mut().expect("cluster publisher");
+        let outcomes = match super::cluster::split_packed(&packed) {
+            Some(commands) => router.run(&commands),
+            None => unreachable!("redis-rs packs arrays of bulk strings"),
+        };
+        // Answered in order, a run of like outcomes at a time.
+        let mut answered = (Vec::new(), Vec::new());
+        let mut outcomes = outcomes.into_iter();
+        for p in batch {
+            let o = outcomes.next().expect("one outcome per publish");
+            if !matches!(o, Outcome::Answer(_)) {
+                let (done, values) = std::mem::take(&mut answered);
+                self.answered(done, values);
+            }
+            match o {
+                Outcome::Answer(v) => {
+                    answered.0.push(p);
+                    answered.1.push(v);
+                }
+                Outcome::Unknown(e) => {
+                    if self.redis_stalled_log.allow() {
+                        warn!("redis cluster connection lost with a publish unanswered: {e}; outcome unknown, not delivered locally");
+                    }
+                    self.fail(vec![p], &e);
+                }
+                Outcome::NotSent(e) => {
+                    if self.refused_log.allow() {
+                        warn!("redis cluster: a publish reached no primary: {e}; delivered to this node's clients only");
+                    }
+                    self.deliver_locally(vec![p]);
+                }
+            }
+        }
+        let (done, values) = answered;
+        self.answered(done, values);
     }
 
     /// Answers each publish of an answered batch: stored (with its position), or refused by

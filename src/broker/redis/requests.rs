@@ -10,7 +10,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::debug;
 use redis::Value;
 
-use super::{Shared, connect, ttl_secs};
+use super::{Link, Shared, ttl_secs};
 use crate::bridge::{
     Channel, Delivery, History, Position, Reply, Request, SessionRecord, SessionState, ToLoop,
 };
@@ -21,6 +21,8 @@ use crate::position::new_epoch;
 
 static READ_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("read.lua")));
 static SAVE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("save.lua")));
+static SUBJECT_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("subject.lua")));
 
 /// Seconds a channel's history created by a read (its epoch, fixed at subscription time) is
 /// kept when no publish follows: a subscription on a quiet channel whose epoch expired takes the
@@ -39,7 +41,7 @@ pub(super) struct Requests {
     history_ttl: u64,
     session_ttl: u64,
     sessions_per_subject: usize,
-    con: Option<redis::Connection>,
+    con: Option<Link>,
     next_attempt: Instant,
     outbox: Outbox,
 }
@@ -134,7 +136,7 @@ impl Requests {
     /// safe to repeat (reads, whole-session writes).
     fn with_con<T>(
         &mut self,
-        mut f: impl FnMut(&mut redis::Connection, &super::Keys, (u64, u64)) -> redis::RedisResult<T>,
+        mut f: impl FnMut(&mut Link, &super::Keys, (u64, u64)) -> redis::RedisResult<T>,
     ) -> Result<T, String> {
         let ttls = (self.history_ttl, self.session_ttl);
         if let Some(con) = &mut self.con {
@@ -161,7 +163,8 @@ impl Requests {
         if Instant::now() < self.next_attempt && !subscriber_up {
             return Err("redis unreachable".into());
         }
-        let mut con = match connect(&self.redis.client) {
+        let scripts = vec![&*READ_SCRIPT, &*SAVE_SCRIPT, &*SUBJECT_SCRIPT];
+        let mut con = match self.redis.backend.link(scripts) {
             Ok(c) => c,
             Err(e) => {
                 self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
@@ -178,7 +181,7 @@ impl Requests {
 /// Reads the channel's position and history (after `since`, or its `newest` messages); with
 /// `record`, stores the position in that session in the same script.
 fn read_history(
-    con: &mut redis::Connection,
+    con: &mut Link,
     keys: &super::Keys,
     channel: &Channel,
     since: Option<u64>,
@@ -199,7 +202,10 @@ fn read_history(
         // A history created by a read (a subscribe to a channel nobody published to yet)
         // expires soon unless a publish follows: subscribing alone cannot fill Redis.
         .arg(history_ttl.min(CREATED_BY_READ_TTL));
-    if let Some(r) = record {
+    // In a cluster the session lives in another slot than the channel: it is written after
+    // the read (before the answer, so still before anyone can see the position).
+    let record_here = record.filter(|_| !keys.cluster);
+    if let Some(r) = record_here {
         call.key(keys.session(&r.id))
             .arg(format!("{CHANNEL}{channel}"))
             .arg(session_ttl)
@@ -211,12 +217,29 @@ fn read_history(
     } else {
         crate::recovery::page
     };
-    parse_history(channel, &v).map(page).ok_or_else(|| {
+    let history = parse_history(channel, &v).map(page).ok_or_else(|| {
         redis::RedisError::from((
             redis::ErrorKind::Parse,
             "unexpected reply from the history script",
         ))
-    })
+    })?;
+    if let Some(r) = record.filter(|_| keys.cluster) {
+        let key = keys.session(&r.id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("HSET")
+            .arg(&key)
+            .arg(format!("{CHANNEL}{channel}"))
+            .arg(format!("{} {}", history.top, history.epoch))
+            .arg("v")
+            .arg(1)
+            .ignore();
+        if let Some(subject) = &r.subject {
+            pipe.cmd("HSET").arg(&key).arg(SUBJECT).arg(subject).ignore();
+        }
+        pipe.cmd("EXPIRE").arg(&key).arg(session_ttl).ignore();
+        pipe.query::<()>(con)?;
+    }
+    Ok(history)
 }
 
 fn text(v: &Value) -> Option<&str> {
@@ -266,7 +289,7 @@ fn parse_history(channel: &Channel, v: &Value) -> Option<History> {
     Some(History { epoch, top, entries })
 }
 
-fn load_session(con: &mut redis::Connection, key: &str) -> redis::RedisResult<Option<SessionState>> {
+fn load_session(con: &mut Link, key: &str) -> redis::RedisResult<Option<SessionState>> {
     let fields: Vec<(String, String)> = redis::cmd("HGETALL").arg(key).query(con)?;
     if fields.is_empty() {
         return Ok(None);
@@ -297,14 +320,15 @@ fn subject_arg(subject: Option<&str>) -> String {
 /// with a token subject is indexed under it, and the subject's sessions saved longest ago past
 /// `per_subject` are deleted.
 fn save_session(
-    con: &mut redis::Connection,
+    con: &mut Link,
     keys: &super::Keys,
     id: &str,
     state: &SessionState,
     (ttl, per_subject): (u64, usize),
 ) -> redis::RedisResult<()> {
     let mut call = SAVE_SCRIPT.key(keys.session(id));
-    if let Some(subject) = &state.subject {
+    // In a cluster the subject's index is in another slot: updated by its own script below.
+    if let Some(subject) = state.subject.as_ref().filter(|_| !keys.cluster) {
         call.key(keys.subject_sessions(subject));
     }
     let now_ms = std::time::SystemTime::now()
@@ -322,10 +346,28 @@ fn save_session(
                 .unwrap_or_default(),
         );
     }
-    let evicted: Vec<String> = call.invoke(con)?;
+    let mut evicted: Vec<String> = call.invoke(con)?;
+    if let Some(subject) = state.subject.as_ref().filter(|_| keys.cluster) {
+        evicted = SUBJECT_SCRIPT
+            .key(keys.subject_sessions(subject))
+            .arg(ttl)
+            .arg(per_subject)
+            .arg(now_ms)
+            .arg(keys.session(id))
+            .invoke(con)?;
+    }
     if !evicted.is_empty() {
         debug!("{} sessions of one subject evicted past its cap", evicted.len());
-        redis::cmd("DEL").arg(&evicted).query::<()>(con)?;
+        if keys.cluster {
+            // One key per DEL: the sessions are in different slots.
+            let mut pipe = redis::pipe();
+            for key in &evicted {
+                pipe.cmd("DEL").arg(key).ignore();
+            }
+            pipe.query::<()>(con)?;
+        } else {
+            redis::cmd("DEL").arg(&evicted).query::<()>(con)?;
+        }
     }
     Ok(())
 }

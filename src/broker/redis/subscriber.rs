@@ -71,7 +71,10 @@ impl Subscriber {
 
     pub(super) fn run(mut self) {
         loop {
-            match connect(&self.redis.client) {
+            let super::Backend::One(client) = &self.redis.backend else {
+                unreachable!("a cluster has its own subscriber (shards.rs)")
+            };
+            match connect(client) {
                 Ok(mut con) => match self.serve(&mut con) {
                     Exit::Stop => return,
                     Exit::Lost(e) => {
@@ -214,55 +217,65 @@ impl Subscriber {
     fn route(&mut self, msg: &redis::Msg) {
         let name = msg.get_channel_name();
         if name == self.control_channel {
-            return self.command(msg.get_payload_bytes());
+            return command(&self.redis, &mut self.outbox, &mut self.drop_log, msg.get_payload_bytes());
         }
-        let Some(channel) = name.strip_prefix(self.redis.keys.prefix.as_str()) else {
+        let Some(channel) = self.redis.keys.channel_of(name) else {
             return;
         };
-        let targets = self.routes.loops(channel);
-        if targets.is_empty() {
-            return;
-        }
-        let payload = msg.get_payload_bytes();
-        if let Some(signal) = wire::signal(payload) {
-            let (kind, entry) = match signal {
-                wire::Signal::Join(e) => ("join", e),
-                wire::Signal::Leave(e) => ("leave", e),
-                wire::Signal::Command(_) => return,
-            };
-            if let Some(entry) = crate::presence::canonical(entry, self.redis.entry_size) {
-                let e = crate::broker::presence_event(kind, &Arc::from(channel), &entry);
-                self.outbox
-                    .event(&self.redis.loops, targets, &e, &self.redis.metrics);
-            }
-            return;
-        }
-        let decoded = wire::decode(payload);
-        let channel: Channel = Arc::from(channel);
-        let d = Delivery::new(channel, decoded.kind, decoded.data, decoded.position);
-        self.outbox.fan_out(
-            &self.redis.loops,
-            targets,
-            &d,
-            &self.redis.metrics,
+        route(
+            &self.redis,
+            &self.routes,
+            &mut self.outbox,
             &mut self.drop_log,
+            &channel,
+            msg.get_payload_bytes(),
         );
     }
 }
 
-impl Subscriber {
-    /// A server API command from the control channel: to every loop, if it is one.
-    fn command(&mut self, payload: &[u8]) {
-        let admin = match wire::signal(payload) {
-            Some(wire::Signal::Command(body)) => wire::decode_admin(body),
-            _ => None,
+/// Routes a message read from Redis on `channel` to the loops that have members there: a
+/// presence event (re-encoded from a valid entry) or a delivery.
+pub(super) fn route(
+    redis: &Shared,
+    routes: &Routes,
+    outbox: &mut Outbox,
+    drop_log: &mut LogThrottle,
+    channel: &str,
+    payload: &[u8],
+) {
+    let targets = routes.loops(channel);
+    if targets.is_empty() {
+        return;
+    }
+    if let Some(signal) = wire::signal(payload) {
+        let (kind, entry) = match signal {
+            wire::Signal::Join(e) => ("join", e),
+            wire::Signal::Leave(e) => ("leave", e),
+            wire::Signal::Command(_) => return,
         };
-        match admin {
-            Some(a) => self.outbox.admin(&self.redis.loops, &Arc::new(a)),
-            None => {
-                if self.drop_log.allow() {
-                    warn!("ignoring a payload on the control channel that is not a server API command");
-                }
+        if let Some(entry) = crate::presence::canonical(entry, redis.entry_size) {
+            let e = crate::broker::presence_event(kind, &Arc::from(channel), &entry);
+            outbox.event(&redis.loops, targets, &e, &redis.metrics);
+        }
+        return;
+    }
+    let decoded = wire::decode(payload);
+    let channel: Channel = Arc::from(channel);
+    let d = Delivery::new(channel, decoded.kind, decoded.data, decoded.position);
+    outbox.fan_out(&redis.loops, targets, &d, &redis.metrics, drop_log);
+}
+
+/// A server API command from the control channel: to every loop, if it is one.
+pub(super) fn command(redis: &Shared, outbox: &mut Outbox, drop_log: &mut LogThrottle, payload: &[u8]) {
+    let admin = match wire::signal(payload) {
+        Some(wire::Signal::Command(body)) => wire::decode_admin(body),
+        _ => None,
+    };
+    match admin {
+        Some(a) => outbox.admin(&redis.loops, &Arc::new(a)),
+        None => {
+            if drop_log.allow() {
+                warn!("ignoring a payload on the control channel that is not a server API command");
             }
         }
     }
