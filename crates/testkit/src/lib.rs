@@ -17,6 +17,8 @@
 //! ```
 #![deny(missing_docs, rust_2018_idioms)]
 
+pub mod cluster;
+
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
