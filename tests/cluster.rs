@@ -170,3 +170,101 @@ fn history_and_sessions_work_across_shards() {
         assert_eq!(message(&mut v)["data"], "r2");
     }
 }
+
+/// A v1 subscriber of `channel` collecting frames until the message `end`.
+fn collector(node: &Node, channel: &str) -> std::thread::JoinHandle<Vec<Value>> {
+    let mut c = V1::connect(node.addr, None).unwrap();
+    let reply = c.subscribe(channel, None).unwrap();
+    assert_eq!(reply["type"], "subscribed");
+    std::thread::spawn(move || {
+        let mut got = vec![reply];
+        loop {
+            let v = c.next(Duration::from_secs(30)).expect("subscriber stalled");
+            let end = v["type"] == "message" && v["data"] == "end";
+            got.push(v);
+            if end {
+                return got;
+            }
+        }
+    })
+}
+
+/// A v1 publisher on `channel` publishing "1", "2", … until `stop`; returns what was
+/// acknowledged: (epoch, offset, data).
+fn steady_publisher(
+    node: &Node,
+    channel: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<Vec<(String, u64, String)>> {
+    let mut p = V1::connect(node.addr, None).unwrap();
+    let channel = channel.to_owned();
+    std::thread::spawn(move || {
+        use std::sync::atomic::Ordering;
+        let mut out = Vec::new();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let r = p.publish(&channel, &i.to_string()).unwrap();
+            if r["type"] == "published" {
+                out.push((r["epoch"].as_str().unwrap().to_owned(), r["offset"].as_u64().unwrap(), i.to_string()));
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            // Paced, so that the test measures delivery, not a flood.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        out
+    })
+}
+
+#[test]
+fn a_slot_migrated_live_keeps_its_subscribers() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let cluster = Cluster::start();
+    let (a, b) = nodes(&cluster, &[]);
+    let (channel, from) = cluster.channels_on_every_primary("moving", 1).remove(0);
+    let to = *cluster.primaries().iter().find(|&&p| p != from).unwrap();
+    let slot = cluster.keyslot(&channel);
+    let subs = [collector(&a, &channel), collector(&b, &channel)];
+    let mut raw = a.client(&format!("/{channel}"));
+    raw.sync("raw-ready", WAIT).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let publisher = steady_publisher(&b, &channel, stop.clone(), acked.clone());
+    let after = |n: u64| {
+        let at = acked.load(Ordering::Relaxed);
+        wait_for("publishes acknowledged", WAIT, || (acked.load(Ordering::Relaxed) >= at + n).then_some(()));
+    };
+    after(50);
+    cluster.migrate_slot(slot, from, to, || {
+        // The keys are on `to`, the slot still `from`'s: publishes are ASKed there.
+        after(30);
+    });
+    after(50);
+    stop.store(true, Ordering::Relaxed);
+    let acked_list = publisher.join().unwrap();
+    let mut p = V1::connect(a.addr, None).unwrap();
+    assert_eq!(p.publish(&channel, "end").unwrap()["type"], "published");
+    assert_eq!(cluster.owner(slot), to, "the slot did not move");
+
+    for (i, s) in subs.into_iter().enumerate() {
+        let got = s.join().unwrap();
+        let messages: Vec<(String, u64, String)> = got
+            .iter()
+            .filter(|m| m["type"] == "message" && m["data"] != "end" && m["data"] != "raw-ready")
+            .map(|m| (m["epoch"].as_str().unwrap().to_owned(), m["offset"].as_u64().unwrap(), m["data"].as_str().unwrap().to_owned()))
+            .collect();
+        assert!(
+            got.iter().all(|m| m["recovered"] != false),
+            "subscriber {i} was told of a loss: {:?}",
+            got.iter().filter(|m| m["type"] != "message").collect::<Vec<_>>()
+        );
+        // Every acknowledged message exactly once, in order.
+        assert_eq!(messages, acked_list, "subscriber {i}");
+    }
+    // The raw client still receives on the new owner.
+    p.publish(&channel, "raw after").unwrap();
+    recv_until(&mut raw, "raw after");
+}

@@ -434,6 +434,8 @@ impl Router {
                 outcomes[i] = Some(self.on_every_primary(&commands[i]));
             }
             // Send every group, then read every group.
+            let mut refresh = false;
+            let mut wait = false;
             let mut sent = Vec::new();
             for (addr, group) in groups {
                 let packed = self.pack(&addr, commands, &group);
@@ -445,6 +447,8 @@ impl Router {
                         // connect is sure not to have.
                         let unknown = self.cons.contains_key(&addr);
                         self.drop_node(&addr);
+                        // A primary that cannot be reached may have been replaced.
+                        refresh = true;
                         for (i, _) in group {
                             outcomes[i] = Some(if unknown {
                                 Outcome::Unknown(e.to_string())
@@ -455,8 +459,6 @@ impl Router {
                     }
                 }
             }
-            let mut refresh = false;
-            let mut wait = false;
             for (addr, group) in sent {
                 let mut lost: Option<String> = None;
                 for (i, asking) in group {
