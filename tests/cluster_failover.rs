@@ -1,0 +1,306 @@
+//! Failovers of a Redis Cluster under wsrelay (`--redis-cluster`): a primary SIGKILLed under
+//! steady publishing on every shard, and a primary killed with acknowledged publishes its
+//! replica never received. Every v1 subscriber must end with every acknowledged message exactly
+//! once, in order, or with an explicit `recovered: false` covering what it lacks; delivery must
+//! resume by itself once the replica is promoted; `/healthz` must report the outage and then
+//! the recovery.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use common::*;
+use serde_json::Value;
+use wsrelay_client::V1;
+
+fn nodes(cluster: &Cluster) -> (Node, Node) {
+    let seeds = cluster.seeds();
+    let flags = ["--redis-cluster", &seeds, "--redis-backoff-max", "300ms"];
+    let (a, b) = (Node::start(&flags), Node::start(&flags));
+    for n in [&a, &b] {
+        wait_for("/healthz 200", WAIT, || (n.http_get("/healthz").0 == 200).then_some(()));
+    }
+    (a, b)
+}
+
+/// A v1 subscriber of `channel` collecting frames until the message `end`, starting with its
+/// subscribe reply.
+fn collector(node: &Node, channel: &str) -> std::thread::JoinHandle<Vec<Value>> {
+    let mut c = V1::connect(node.addr, None).unwrap();
+    let reply = c.subscribe(channel, None).unwrap();
+    assert_eq!(reply["type"], "subscribed");
+    std::thread::spawn(move || {
+        let mut got = vec![reply];
+        loop {
+            let v = c.next(Duration::from_secs(60)).expect("subscriber stalled");
+            let end = v["type"] == "message" && v["data"] == "end";
+            got.push(v);
+            if end {
+                return got;
+            }
+        }
+    })
+}
+
+/// A position in a channel: (epoch, offset).
+type Position = (String, u64);
+
+fn position(v: &Value) -> Option<Position> {
+    Some((v["epoch"].as_str()?.to_owned(), v["offset"].as_u64()?))
+}
+
+/// Messages a subscriber was told it may have missed: after `after`, up to and including
+/// `upto` (the two may be in different epochs).
+#[derive(Debug)]
+struct Gap {
+    after: Position,
+    upto: Position,
+}
+
+impl Gap {
+    fn excuses(&self, (epoch, offset): &Position) -> bool {
+        let (after, upto) = (&self.after, &self.upto);
+        let past_after = *epoch != after.0 || *offset > after.1;
+        let before_upto = *epoch != upto.0 || *offset <= upto.1;
+        (*epoch == after.0 || *epoch == upto.0) && past_after && before_upto
+    }
+}
+
+/// The gaps a subscriber's `recovered: false` notices excuse (as in `faults.rs`).
+fn gaps(name: &str, got: &[Value]) -> Vec<Gap> {
+    let mut last = position(&got[0]).unwrap_or_else(|| panic!("{name}: subscribed without a position"));
+    let mut gaps = Vec::new();
+    let mut open: Option<Position> = None;
+    for m in &got[1..] {
+        let here = position(m);
+        if m["type"] == "message" {
+            let Some(here) = here else { continue };
+            if let Some(after) = open.take() {
+                gaps.push(Gap {
+                    after,
+                    upto: (here.0.clone(), here.1.saturating_sub(1)),
+                });
+            }
+            last = here;
+        } else if m["type"] == "subscribed" && m["recovered"] == false {
+            match here {
+                Some(upto) => {
+                    gaps.push(Gap {
+                        after: open.take().unwrap_or_else(|| last.clone()),
+                        upto: upto.clone(),
+                    });
+                    last = upto;
+                }
+                None => open = Some(open.take().unwrap_or_else(|| last.clone())),
+            }
+        }
+    }
+    gaps
+}
+
+/// Checks one subscriber: no position twice; each acknowledged message present with its own
+/// data unless a `recovered: false` gap excuses it; acknowledged messages in order. Returns the
+/// gaps it was told of.
+#[track_caller]
+fn check(name: &str, got: &[Value], acked: &HashMap<Position, String>) -> Vec<Gap> {
+    let mut seen = HashSet::new();
+    let mut positions = HashMap::new();
+    let mut order = Vec::new();
+    for m in got.iter().filter(|m| m["type"] == "message") {
+        let Some(key) = position(m) else { continue };
+        assert!(seen.insert(key.clone()), "{name}: duplicate {key:?}");
+        positions.insert(key.clone(), m["data"].as_str().unwrap().to_owned());
+        order.push(key);
+    }
+    let gaps = gaps(name, got);
+    let mut missing = Vec::new();
+    for (key, data) in acked {
+        match positions.get(key) {
+            Some(d) => assert_eq!(d, data, "{name}: another message at {key:?} (an offset reused)"),
+            None if gaps.iter().any(|g| g.excuses(key)) => {}
+            None => missing.push(key.clone()),
+        }
+    }
+    assert!(missing.is_empty(), "{name}: acknowledged messages missing outside any recovered:false gap {gaps:?}: {missing:?}");
+    // In order: the acknowledged ones received follow their publisher's order (numbers).
+    let numbers: Vec<u64> = order
+        .iter()
+        .filter(|k| acked.contains_key(*k))
+        .map(|k| positions[k].parse().unwrap())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{name}: out of order: {numbers:?}");
+    gaps
+}
+
+/// Publishes "1", "2", … on `channel` through `node` every 3 ms until `stop`; counts and
+/// returns what was acknowledged.
+fn steady_publisher(
+    node: &Node,
+    channel: &str,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<HashMap<Position, String>> {
+    let mut p = V1::connect(node.addr, None).unwrap();
+    let channel = channel.to_owned();
+    std::thread::spawn(move || {
+        let mut acked = HashMap::new();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            let r = p.publish(&channel, &i.to_string()).unwrap();
+            if r["type"] == "published" {
+                acked.insert(position(&r).unwrap(), i.to_string());
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            // Paced, so that a failover happens under traffic, not under a flood.
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        acked
+    })
+}
+
+/// Publishes `end` on `channel` until it is acknowledged.
+fn end(node: &Node, channel: &str) {
+    let mut p = V1::connect(node.addr, None).unwrap();
+    wait_for("end marker stored", Duration::from_secs(20), || {
+        let r = p.publish(channel, "end").ok()?;
+        (r["type"] == "published").then_some(())
+    });
+}
+
+#[test]
+fn a_primary_killed_under_steady_publishing() {
+    let mut cluster = Cluster::start();
+    let (a, b) = nodes(&cluster);
+    let channels = cluster.channels_on_every_primary("steady", 1);
+    let subs: Vec<_> = channels
+        .iter()
+        .flat_map(|(c, _)| [(format!("{c}@a"), collector(&a, c)), (format!("{c}@b"), collector(&b, c))])
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Vec<Arc<AtomicU64>> = channels.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let publishers: Vec<_> = channels
+        .iter()
+        .zip(&counts)
+        .enumerate()
+        .map(|(i, ((c, _), n))| steady_publisher(if i % 2 == 0 { &a } else { &b }, c, stop.clone(), n.clone()))
+        .collect();
+    let after = |i: usize, n: u64, timeout: Duration| {
+        let at = counts[i].load(Ordering::Relaxed);
+        wait_for("publishes acknowledged", timeout, || {
+            (counts[i].load(Ordering::Relaxed) >= at + n).then_some(())
+        });
+    };
+    for i in 0..channels.len() {
+        after(i, 50, WAIT);
+    }
+    // The primary of the first channel dies.
+    let (victim_channel, victim) = channels[0].clone();
+    let replica = cluster.replica_of(victim);
+    cluster.kill(victim);
+    for n in [&a, &b] {
+        wait_for("/healthz to report the outage", WAIT, || (n.http_get("/healthz").0 != 200).then_some(()));
+    }
+    // The other shards go on meanwhile.
+    after(1, 20, WAIT);
+    wait_for("the replica promoted", Duration::from_secs(20), || {
+        (cluster.role(replica).as_deref() == Some("master")).then_some(())
+    });
+    for n in [&a, &b] {
+        wait_for("/healthz back", Duration::from_secs(20), || (n.http_get("/healthz").0 == 200).then_some(()));
+    }
+    // Publishing on the failed shard resumed by itself.
+    after(0, 50, Duration::from_secs(20));
+    stop.store(true, Ordering::Relaxed);
+    let acked: Vec<HashMap<Position, String>> = publishers.into_iter().map(|p| p.join().unwrap()).collect();
+    for (c, _) in &channels {
+        end(&a, c);
+    }
+    for (i, (name, s)) in subs.into_iter().enumerate() {
+        let got = s.join().unwrap();
+        let gaps = check(&name, &got, &acked[i / 2]);
+        eprintln!("{name}: {} acknowledged; gaps told: {gaps:?}", acked[i / 2].len());
+        if !name.starts_with(&victim_channel) {
+            assert!(gaps.is_empty(), "{name}: a shard that did not fail told of a loss: {gaps:?}");
+        }
+    }
+    // Nothing stays subscribed on the dead primary: both nodes have every channel live.
+    for n in [&a, &b] {
+        assert_eq!(n.metric("wsrelay_redis_subscriber_up"), 1);
+    }
+}
+
+#[test]
+fn a_promoted_replica_that_missed_acknowledged_publishes_starts_a_new_epoch() {
+    let mut cluster = Cluster::start();
+    let (a, b) = nodes(&cluster);
+    let (channel, primary) = cluster.channels_on_every_primary("lossy", 1).remove(0);
+    let replica = cluster.replica_of(primary);
+    let sub = collector(&a, &channel);
+    let mut p = V1::connect(b.addr, None).unwrap();
+    let mut acked = HashMap::new();
+    let publish = |p: &mut V1, acked: &mut HashMap<Position, String>, i: u64| {
+        let r = p.publish(&channel, &i.to_string()).unwrap();
+        assert_eq!(r["type"], "published", "{r}");
+        acked.insert(position(&r).unwrap(), i.to_string());
+        r
+    };
+    let mut first = Value::Null;
+    for i in 1..=5 {
+        first = publish(&mut p, &mut acked, i);
+    }
+    wait_for("the replica to have them", WAIT, || {
+        let mut con = cluster.con(replica);
+        let _: () = redis::cmd("READONLY").query(&mut con).ok()?;
+        let meta = format!("wsrelay:{{{channel}}}:meta");
+        let offset: Option<u64> = redis::cmd("HGET").arg(&meta).arg("offset").query(&mut con).ok()?;
+        (offset == Some(5)).then_some(())
+    });
+    // Replication cut: the replica cannot log in to its primary any more, which drops it.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("masterauth")
+        .arg("not-the-password")
+        .query(&mut cluster.con(replica))
+        .unwrap();
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query(&mut cluster.con(primary))
+        .unwrap();
+    wait_for("replication down", WAIT, || {
+        let info: String = redis::cmd("INFO").arg("replication").query(&mut cluster.con(replica)).ok()?;
+        info.contains("master_link_status:down").then_some(())
+    });
+    // Acknowledged by the primary, delivered, never replicated.
+    for i in 6..=10 {
+        publish(&mut p, &mut acked, i);
+    }
+    cluster.kill(primary);
+    wait_for("the replica promoted", Duration::from_secs(20), || {
+        (cluster.role(replica).as_deref() == Some("master")).then_some(())
+    });
+    // The first publish acknowledged by the promoted replica is in a new epoch: offsets 6 to 10
+    // of the old one are never given to other messages.
+    let next = wait_for("a publish on the promoted replica", Duration::from_secs(20), || {
+        let r = p.publish(&channel, "11").ok()?;
+        (r["type"] == "published").then_some(r)
+    });
+    acked.insert(position(&next).unwrap(), "11".into());
+    assert_ne!(next["epoch"], first["epoch"], "offsets reused under the old epoch: {next}");
+    for i in 12..=14 {
+        publish(&mut p, &mut acked, i);
+    }
+    end(&b, &channel);
+    let got = sub.join().unwrap();
+    let gaps = check("subscriber", &got, &acked);
+    // It was told, and it has every message after the failover.
+    assert!(!gaps.is_empty(), "no recovered:false: {got:?}");
+    let data: Vec<&str> = got.iter().filter(|m| m["type"] == "message").filter_map(|m| m["data"].as_str()).collect();
+    assert!(data.ends_with(&["11", "12", "13", "14", "end"]), "{data:?}");
+}
