@@ -103,6 +103,78 @@ fn delivery_crosses_nodes_on_every_shard_raw_and_v1() {
 }
 
 #[test]
+fn presence_events_and_the_server_api_work_on_a_cluster() {
+    const KEY: &str = "cluster-test-api-key";
+    const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
+    let cluster = Cluster::start();
+    let flags = ["--api-key", KEY, "--token-secret", SECRET, "--presence", "*", "--join-leave", "*"];
+    let (a, b) = nodes(&cluster, &flags);
+    let token = |sub: &str| {
+        let claims = wsrelay::auth::Claims {
+            sub: sub.into(),
+            exp: 4_000_000_000,
+            nbf: None,
+            subscribe: vec!["*".into()],
+            publish: vec!["*".into()],
+        };
+        wsrelay::auth::mint(SECRET.as_bytes(), &claims)
+    };
+    let channels = cluster.channels_on_every_primary("pres", 1);
+    let mut on_a = V1::connect_with(a.addr, None, Some(&token("u1"))).unwrap();
+    let mut on_b = V1::connect_with(b.addr, None, Some(&token("u2"))).unwrap();
+    for (c, _) in &channels {
+        on_a.subscribe(c, None).unwrap();
+        // The join of b's client reaches a's, through the channel's shard.
+        on_b.subscribe(c, None).unwrap();
+        loop {
+            let join = on_a.next_of("join", WAIT).unwrap();
+            if join["client"] == on_b.client_id.as_str() {
+                assert_eq!(join["channel"].as_str(), Some(c.as_str()));
+                break;
+            }
+        }
+        let mut want = vec![on_a.client_id.clone(), on_b.client_id.clone()];
+        want.sort();
+        wait_for("presence to list both", WAIT, || {
+            let p = on_a.presence(c).ok()?;
+            let mut ids: Vec<String> =
+                p["clients"].as_array()?.iter().filter_map(|c| Some(c["client"].as_str()?.to_owned())).collect();
+            ids.sort();
+            (ids == want).then_some(())
+        });
+    }
+    // The node registry (one slot) and the channel counts of every node.
+    let api = Api::new(a.addr, KEY);
+    wait_for("both nodes in info", WAIT, || {
+        let (_, i) = api.info().ok()?;
+        (i["nodes"].as_array()?.len() == 2).then_some(())
+    });
+    wait_for("channel counts of both nodes", WAIT, || {
+        let (_, c) = api.channels(None).ok()?;
+        let list = c["channels"].as_array()?.clone();
+        channels
+            .iter()
+            .all(|(ch, _)| list.iter().any(|x| x["channel"] == ch.as_str() && x["subscribers"] == 2))
+            .then_some(())
+    });
+    // A command on the control channel (SPUBLISH on its shard) reaches both nodes.
+    let (status, r) = api.disconnect("u2", 4000, "banned").unwrap();
+    assert_eq!((status, r["nodes"].as_u64()), (200, Some(2)), "{r}");
+    loop {
+        match on_b.client.recv(WAIT).unwrap() {
+            Received::Closed(f) => {
+                assert_eq!(f, Some((4000, "banned".to_owned())));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    // Its leave reaches the other node.
+    let leave = on_a.next_of("leave", WAIT).unwrap();
+    assert_eq!(leave["client"].as_str(), Some(on_b.client_id.as_str()), "{leave}");
+}
+
+#[test]
 fn history_and_sessions_work_across_shards() {
     let cluster = Cluster::start();
     let (a, b) = nodes(&cluster, &[]);
