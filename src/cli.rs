@@ -31,7 +31,7 @@ pub struct Cli {
     /// Redis backplane URL (redis://HOST:PORT or redis+unix:///path)
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
-    /// Redis Cluster seed nodes (redis://[[USER]:PASSWORD@]HOST:PORT,...); the slots are discovered
+    /// Redis Cluster seed nodes, comma-separated redis://HOST:PORT (or redis://USER:PASSWORD@HOST:PORT) URLs; the slots are discovered
     #[arg(long, value_name = "URLS")]
     pub redis_cluster: Option<String>,
     /// Prefix added to channel names and keys in Redis; deployments sharing a Redis need prefix-free prefixes

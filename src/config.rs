@@ -398,7 +398,9 @@ impl Config {
         }
         if let Some(seeds) = &self.redis_cluster {
             if self.redis.is_some() {
-                return Err("--redis and --redis-cluster exclude each other: name one Redis or one cluster".into());
+                return Err(
+                    "--redis and --redis-cluster exclude each other: name one Redis or one cluster".into(),
+                );
             }
             crate::broker::redis::cluster::Seeds::parse(seeds)?;
         }

@@ -16,10 +16,16 @@ use wsrelay_client::V1;
 /// Two wsrelay nodes on `cluster`, both healthy.
 fn nodes(cluster: &Cluster, extra: &[&str]) -> (Node, Node) {
     let seeds = cluster.seeds();
-    let flags = [&["--redis-cluster", &seeds, "--redis-backoff-max", "300ms"][..], extra].concat();
+    let flags = [
+        &["--redis-cluster", &seeds, "--redis-backoff-max", "300ms"][..],
+        extra,
+    ]
+    .concat();
     let (a, b) = (Node::start(&flags), Node::start(&flags));
     for n in [&a, &b] {
-        wait_for("/healthz 200", WAIT, || (n.http_get("/healthz").0 == 200).then_some(()));
+        wait_for("/healthz 200", WAIT, || {
+            (n.http_get("/healthz").0 == 200).then_some(())
+        });
     }
     (a, b)
 }
@@ -56,13 +62,19 @@ fn delivery_crosses_nodes_on_every_shard_raw_and_v1() {
         let r = publ.publish(channel, "v1 hello").unwrap();
         assert_eq!(r["type"], "published", "{r}");
         let m = message(&mut sub);
-        assert_eq!((m["channel"].as_str(), m["data"].as_str()), (Some(channel.as_str()), Some("v1 hello")));
+        assert_eq!(
+            (m["channel"].as_str(), m["data"].as_str()),
+            (Some(channel.as_str()), Some("v1 hello"))
+        );
         assert_eq!(m["offset"], r["offset"]);
         assert_eq!(m["epoch"], r["epoch"]);
 
         // The channel's keys are on the primary that owns its Pub/Sub channel's slot.
         let meta = format!("wsrelay:{{{channel}}}:meta");
-        let here: u64 = redis::cmd("EXISTS").arg(&meta).query(&mut cluster.con(*primary)).unwrap();
+        let here: u64 = redis::cmd("EXISTS")
+            .arg(&meta)
+            .query(&mut cluster.con(*primary))
+            .unwrap();
         assert_eq!(here, 1, "{meta} not on {primary}");
     }
     // Every primary carried some of it.
@@ -79,7 +91,14 @@ fn delivery_crosses_nodes_on_every_shard_raw_and_v1() {
         on_a.sync("ready", WAIT).unwrap();
         on_b.sync("ready", WAIT).unwrap();
         let out = std::process::Command::new("redis-cli")
-            .args(["-c", "-p", &cluster.nodes[0].port.to_string(), "SPUBLISH", channel, "from the backend"])
+            .args([
+                "-c",
+                "-p",
+                &cluster.nodes[0].port.to_string(),
+                "SPUBLISH",
+                channel,
+                "from the backend",
+            ])
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -96,10 +115,17 @@ fn delivery_crosses_nodes_on_every_shard_raw_and_v1() {
     let mut publ = V1::connect(b.addr, None).unwrap();
     let r1 = publ.publish("{x}", "to {x}").unwrap();
     let r2 = publ.publish("y{x}", "to y{x}").unwrap();
-    assert_eq!((r1["offset"].as_u64(), r2["offset"].as_u64()), (Some(1), Some(1)), "{r1} {r2}");
+    assert_eq!(
+        (r1["offset"].as_u64(), r2["offset"].as_u64()),
+        (Some(1), Some(1)),
+        "{r1} {r2}"
+    );
     assert_eq!(message(&mut one)["data"], "to {x}");
     assert_eq!(message(&mut two)["data"], "to y{x}");
-    assert!(one.next(Duration::from_millis(200)).is_err(), "{{x}} heard another channel");
+    assert!(
+        one.next(Duration::from_millis(200)).is_err(),
+        "{{x}} heard another channel"
+    );
 }
 
 #[test]
@@ -107,7 +133,16 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
     const KEY: &str = "cluster-test-api-key";
     const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
     let cluster = Cluster::start();
-    let flags = ["--api-key", KEY, "--token-secret", SECRET, "--presence", "*", "--join-leave", "*"];
+    let flags = [
+        "--api-key",
+        KEY,
+        "--token-secret",
+        SECRET,
+        "--presence",
+        "*",
+        "--join-leave",
+        "*",
+    ];
     let (a, b) = nodes(&cluster, &flags);
     let token = |sub: &str| {
         let claims = wsrelay::auth::Claims {
@@ -137,8 +172,11 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
         want.sort();
         wait_for("presence to list both", WAIT, || {
             let p = on_a.presence(c).ok()?;
-            let mut ids: Vec<String> =
-                p["clients"].as_array()?.iter().filter_map(|c| Some(c["client"].as_str()?.to_owned())).collect();
+            let mut ids: Vec<String> = p["clients"]
+                .as_array()?
+                .iter()
+                .filter_map(|c| Some(c["client"].as_str()?.to_owned()))
+                .collect();
             ids.sort();
             (ids == want).then_some(())
         });
@@ -154,7 +192,10 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
         let list = c["channels"].as_array()?.clone();
         channels
             .iter()
-            .all(|(ch, _)| list.iter().any(|x| x["channel"] == ch.as_str() && x["subscribers"] == 2))
+            .all(|(ch, _)| {
+                list.iter()
+                    .any(|x| x["channel"] == ch.as_str() && x["subscribers"] == 2)
+            })
             .then_some(())
     });
     // A command on the control channel (SPUBLISH on its shard) reaches both nodes.
@@ -200,7 +241,11 @@ fn history_and_sessions_work_across_shards() {
     let key = format!("wsrelay:session:{id}");
     let mut owner = cluster.con(cluster.owner(cluster.keyslot(&key)));
     let fields: Vec<(String, String)> = redis::cmd("HGETALL").arg(&key).query(&mut owner).unwrap();
-    assert_eq!(fields.iter().filter(|(f, _)| f.starts_with("c:")).count(), 3, "{fields:?}");
+    assert_eq!(
+        fields.iter().filter(|(f, _)| f.starts_with("c:")).count(),
+        3,
+        "{fields:?}"
+    );
     for (c, _) in &channels {
         for i in 2..=4 {
             publ.publish(c, &format!("{c} {i}")).unwrap();
@@ -212,7 +257,9 @@ fn history_and_sessions_work_across_shards() {
     assert!(s.resumed);
     let mut got: std::collections::HashMap<String, Vec<String>> = Default::default();
     let done = |got: &std::collections::HashMap<String, Vec<String>>| {
-        channels.iter().all(|(c, _)| got.get(c).is_some_and(|v| v.last() == Some(&format!("{c} 4"))))
+        channels
+            .iter()
+            .all(|(c, _)| got.get(c).is_some_and(|v| v.last() == Some(&format!("{c} 4"))))
     };
     while !done(&got) {
         let m = s.next(WAIT).expect("resumed messages");
@@ -279,7 +326,11 @@ fn steady_publisher(
             i += 1;
             let r = p.publish(&channel, &i.to_string()).unwrap();
             if r["type"] == "published" {
-                out.push((r["epoch"].as_str().unwrap().to_owned(), r["offset"].as_u64().unwrap(), i.to_string()));
+                out.push((
+                    r["epoch"].as_str().unwrap().to_owned(),
+                    r["offset"].as_u64().unwrap(),
+                    i.to_string(),
+                ));
                 acked.fetch_add(1, Ordering::Relaxed);
             }
             // Paced, so that the test measures delivery, not a flood.
@@ -307,7 +358,9 @@ fn a_slot_migrated_live_keeps_its_subscribers() {
     let publisher = steady_publisher(&b, &channel, stop.clone(), acked.clone());
     let after = |n: u64| {
         let at = acked.load(Ordering::Relaxed);
-        wait_for("publishes acknowledged", WAIT, || (acked.load(Ordering::Relaxed) >= at + n).then_some(()));
+        wait_for("publishes acknowledged", WAIT, || {
+            (acked.load(Ordering::Relaxed) >= at + n).then_some(())
+        });
     };
     after(50);
     cluster.migrate_slot(slot, from, to, || {
@@ -326,7 +379,13 @@ fn a_slot_migrated_live_keeps_its_subscribers() {
         let messages: Vec<(String, u64, String)> = got
             .iter()
             .filter(|m| m["type"] == "message" && m["data"] != "end" && m["data"] != "raw-ready")
-            .map(|m| (m["epoch"].as_str().unwrap().to_owned(), m["offset"].as_u64().unwrap(), m["data"].as_str().unwrap().to_owned()))
+            .map(|m| {
+                (
+                    m["epoch"].as_str().unwrap().to_owned(),
+                    m["offset"].as_u64().unwrap(),
+                    m["data"].as_str().unwrap().to_owned(),
+                )
+            })
             .collect();
         assert!(
             got.iter().all(|m| m["recovered"] != false),

@@ -22,7 +22,9 @@ fn nodes(cluster: &Cluster) -> (Node, Node) {
     let flags = ["--redis-cluster", &seeds, "--redis-backoff-max", "300ms"];
     let (a, b) = (Node::start(&flags), Node::start(&flags));
     for n in [&a, &b] {
-        wait_for("/healthz 200", WAIT, || (n.http_get("/healthz").0 == 200).then_some(()));
+        wait_for("/healthz 200", WAIT, || {
+            (n.http_get("/healthz").0 == 200).then_some(())
+        });
     }
     (a, b)
 }
@@ -125,14 +127,20 @@ fn check(name: &str, got: &[Value], acked: &HashMap<Position, String>) -> Vec<Ga
             None => missing.push(key.clone()),
         }
     }
-    assert!(missing.is_empty(), "{name}: acknowledged messages missing outside any recovered:false gap {gaps:?}: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "{name}: acknowledged messages missing outside any recovered:false gap {gaps:?}: {missing:?}"
+    );
     // In order: the acknowledged ones received follow their publisher's order (numbers).
     let numbers: Vec<u64> = order
         .iter()
         .filter(|k| acked.contains_key(*k))
         .map(|k| positions[k].parse().unwrap())
         .collect();
-    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{name}: out of order: {numbers:?}");
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "{name}: out of order: {numbers:?}"
+    );
     gaps
 }
 
@@ -179,7 +187,12 @@ fn a_primary_killed_under_steady_publishing() {
     let channels = cluster.channels_on_every_primary("steady", 1);
     let subs: Vec<_> = channels
         .iter()
-        .flat_map(|(c, _)| [(format!("{c}@a"), collector(&a, c)), (format!("{c}@b"), collector(&b, c))])
+        .flat_map(|(c, _)| {
+            [
+                (format!("{c}@a"), collector(&a, c)),
+                (format!("{c}@b"), collector(&b, c)),
+            ]
+        })
         .collect();
     let stop = Arc::new(AtomicBool::new(false));
     let counts: Vec<Arc<AtomicU64>> = channels.iter().map(|_| Arc::new(AtomicU64::new(0))).collect();
@@ -187,7 +200,9 @@ fn a_primary_killed_under_steady_publishing() {
         .iter()
         .zip(&counts)
         .enumerate()
-        .map(|(i, ((c, _), n))| steady_publisher(if i % 2 == 0 { &a } else { &b }, c, stop.clone(), n.clone()))
+        .map(|(i, ((c, _), n))| {
+            steady_publisher(if i % 2 == 0 { &a } else { &b }, c, stop.clone(), n.clone())
+        })
         .collect();
     let after = |i: usize, n: u64, timeout: Duration| {
         let at = counts[i].load(Ordering::Relaxed);
@@ -203,7 +218,9 @@ fn a_primary_killed_under_steady_publishing() {
     let replica = cluster.replica_of(victim);
     cluster.kill(victim);
     for n in [&a, &b] {
-        wait_for("/healthz to report the outage", WAIT, || (n.http_get("/healthz").0 != 200).then_some(()));
+        wait_for("/healthz to report the outage", WAIT, || {
+            (n.http_get("/healthz").0 != 200).then_some(())
+        });
     }
     // The other shards go on meanwhile.
     after(1, 20, WAIT);
@@ -211,7 +228,9 @@ fn a_primary_killed_under_steady_publishing() {
         (cluster.role(replica).as_deref() == Some("master")).then_some(())
     });
     for n in [&a, &b] {
-        wait_for("/healthz back", Duration::from_secs(20), || (n.http_get("/healthz").0 == 200).then_some(()));
+        wait_for("/healthz back", Duration::from_secs(20), || {
+            (n.http_get("/healthz").0 == 200).then_some(())
+        });
     }
     // Publishing on the failed shard resumed by itself.
     after(0, 50, Duration::from_secs(20));
@@ -225,7 +244,10 @@ fn a_primary_killed_under_steady_publishing() {
         let gaps = check(&name, &got, &acked[i / 2]);
         eprintln!("{name}: {} acknowledged; gaps told: {gaps:?}", acked[i / 2].len());
         if !name.starts_with(&victim_channel) {
-            assert!(gaps.is_empty(), "{name}: a shard that did not fail told of a loss: {gaps:?}");
+            assert!(
+                gaps.is_empty(),
+                "{name}: a shard that did not fail told of a loss: {gaps:?}"
+            );
         }
     }
     // Nothing stays subscribed on the dead primary: both nodes have every channel live.
@@ -274,7 +296,10 @@ fn a_promoted_replica_that_missed_acknowledged_publishes_starts_a_new_epoch() {
         .query(&mut cluster.con(primary))
         .unwrap();
     wait_for("replication down", WAIT, || {
-        let info: String = redis::cmd("INFO").arg("replication").query(&mut cluster.con(replica)).ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut cluster.con(replica))
+            .ok()?;
         info.contains("master_link_status:down").then_some(())
     });
     // Acknowledged by the primary, delivered, never replicated.
@@ -287,12 +312,19 @@ fn a_promoted_replica_that_missed_acknowledged_publishes_starts_a_new_epoch() {
     });
     // The first publish acknowledged by the promoted replica is in a new epoch: offsets 6 to 10
     // of the old one are never given to other messages.
-    let next = wait_for("a publish on the promoted replica", Duration::from_secs(20), || {
-        let r = p.publish(&channel, "11").ok()?;
-        (r["type"] == "published").then_some(r)
-    });
+    let next = wait_for(
+        "a publish on the promoted replica",
+        Duration::from_secs(20),
+        || {
+            let r = p.publish(&channel, "11").ok()?;
+            (r["type"] == "published").then_some(r)
+        },
+    );
     acked.insert(position(&next).unwrap(), "11".into());
-    assert_ne!(next["epoch"], first["epoch"], "offsets reused under the old epoch: {next}");
+    assert_ne!(
+        next["epoch"], first["epoch"],
+        "offsets reused under the old epoch: {next}"
+    );
     for i in 12..=14 {
         publish(&mut p, &mut acked, i);
     }
@@ -301,6 +333,10 @@ fn a_promoted_replica_that_missed_acknowledged_publishes_starts_a_new_epoch() {
     let gaps = check("subscriber", &got, &acked);
     // It was told, and it has every message after the failover.
     assert!(!gaps.is_empty(), "no recovered:false: {got:?}");
-    let data: Vec<&str> = got.iter().filter(|m| m["type"] == "message").filter_map(|m| m["data"].as_str()).collect();
+    let data: Vec<&str> = got
+        .iter()
+        .filter(|m| m["type"] == "message")
+        .filter_map(|m| m["data"].as_str())
+        .collect();
     assert!(data.ends_with(&["11", "12", "13", "14", "end"]), "{data:?}");
 }

@@ -52,7 +52,9 @@ pub fn start(
         crate::bridge::broker_queues(config.publish_queue, config.publish_queue_bytes, CONTROL_QUEUE);
     let threads = match (&config.redis, &config.redis_cluster) {
         (Some(url), _) => redis::spawn(config, node, redis::Target::One(url), inbox, loops, metrics)?,
-        (None, Some(seeds)) => redis::spawn(config, node, redis::Target::Cluster(seeds), inbox, loops, metrics)?,
+        (None, Some(seeds)) => {
+            redis::spawn(config, node, redis::Target::Cluster(seeds), inbox, loops, metrics)?
+        }
         (None, None) => vec![memory::spawn(config, node, inbox, loops, metrics)],
     };
     Ok(Broker { handle, threads })

@@ -219,8 +219,13 @@ impl Cluster {
     /// (first slot, last slot, primary port) per range, from a live node's `CLUSTER SLOTS`.
     pub fn slot_ranges(&self) -> Vec<(u16, u16, u16)> {
         for port in self.live_ports() {
-            let Some(mut con) = self.try_con(port) else { continue };
-            let Ok(v) = redis::cmd("CLUSTER").arg("SLOTS").query::<Vec<redis::Value>>(&mut con) else {
+            let Some(mut con) = self.try_con(port) else {
+                continue;
+            };
+            let Ok(v) = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query::<Vec<redis::Value>>(&mut con)
+            else {
                 continue;
             };
             let mut out = Vec::new();
@@ -230,7 +235,9 @@ impl Cluster {
                     redis::Value::Int(n) => *n as u16,
                     _ => 0,
                 };
-                let redis::Value::Array(node) = &r[2] else { continue };
+                let redis::Value::Array(node) = &r[2] else {
+                    continue;
+                };
                 out.push((int(&r[0]), int(&r[1]), int(&node[1])));
             }
             return out;
@@ -263,9 +270,11 @@ impl Cluster {
         self.live_ports()
             .into_iter()
             .find(|&p| {
-                self.info(p, "replication")
-                    .is_some_and(|i| i.contains("role:slave") && i.contains(&format!("master_port:{primary}")))
-                    || self.cluster_nodes_line(p).is_some_and(|l| l.contains(&id) && l.contains("slave"))
+                self.info(p, "replication").is_some_and(|i| {
+                    i.contains("role:slave") && i.contains(&format!("master_port:{primary}"))
+                }) || self
+                    .cluster_nodes_line(p)
+                    .is_some_and(|l| l.contains(&id) && l.contains("slave"))
             })
             .unwrap_or_else(|| panic!("no replica of {primary}"))
     }
@@ -288,14 +297,23 @@ impl Cluster {
     /// of them per primary, named `{stem}-N`: channels spread over every shard.
     pub fn channels_on_every_primary(&self, stem: &str, per_primary: usize) -> Vec<(String, u16)> {
         let ranges = self.slot_ranges();
-        let owner = |slot: u16| ranges.iter().find(|(a, b, _)| (*a..=*b).contains(&slot)).map(|r| r.2);
+        let owner = |slot: u16| {
+            ranges
+                .iter()
+                .find(|(a, b, _)| (*a..=*b).contains(&slot))
+                .map(|r| r.2)
+        };
         let mut counts = std::collections::HashMap::new();
         let mut out = Vec::new();
         let port = self.live_ports()[0];
         let mut con = self.con(port);
         for i in 0.. {
             let name = format!("{stem}-{i}");
-            let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(&name).query(&mut con).unwrap();
+            let slot: u16 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&name)
+                .query(&mut con)
+                .unwrap();
             let p = owner(slot).expect("every slot served");
             let n = counts.entry(p).or_insert(0);
             if *n < per_primary {
@@ -313,14 +331,18 @@ impl Cluster {
     #[track_caller]
     pub fn wait_ok(&self) {
         let live = self.live_ports();
-        wait_for("the cluster to be ok on every node", Duration::from_secs(20), || {
-            live.iter()
-                .all(|&p| {
-                    self.info_cluster(p)
-                        .is_some_and(|i| i.contains("cluster_state:ok"))
-                })
-                .then_some(())
-        });
+        wait_for(
+            "the cluster to be ok on every node",
+            Duration::from_secs(20),
+            || {
+                live.iter()
+                    .all(|&p| {
+                        self.info_cluster(p)
+                            .is_some_and(|i| i.contains("cluster_state:ok"))
+                    })
+                    .then_some(())
+            },
+        );
     }
 
     fn info_cluster(&self, port: u16) -> Option<String> {

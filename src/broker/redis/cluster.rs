@@ -56,7 +56,11 @@ fn crc16(data: &[u8]) -> u16 {
     for &b in data {
         crc ^= u16::from(b) << 8;
         for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
     crc
@@ -158,13 +162,19 @@ impl SlotMap {
                 _ => None,
             };
             let (start, end) = (int(r.first()?)?, int(r.get(1)?)?);
-            let Value::Array(node) = r.get(2)? else { return None };
+            let Value::Array(node) = r.get(2)? else {
+                return None;
+            };
             let host = match node.first()? {
                 Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
                 Value::SimpleString(s) => s.clone(),
                 _ => return None,
             };
-            let host = if host.is_empty() || host == "?" { asked.to_owned() } else { host };
+            let host = if host.is_empty() || host == "?" {
+                asked.to_owned()
+            } else {
+                host
+            };
             let port = u16::try_from(int(node.get(1)?)?).ok()?;
             let addr = (host, port);
             let index = match map.primaries.iter().position(|a| *a == addr) {
@@ -204,7 +214,9 @@ impl Seeds {
                 _ => return Err(format!("Redis Cluster seed {url:?} must be redis://host:port")),
             }
             if info.redis_settings().db() != 0 {
-                return Err(format!("Redis Cluster seed {url:?} names a database: a cluster has only 0"));
+                return Err(format!(
+                    "Redis Cluster seed {url:?} names a database: a cluster has only 0"
+                ));
             }
             infos.push(info);
         }
@@ -268,7 +280,10 @@ impl Seeds {
         match (partial, last_err) {
             (Some(m), _) => Ok(m),
             (None, Some(e)) => Err(e),
-            (None, None) => Err(redis::RedisError::from((redis::ErrorKind::Io, "no cluster node answers"))),
+            (None, None) => Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "no cluster node answers",
+            ))),
         }
     }
 }
@@ -353,7 +368,10 @@ impl Router {
             self.cons.remove(&a);
         }
         if map.primaries() != self.map.primaries() {
-            info!("redis cluster: {} primaries serve the slots", map.primaries().len());
+            info!(
+                "redis cluster: {} primaries serve the slots",
+                map.primaries().len()
+            );
         }
         self.map = map;
         Ok(())
@@ -408,10 +426,11 @@ impl Router {
             let last = attempt + 1 == ATTEMPTS;
             // Per node, in order: (command index, asking).
             let mut groups: Vec<(Addr, Vec<(usize, bool)>)> = Vec::new();
-            let mut push = |addr: Addr, i: usize, asking: bool| match groups.iter_mut().find(|(a, _)| *a == addr) {
-                Some((_, g)) => g.push((i, asking)),
-                None => groups.push((addr, vec![(i, asking)])),
-            };
+            let mut push =
+                |addr: Addr, i: usize, asking: bool| match groups.iter_mut().find(|(a, _)| *a == addr) {
+                    Some((_, g)) => g.push((i, asking)),
+                    None => groups.push((addr, vec![(i, asking)])),
+                };
             let mut all = Vec::new();
             for (i, ask) in todo.drain(..) {
                 if let Some(addr) = ask {
@@ -421,7 +440,10 @@ impl Router {
                 match target(&commands[i]) {
                     Target::Slot(s) => match self.map.owner(s) {
                         Some(a) => push(a.clone(), i, false),
-                        None => outcomes[i] = Some(Outcome::NotSent(format!("no redis cluster node serves slot {s}"))),
+                        None => {
+                            outcomes[i] =
+                                Some(Outcome::NotSent(format!("no redis cluster node serves slot {s}")))
+                        }
                     },
                     Target::Any => match self.map.primaries().first() {
                         Some(a) => push(a.clone(), i, false),
@@ -439,7 +461,8 @@ impl Router {
             let mut sent = Vec::new();
             for (addr, group) in groups {
                 let packed = self.pack(&addr, commands, &group);
-                let result = packed.and_then(|p| self.node(&addr).and_then(|n| n.con.send_packed_command(&p)));
+                let result =
+                    packed.and_then(|p| self.node(&addr).and_then(|n| n.con.send_packed_command(&p)));
                 match result {
                     Ok(()) => sent.push((addr, group)),
                     Err(e) => {
@@ -547,7 +570,12 @@ impl Router {
 
     /// The packed pipeline of `group` for the node at `addr`: ASKING before each asked
     /// command, the node's replication ids in place of [`REPLID`] and [`REPLID2`].
-    fn pack(&mut self, addr: &Addr, commands: &[Vec<&[u8]>], group: &[(usize, bool)]) -> redis::RedisResult<Vec<u8>> {
+    fn pack(
+        &mut self,
+        addr: &Addr,
+        commands: &[Vec<&[u8]>],
+        group: &[(usize, bool)],
+    ) -> redis::RedisResult<Vec<u8>> {
         let node = self.node(addr)?;
         let mut out = Vec::new();
         for &(i, asking) in group {
@@ -641,7 +669,7 @@ pub fn redirection(v: &Value) -> Option<Redirect> {
 /// Splits a packed pipeline (RESP arrays of bulk strings, as redis-rs writes them) into its
 /// commands' arguments.
 pub fn split_packed(mut packed: &[u8]) -> Option<Vec<Vec<&[u8]>>> {
-    fn line<'a>(b: &mut &'a [u8], lead: u8) -> Option<usize> {
+    fn line(b: &mut &[u8], lead: u8) -> Option<usize> {
         let end = b.windows(2).position(|w| w == b"\r\n")?;
         let (head, rest) = b.split_at(end);
         if head.first() != Some(&lead) {
@@ -672,8 +700,9 @@ impl Router {
     /// Runs packed commands, repeating those whose connection was lost once on a refreshed
     /// map (for work that is safe to repeat).
     fn run_packed(&mut self, packed: &[u8]) -> redis::RedisResult<Vec<Value>> {
-        let commands = split_packed(packed)
-            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Client, "cannot route this command")))?;
+        let commands = split_packed(packed).ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Client, "cannot route this command"))
+        })?;
         let mut outcomes = self.run(&commands);
         let again: Vec<usize> = (0..outcomes.len())
             .filter(|&i| !matches!(outcomes[i], Outcome::Answer(_)))
@@ -689,9 +718,11 @@ impl Router {
             .into_iter()
             .map(|o| match o {
                 Outcome::Answer(v) => Ok(v),
-                Outcome::Unknown(e) | Outcome::NotSent(e) => {
-                    Err(redis::RedisError::from((redis::ErrorKind::Io, "redis cluster", e)))
-                }
+                Outcome::Unknown(e) | Outcome::NotSent(e) => Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "redis cluster",
+                    e,
+                ))),
             })
             .collect()
     }
@@ -704,7 +735,12 @@ impl redis::ConnectionLike for Router {
             .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Client, "no command")))
     }
 
-    fn req_packed_commands(&mut self, cmd: &[u8], offset: usize, count: usize) -> redis::RedisResult<Vec<Value>> {
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Value>> {
         let v = self.run_packed(cmd)?;
         Ok(v.into_iter().skip(offset).take(count).collect())
     }
@@ -755,7 +791,14 @@ mod tests {
     #[test]
     fn packed_pipelines_split_into_commands() {
         let mut pipe = redis::pipe();
-        pipe.cmd("SET").arg("k").arg("v\r\n").cmd("EVALSHA").arg("abc").arg(2).arg("{x}a").arg("{x}b");
+        pipe.cmd("SET")
+            .arg("k")
+            .arg("v\r\n")
+            .cmd("EVALSHA")
+            .arg("abc")
+            .arg(2)
+            .arg("{x}a")
+            .arg("{x}b");
         let packed = pipe.get_packed_pipeline();
         let cmds = split_packed(&packed).unwrap();
         assert_eq!(cmds.len(), 2);
@@ -777,17 +820,29 @@ mod tests {
             redirection(&err("ASK 3999 10.0.0.2:7000")),
             Some(Redirect::Ask(("10.0.0.2".into(), 7000)))
         );
-        assert_eq!(redirection(&err("TRYAGAIN Multiple keys request during rehashing of slot")), Some(Redirect::Wait));
-        assert_eq!(redirection(&err("CLUSTERDOWN The cluster is down")), Some(Redirect::Wait));
+        assert_eq!(
+            redirection(&err("TRYAGAIN Multiple keys request during rehashing of slot")),
+            Some(Redirect::Wait)
+        );
+        assert_eq!(
+            redirection(&err("CLUSTERDOWN The cluster is down")),
+            Some(Redirect::Wait)
+        );
         assert_eq!(redirection(&err("OOM no")), None);
         assert_eq!(redirection(&Value::Int(1)), None);
     }
 
     #[test]
     fn slot_maps_parse() {
-        let node = |h: &str, p: i64| Value::Array(vec![Value::BulkString(h.as_bytes().to_vec()), Value::Int(p)]);
+        let node =
+            |h: &str, p: i64| Value::Array(vec![Value::BulkString(h.as_bytes().to_vec()), Value::Int(p)]);
         let v = Value::Array(vec![
-            Value::Array(vec![Value::Int(0), Value::Int(8191), node("10.0.0.1", 7000), node("10.0.0.4", 7003)]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(8191),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
             Value::Array(vec![Value::Int(8192), Value::Int(16383), node("", 7001)]),
         ]);
         let m = SlotMap::parse(&v, "10.0.0.9").unwrap();

@@ -84,7 +84,9 @@ pub fn spawn(
     if let Link::Cluster(router) = &con
         && !router.map().complete()
     {
-        return Err(format!("{where_} does not serve every slot (CLUSTER SLOTS): is it set up?"));
+        return Err(format!(
+            "{where_} does not serve every slot (CLUSTER SLOTS): is it set up?"
+        ));
     }
     let prefix = &config.redis_prefix;
     match register(&mut con, prefix) {
@@ -173,7 +175,12 @@ impl redis::ConnectionLike for Link {
         }
     }
 
-    fn req_packed_commands(&mut self, cmd: &[u8], offset: usize, count: usize) -> redis::RedisResult<Vec<redis::Value>> {
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<redis::Value>> {
         match self {
             Link::One(c) => c.req_packed_commands(cmd, offset, count),
             Link::Cluster(r) => r.req_packed_commands(cmd, offset, count),
@@ -312,7 +319,11 @@ impl Keys {
     /// every key of the channel and its Pub/Sub channel share one slot.
     fn channel_key(&self, channel: &str, what: &str) -> String {
         if self.cluster {
-            format!("{}wsrelay:{{{}}}:{what}", self.key_prefix(), self.channel(channel))
+            format!(
+                "{}wsrelay:{{{}}}:{what}",
+                self.key_prefix(),
+                self.channel(channel)
+            )
         } else {
             format!("{}wsrelay:{{{channel}}}:{what}", self.prefix)
         }
@@ -325,7 +336,11 @@ impl Keys {
     }
     fn session(&self, id: &str) -> String {
         if self.cluster {
-            format!("{}wsrelay:session:{}", self.key_prefix(), cluster::encode_name(id))
+            format!(
+                "{}wsrelay:session:{}",
+                self.key_prefix(),
+                cluster::encode_name(id)
+            )
         } else {
             format!("{}wsrelay:session:{id}", self.prefix)
         }
@@ -346,7 +361,11 @@ impl Keys {
     }
     fn node(&self, id: &str) -> String {
         if self.cluster {
-            format!("{}wsrelay:{{nodes}}:node:{}", self.key_prefix(), cluster::encode_name(id))
+            format!(
+                "{}wsrelay:{{nodes}}:node:{}",
+                self.key_prefix(),
+                cluster::encode_name(id)
+            )
         } else {
             format!("{}wsrelay:node:{id}", self.prefix)
         }

@@ -441,10 +441,7 @@ impl NodesThread {
     /// more often than the backoff allows. An I/O failure gets one retry on a fresh connection
     /// (after a Redis restart the first command fails on the dead socket); everything here is
     /// safe to repeat.
-    fn with_con<T>(
-        &mut self,
-        mut f: impl FnMut(&mut Link) -> redis::RedisResult<T>,
-    ) -> Result<T, String> {
+    fn with_con<T>(&mut self, mut f: impl FnMut(&mut Link) -> redis::RedisResult<T>) -> Result<T, String> {
         if let Some(con) = &mut self.con {
             match f(con) {
                 Ok(v) => return Ok(v),

@@ -498,13 +498,17 @@ impl Publisher {
                 }
                 Outcome::Unknown(e) => {
                     if self.redis_stalled_log.allow() {
-                        warn!("redis cluster connection lost with a publish unanswered: {e}; outcome unknown, not delivered locally");
+                        warn!(
+                            "redis cluster connection lost with a publish unanswered: {e}; outcome unknown, not delivered locally"
+                        );
                     }
                     self.fail(vec![p], &e);
                 }
                 Outcome::NotSent(e) => {
                     if self.refused_log.allow() {
-                        warn!("redis cluster: a publish reached no primary: {e}; delivered to this node's clients only");
+                        warn!(
+                            "redis cluster: a publish reached no primary: {e}; delivered to this node's clients only"
+                        );
                     }
                     self.deliver_locally(vec![p]);
                 }

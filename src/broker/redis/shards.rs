@@ -189,13 +189,25 @@ impl ShardSubscriber {
         let wanted = self.routes.contains(&channel);
         if let Some((loop_id, generation)) = waiter {
             match self.subs.get(&name) {
-                Some(s) if s.confirmed => self.outbox.confirm(&self.redis.loops, loop_id, channel.clone(), generation),
-                Some(_) => self.awaiting.entry(name.clone()).or_default().push((loop_id, generation)),
+                Some(s) if s.confirmed => {
+                    self.outbox
+                        .confirm(&self.redis.loops, loop_id, channel.clone(), generation)
+                }
+                Some(_) => self
+                    .awaiting
+                    .entry(name.clone())
+                    .or_default()
+                    .push((loop_id, generation)),
                 // Offline: live as soon as routed; recovered once subscribed.
                 None if self.orphans.contains(&name) => {
-                    self.outbox.confirm(&self.redis.loops, loop_id, channel.clone(), generation)
+                    self.outbox
+                        .confirm(&self.redis.loops, loop_id, channel.clone(), generation)
                 }
-                None => self.awaiting.entry(name.clone()).or_default().push((loop_id, generation)),
+                None => self
+                    .awaiting
+                    .entry(name.clone())
+                    .or_default()
+                    .push((loop_id, generation)),
             }
         }
         if wanted && !self.subs.contains_key(&name) && !self.orphans.contains(&name) {
@@ -339,7 +351,9 @@ impl ShardSubscriber {
     /// Drops the connection to `addr`: its channels are subscribed again elsewhere (after a
     /// refresh) and their loops told of possible losses then.
     fn drop_link(&mut self, addr: &Addr, why: &str) {
-        let Some(link) = self.links.remove(addr) else { return };
+        let Some(link) = self.links.remove(addr) else {
+            return;
+        };
         let _ = link.writer.shutdown(std::net::Shutdown::Both);
         warn!(
             "redis cluster Pub/Sub connection to {}:{} lost: {why}; local delivery continues, its channels move to the slots' owner and offset-tracking clients recover what they missed",
@@ -359,7 +373,12 @@ impl ShardSubscriber {
 
     /// What a reader thread read, or why it stopped.
     fn event(&mut self, id: u64, e: Result<Value, String>) {
-        let Some(addr) = self.links.iter().find(|(_, l)| l.id == id).map(|(a, _)| a.clone()) else {
+        let Some(addr) = self
+            .links
+            .iter()
+            .find(|(_, l)| l.id == id)
+            .map(|(a, _)| a.clone())
+        else {
             return; // a connection already dropped
         };
         let v = match e {
@@ -381,7 +400,8 @@ impl ShardSubscriber {
         let kind = text(items.first()).unwrap_or_default().to_ascii_lowercase();
         match kind.as_str() {
             "smessage" | "message" => {
-                let (Some(name), Some(Value::BulkString(payload))) = (text(items.get(1)), items.get(2)) else {
+                let (Some(name), Some(Value::BulkString(payload))) = (text(items.get(1)), items.get(2))
+                else {
                     return;
                 };
                 if name == self.control_channel {
@@ -421,7 +441,10 @@ impl ShardSubscriber {
             {
                 // Redis ended the subscription itself: the slot was migrated away.
                 if self.subs.get(&name).is_some_and(|s| s.addr == *addr) && self.wanted(&name) {
-                    info!("redis cluster: {name:?} left {}:{} (slot migrated); subscribing on its new owner", addr.0, addr.1);
+                    info!(
+                        "redis cluster: {name:?} left {}:{} (slot migrated); subscribing on its new owner",
+                        addr.0, addr.1
+                    );
                     self.orphan(name, "slot migrated");
                 }
             }
@@ -572,7 +595,12 @@ impl ShardSubscriber {
 
 /// A connection's reader thread: parses what Redis sends and passes it on, until the
 /// connection ends (then says why) or this side stops listening.
-fn read_loop(id: u64, stream: TcpStream, mut parser: redis::Parser, tx: Sender<(u64, Result<Value, String>)>) {
+fn read_loop(
+    id: u64,
+    stream: TcpStream,
+    mut parser: redis::Parser,
+    tx: Sender<(u64, Result<Value, String>)>,
+) {
     let mut reader = std::io::BufReader::with_capacity(64 << 10, stream);
     loop {
         match parser.parse_value(&mut reader) {

@@ -217,7 +217,12 @@ impl Subscriber {
     fn route(&mut self, msg: &redis::Msg) {
         let name = msg.get_channel_name();
         if name == self.control_channel {
-            return command(&self.redis, &mut self.outbox, &mut self.drop_log, msg.get_payload_bytes());
+            return command(
+                &self.redis,
+                &mut self.outbox,
+                &mut self.drop_log,
+                msg.get_payload_bytes(),
+            );
         }
         let Some(channel) = self.redis.keys.channel_of(name) else {
             return;
