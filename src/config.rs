@@ -402,7 +402,24 @@ impl Config {
                     "--redis and --redis-cluster exclude each other: name one Redis or one cluster".into(),
                 );
             }
-            crate::broker::redis::cluster::Seeds::parse(seeds)?;
+            let urls: Vec<&str> = seeds
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
+            if urls.is_empty() {
+                return Err("--redis-cluster names no seed node".into());
+            }
+            for url in urls {
+                match redis::parse_redis_url(url) {
+                    Some(u) if u.scheme() == "redis" && u.host().is_some() => {}
+                    _ => {
+                        return Err(format!(
+                            "--redis-cluster seed {url:?} is not a redis://HOST:PORT URL"
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -434,5 +451,26 @@ mod tests {
             ..Config::default()
         };
         assert!(cfg.validate().unwrap_err().contains("--redis"));
+    }
+
+    #[test]
+    fn a_cluster_is_named_by_redis_urls_and_excludes_one_redis() {
+        let cluster = |seeds: &str| Config {
+            redis_cluster: Some(seeds.into()),
+            ..Config::default()
+        };
+        cluster("redis://a:7000, redis://:pw@b:7001").validate().unwrap();
+        assert!(cluster("").validate().unwrap_err().contains("no seed"));
+        assert!(
+            cluster("redis+unix:///tmp/r.sock")
+                .validate()
+                .unwrap_err()
+                .contains("redis://HOST:PORT")
+        );
+        let both = Config {
+            redis: Some("redis://x:6379".into()),
+            ..cluster("redis://a:7000")
+        };
+        assert!(both.validate().unwrap_err().contains("exclude each other"));
     }
 }
