@@ -14,7 +14,7 @@
 //!   reads and commands (published on the control channel, which the subscriber hears).
 //! - On a Redis Cluster (`--redis-cluster`): `cluster.rs` routes every command thread's work
 //!   to the primary of each key's slot (a [`cluster::Router`] per thread, used through
-//!   [`Link`] like a connection to one Redis), and `shards.rs` replaces `subscriber.rs`:
+//!   `Link` like a connection to one Redis), and `shards.rs` replaces `subscriber.rs`:
 //!   sharded Pub/Sub, one connection per primary.
 //!
 //! Redis data model, per channel `C` (with `--redis-prefix P`):
@@ -33,7 +33,7 @@
 //! Pub/Sub channel every node subscribes to: `P` + `wsrelay:control` (a name no client channel
 //! may take).
 //!
-//! In a cluster ([`Keys`] with `cluster`), `P` + `C` is written without braces
+//! In a cluster (`Keys` with `cluster`), `P` + `C` is written without braces
 //! ([`cluster::encode_name`]) and is the channel's shard channel (`SPUBLISH`); each channel key
 //! carries it whole as its hash tag (`wsrelay:{P+C}:meta`), so the keys and the shard channel
 //! share a slot. The meta hash also holds `gen`, the replication id of the primary that wrote it
