@@ -290,22 +290,29 @@ fn history_and_sessions_work_across_shards() {
     }
 }
 
-/// A v1 subscriber of `channel` collecting frames until the message `end`.
-fn collector(node: &Node, channel: &str) -> std::thread::JoinHandle<Vec<Value>> {
+/// Frames a collector received so far.
+type Frames = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
+/// A v1 subscriber of `channel` collecting frames (first its subscribe reply) until the
+/// message `end`; what it has so far is readable meanwhile.
+fn collector(node: &Node, channel: &str) -> (std::thread::JoinHandle<Vec<Value>>, Frames) {
     let mut c = V1::connect(node.addr, None).unwrap();
     let reply = c.subscribe(channel, None).unwrap();
     assert_eq!(reply["type"], "subscribed");
-    std::thread::spawn(move || {
-        let mut got = vec![reply];
+    let frames: Frames = Default::default();
+    frames.lock().unwrap().push(reply);
+    let shared = frames.clone();
+    let handle = std::thread::spawn(move || {
         loop {
             let v = c.next(Duration::from_secs(30)).expect("subscriber stalled");
             let end = v["type"] == "message" && v["data"] == "end";
-            got.push(v);
+            shared.lock().unwrap().push(v);
             if end {
-                return got;
+                return shared.lock().unwrap().clone();
             }
         }
-    })
+    });
+    (handle, frames)
 }
 
 /// A v1 publisher on `channel` publishing "1", "2", … until `stop`; returns what was
@@ -363,18 +370,33 @@ fn a_slot_migrated_live_keeps_its_subscribers() {
         });
     };
     after(50);
+    let mut publisher = Some(publisher);
+    let mut acked_list = Vec::new();
     cluster.migrate_slot(slot, from, to, || {
-        // The keys are on `to`, the slot still `from`'s: publishes are ASKed there.
+        // The keys are on `to`, the slot still `from`'s: publishes are ASKed there, and
+        // SPUBLISHed where nobody listens yet. They are the last ones.
         after(30);
+        stop.store(true, Ordering::Relaxed);
+        acked_list = publisher.take().unwrap().join().unwrap();
     });
-    after(50);
-    stop.store(true, Ordering::Relaxed);
-    let acked_list = publisher.join().unwrap();
+    assert_eq!(cluster.owner(slot), to, "the slot did not move");
+    // With nothing published since, only the move itself can tell the subscribers that they
+    // missed the last messages: they read them from the history on the new owner.
+    let last = acked_list.last().unwrap().clone();
+    for (_, frames) in &subs {
+        wait_for("the last acknowledged message", WAIT, || {
+            frames
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| m["offset"].as_u64() == Some(last.1) && m["data"] == last.2.as_str())
+                .then_some(())
+        });
+    }
     let mut p = V1::connect(a.addr, None).unwrap();
     assert_eq!(p.publish(&channel, "end").unwrap()["type"], "published");
-    assert_eq!(cluster.owner(slot), to, "the slot did not move");
 
-    for (i, s) in subs.into_iter().enumerate() {
+    for (i, (s, _)) in subs.into_iter().enumerate() {
         let got = s.join().unwrap();
         let messages: Vec<(String, u64, String)> = got
             .iter()
