@@ -13,21 +13,24 @@ use common::*;
 use serde_json::Value;
 use wsrelay_client::V1;
 
-/// Two wsrelay nodes on `cluster`, both healthy.
-fn nodes(cluster: &Cluster, extra: &[&str]) -> (Node, Node) {
+/// A wsrelay node on `cluster`, healthy.
+fn node(cluster: &Cluster, extra: &[&str]) -> Node {
     let seeds = cluster.seeds();
     let flags = [
         &["--redis-cluster", &seeds, "--redis-backoff-max", "300ms"][..],
         extra,
     ]
     .concat();
-    let (a, b) = (Node::start(&flags), Node::start(&flags));
-    for n in [&a, &b] {
-        wait_for("/healthz 200", WAIT, || {
-            (n.http_get("/healthz").0 == 200).then_some(())
-        });
-    }
-    (a, b)
+    let n = Node::start(&flags);
+    wait_for("/healthz 200", WAIT, || {
+        (n.http_get("/healthz").0 == 200).then_some(())
+    });
+    n
+}
+
+/// Two wsrelay nodes on `cluster`, both healthy.
+fn nodes(cluster: &Cluster, extra: &[&str]) -> (Node, Node) {
+    (node(cluster, extra), node(cluster, extra))
 }
 
 /// The next message frame of a v1 client (skipping anything else).
@@ -357,6 +360,8 @@ fn a_slot_migrated_live_keeps_its_subscribers() {
     let to = *cluster.primaries().iter().find(|&&p| p != from).unwrap();
     let slot = cluster.keyslot(&channel);
     let subs = [collector(&a, &channel), collector(&b, &channel)];
+    // A third node with nobody on the channel: Redis has no reason to tell it of the move.
+    let c = node(&cluster, &[]);
     let mut raw = a.client(&format!("/{channel}"));
     raw.sync("raw-ready", WAIT).unwrap();
 
@@ -393,8 +398,13 @@ fn a_slot_migrated_live_keeps_its_subscribers() {
                 .then_some(())
         });
     }
+    // Its slot map is stale: its first subscription goes to the old owner, is answered MOVED,
+    // and follows the slot.
+    let mut late = V1::connect(c.addr, None).unwrap();
+    assert_eq!(late.subscribe(&channel, None).unwrap()["type"], "subscribed");
     let mut p = V1::connect(a.addr, None).unwrap();
     assert_eq!(p.publish(&channel, "end").unwrap()["type"], "published");
+    assert_eq!(late.message(WAIT).unwrap()["data"], "end");
 
     for (i, (s, _)) in subs.into_iter().enumerate() {
         let got = s.join().unwrap();
