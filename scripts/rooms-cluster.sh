@@ -58,6 +58,13 @@ run_one() { # mode rate
   nice -n 10 taskset -c 1 "$B/wsrelay-load" --url "ws://127.0.0.1:$sp/r" -n $((2 * ROOMS)) -k "$ROOMS" \
     --rate "$rate" --size 64 --warmup 2s --duration "${SECS}s" --drain "$DRAIN" --server-pid "$pid" \
     --json > "$OUT/run.json" 2>"$OUT/load.log" || true
+  # Threads of the server (CPU seconds), and reads paused by a full publish queue.
+  local threads
+  threads=$(for t in /proc/"$pid"/task/*; do echo "$(cat "$t/comm") $(awk '{print $14 + $15}' "$t/stat")"; done |
+    awk -v hz="$(getconf CLK_TCK)" '$2 > 0 {s[$1] += $2} END {for (k in s) printf "%s=%.2fs ", k, s[k] / hz}')
+  local pauses
+  pauses=$( (exec 3<>/dev/tcp/127.0.0.1/"$sp" && printf 'GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n' >&3 && cat <&3) |
+    awk '/^wsrelay_publish_pauses_total/ {s += $2} END {print s + 0}')
   local per=""
   for i in "${!ports[@]}"; do
     local p=${ports[$i]} c1 n1
@@ -65,6 +72,7 @@ run_one() { # mode rate
     per+="$p:$(echo "${c0[$i]} $c1 $n1" | awk '{printf "%d calls %.2f us/call", $3, ($2-$1)*1e6/($3>0?$3:1)}') "
   done
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  echo "  server threads: $threads publish pauses: $pauses" >&2
   python3 - "$OUT/run.json" "$mode" "$rate" "$per" <<'PY'
 import json, re, sys
 f, mode, rate, per = sys.argv[1:]
