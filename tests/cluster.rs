@@ -109,6 +109,17 @@ fn delivery_crosses_nodes_on_every_shard_raw_and_v1() {
         recv_until(&mut on_b, "from the backend");
     }
 
+    // Without history, a publish is a plain SPUBLISH on the channel's shard.
+    let plain = node(&cluster, &["--history-size", "0"]);
+    for (channel, _) in &channels {
+        let mut on_a = a.client(&format!("/{channel}"));
+        on_a.sync("ready", WAIT).unwrap();
+        let mut from_plain = plain.client(&format!("/{channel}"));
+        from_plain.sync("plain-ready", WAIT).unwrap();
+        from_plain.send_text("no history").unwrap();
+        recv_until(&mut on_a, "no history");
+    }
+
     // Channels with braces keep to themselves: "{x}" and "y{x}" would share a hash tag if
     // their names were used as is.
     let mut one = V1::connect(a.addr, None).unwrap();

@@ -432,6 +432,7 @@ impl Router {
                     None => groups.push((addr, vec![(i, asking)])),
                 };
             let mut all = Vec::new();
+            let mut unserved = false;
             for (i, ask) in todo.drain(..) {
                 if let Some(addr) = ask {
                     push(addr, i, true);
@@ -441,6 +442,7 @@ impl Router {
                     Target::Slot(s) => match self.map.owner(s) {
                         Some(a) => push(a.clone(), i, false),
                         None => {
+                            unserved = true;
                             outcomes[i] =
                                 Some(Outcome::NotSent(format!("no redis cluster node serves slot {s}")))
                         }
@@ -456,7 +458,7 @@ impl Router {
                 outcomes[i] = Some(self.on_every_primary(&commands[i]));
             }
             // Send every group, then read every group.
-            let mut refresh = false;
+            let mut refresh = unserved;
             let mut wait = false;
             let mut sent = Vec::new();
             for (addr, group) in groups {

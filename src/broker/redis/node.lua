@@ -1,4 +1,4 @@
--- A node's heartbeat in the registry of live nodes (wsrelay, src/broker/redis/cluster.rs).
+-- A node's heartbeat in the registry of live nodes (wsrelay, src/broker/redis/nodes.rs).
 -- KEYS[1] the registry: a sorted set, node id -> last heartbeat (ms, Redis's clock);
 -- KEYS[2] this node's info: a hash; KEYS[3] this node's channels: a hash, channel -> local
 -- subscribers (written by the caller, which only sends what changed).

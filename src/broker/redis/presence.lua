@@ -1,8 +1,9 @@
--- The presence of one channel (wsrelay, src/broker/redis/cluster.rs).
+-- The presence of one channel (wsrelay, src/broker/redis/nodes.rs).
 -- KEYS[1] entries: a hash, client id -> entry (JSON); KEYS[2] expiries: a sorted set, client id
 -- -> when the entry expires (ms, Redis's clock: one clock for every node).
 -- ARGV: 1 operation; 2 where the channel's join and leave events go: "" when it has none, else
---       "P" (PUBLISH) or "S" (SPUBLISH, in a Redis Cluster) followed by the Pub/Sub channel; 3 an entry's time to live (ms: its node refreshes it every third of it).
+--       "P" (PUBLISH) or "S" (SPUBLISH, in a Redis Cluster) followed by the Pub/Sub channel;
+--       3 an entry's time to live (ms: its node refreshes it every third of it).
 --   "add"     4 most entries, 5 client id, 6 entry. Returns 1 added, 2 already there (entry
 --             replaced), 0 full (not added).
 --   "remove"  4 client id. Returns 1 removed, 0 not there.

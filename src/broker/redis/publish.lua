@@ -10,7 +10,8 @@
 --       replication ids (master_replid and master_replid2 of INFO replication).
 -- Returns {offset, epoch}.
 --
--- Every call here costs Redis CPU, so the common case is four: HINCRBY, HGET, XADD, PUBLISH.
+-- Every call here costs Redis CPU, so the common case is four: HINCRBY, HGET, XADD, PUBLISH
+-- (five in a cluster: the HGET of `gen` below).
 -- The offset is bumped first: its reply says nothing of the epoch, so the epoch is read next,
 -- and only a missing epoch (new, expired or lost history: HINCRBY just created the hash)
 -- creates one, from Redis's clock, so nothing random is sent per publish. The stream is trimmed
