@@ -194,11 +194,7 @@ impl EventLoop {
     /// Stops accepting (both listeners): the balancer sees refused connections from now on (and the kernel
     /// hands new connections to other processes sharing the port, if any).
     fn close_listener(&mut self) {
-        for l in &mut self.listeners {
-            if let Some(mut l) = l.take() {
-                let _ = self.poll.registry().deregister(&mut l);
-            }
-        }
+        self.acceptor.close(self.poll.registry());
     }
 
     /// Closes one client of a draining node (see the module documentation): it leaves its
