@@ -306,6 +306,22 @@ enum Target {
     All,
 }
 
+/// The commands of one node in a round of [`Router::run`], in order: (command index, sent
+/// after ASKING).
+type Group = (Addr, Vec<(usize, bool)>);
+
+/// The state of [`Router::run`] between rounds.
+struct Round {
+    /// What became of each command, once decided.
+    outcomes: Vec<Option<Outcome>>,
+    /// Commands for the next round: (command index, ASK target).
+    todo: Vec<(usize, Option<Addr>)>,
+    /// Learn the slot map again before the next round.
+    refresh: bool,
+    /// Pause before the next round (TRYAGAIN, CLUSTERDOWN).
+    wait: bool,
+}
+
 /// What became of one command sent by [`Router::run`].
 #[derive(Debug)]
 pub enum Outcome {
@@ -415,136 +431,147 @@ impl Router {
     /// every primary gets its share before any answer is read. Answers come back in the order
     /// of `commands`.
     pub fn run(&mut self, commands: &[Vec<&[u8]>]) -> Vec<Outcome> {
-        let mut outcomes: Vec<Option<Outcome>> = (0..commands.len()).map(|_| None).collect();
-        // (command index, ASK target)
-        let mut todo: Vec<(usize, Option<Addr>)> = (0..commands.len()).map(|i| (i, None)).collect();
+        let mut round = Round {
+            outcomes: (0..commands.len()).map(|_| None).collect(),
+            todo: (0..commands.len()).map(|i| (i, None)).collect(),
+            refresh: false,
+            wait: false,
+        };
         let mut pause = RETRY_PAUSE;
         for attempt in 0..ATTEMPTS {
-            if todo.is_empty() {
+            if round.todo.is_empty() {
                 break;
             }
-            let last = attempt + 1 == ATTEMPTS;
-            // Per node, in order: (command index, asking).
-            let mut groups: Vec<(Addr, Vec<(usize, bool)>)> = Vec::new();
-            let mut push =
-                |addr: Addr, i: usize, asking: bool| match groups.iter_mut().find(|(a, _)| *a == addr) {
-                    Some((_, g)) => g.push((i, asking)),
-                    None => groups.push((addr, vec![(i, asking)])),
-                };
-            let mut all = Vec::new();
-            let mut unserved = false;
-            for (i, ask) in todo.drain(..) {
-                if let Some(addr) = ask {
-                    push(addr, i, true);
-                    continue;
-                }
-                match target(&commands[i]) {
-                    Target::Slot(s) => match self.map.owner(s) {
-                        Some(a) => push(a.clone(), i, false),
-                        None => {
-                            unserved = true;
-                            outcomes[i] =
-                                Some(Outcome::NotSent(format!("no redis cluster node serves slot {s}")))
-                        }
-                    },
-                    Target::Any => match self.map.primaries().first() {
-                        Some(a) => push(a.clone(), i, false),
-                        None => outcomes[i] = Some(Outcome::NotSent("no redis cluster primary known".into())),
-                    },
-                    Target::All => all.push(i),
-                }
-            }
-            for i in all {
-                outcomes[i] = Some(self.on_every_primary(&commands[i]));
-            }
-            // Send every group, then read every group.
-            let mut refresh = unserved;
-            let mut wait = false;
-            let mut sent = Vec::new();
-            for (addr, group) in groups {
-                let packed = self.pack(&addr, commands, &group);
-                let result =
-                    packed.and_then(|p| self.node(&addr).and_then(|n| n.con.send_packed_command(&p)));
-                match result {
-                    Ok(()) => sent.push((addr, group)),
-                    Err(e) => {
-                        // A failed write may have sent part of the pipeline: only a failed
-                        // connect is sure not to have.
-                        let unknown = self.cons.contains_key(&addr);
-                        self.drop_node(&addr);
-                        // A primary that cannot be reached may have been replaced.
-                        refresh = true;
-                        for (i, _) in group {
-                            outcomes[i] = Some(if unknown {
-                                Outcome::Unknown(e.to_string())
-                            } else {
-                                Outcome::NotSent(e.to_string())
-                            });
-                        }
-                    }
-                }
-            }
-            for (addr, group) in sent {
-                let mut lost: Option<String> = None;
-                for (i, asking) in group {
-                    if let Some(e) = &lost {
-                        outcomes[i] = Some(Outcome::Unknown(e.clone()));
-                        continue;
-                    }
-                    let con = &mut self.cons.get_mut(&addr).expect("sent on it").con;
-                    let answer = if asking {
-                        con.recv_response().and_then(|_| con.recv_response())
-                    } else {
-                        con.recv_response()
-                    };
-                    let v = match answer {
-                        Ok(v) => v,
-                        Err(e) => {
-                            lost = Some(e.to_string());
-                            outcomes[i] = Some(Outcome::Unknown(e.to_string()));
-                            continue;
-                        }
-                    };
-                    match redirection(&v) {
-                        Some(Redirect::Moved(_)) if !last => {
-                            refresh = true;
-                            todo.push((i, None));
-                        }
-                        Some(Redirect::Ask(to)) if !last => todo.push((i, Some(to))),
-                        Some(Redirect::Wait) if !last => {
-                            refresh = true;
-                            wait = true;
-                            todo.push((i, None));
-                        }
-                        Some(Redirect::NoScript) if !last => {
-                            // The node lost the scripts (restart, SCRIPT FLUSH): load them again.
-                            for s in &self.scripts {
-                                let _ = s.prepare_invoke().load(con);
-                            }
-                            todo.push((i, None));
-                        }
-                        _ => outcomes[i] = Some(Outcome::Answer(v)),
-                    }
-                }
-                if lost.is_some() {
-                    self.drop_node(&addr);
-                    refresh = true;
-                }
+            let groups = self.group(commands, &mut round);
+            for (addr, group) in self.send(commands, groups, &mut round) {
+                self.read(&addr, group, attempt + 1 == ATTEMPTS, &mut round);
             }
             // Keep the order of the retried commands.
-            todo.sort_by_key(|(i, _)| *i);
-            if wait && !todo.is_empty() {
+            round.todo.sort_by_key(|(i, _)| *i);
+            if round.wait && !round.todo.is_empty() {
                 std::thread::sleep(pause);
                 pause *= 2;
             }
-            if refresh {
+            if round.refresh {
                 self.refresh_soon();
             }
+            (round.refresh, round.wait) = (false, false);
         }
-        outcomes
+        round
+            .outcomes
             .into_iter()
             .map(|o| o.unwrap_or_else(|| Outcome::NotSent("not attempted".into())))
             .collect()
+    }
+
+    /// The commands of this round per node, in order; keyless commands for every primary are
+    /// run here, and those whose slot has no primary are decided (not sent).
+    fn group(&mut self, commands: &[Vec<&[u8]>], round: &mut Round) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
+        let mut push = |addr: Addr, i: usize, asking: bool| match groups.iter_mut().find(|(a, _)| *a == addr)
+        {
+            Some((_, g)) => g.push((i, asking)),
+            None => groups.push((addr, vec![(i, asking)])),
+        };
+        let mut all = Vec::new();
+        for (i, ask) in round.todo.drain(..) {
+            if let Some(addr) = ask {
+                push(addr, i, true);
+                continue;
+            }
+            match target(&commands[i]) {
+                Target::Slot(s) => match self.map.owner(s) {
+                    Some(a) => push(a.clone(), i, false),
+                    None => {
+                        round.refresh = true;
+                        round.outcomes[i] =
+                            Some(Outcome::NotSent(format!("no redis cluster node serves slot {s}")));
+                    }
+                },
+                Target::Any => match self.map.primaries().first() {
+                    Some(a) => push(a.clone(), i, false),
+                    None => {
+                        round.outcomes[i] = Some(Outcome::NotSent("no redis cluster primary known".into()))
+                    }
+                },
+                Target::All => all.push(i),
+            }
+        }
+        for i in all {
+            round.outcomes[i] = Some(self.on_every_primary(&commands[i]));
+        }
+        groups
+    }
+
+    /// Writes every group's pipeline to its node; returns the groups sent. A group whose node
+    /// cannot be reached is decided: not sent when the connection could not be opened, outcome
+    /// unknown when a write on an open one failed (part of it may have gone).
+    fn send(&mut self, commands: &[Vec<&[u8]>], groups: Vec<Group>, round: &mut Round) -> Vec<Group> {
+        let mut sent = Vec::new();
+        for (addr, group) in groups {
+            let packed = self.pack(&addr, commands, &group);
+            match packed.and_then(|p| self.node(&addr).and_then(|n| n.con.send_packed_command(&p))) {
+                Ok(()) => sent.push((addr, group)),
+                Err(e) => {
+                    let unknown = self.cons.contains_key(&addr);
+                    self.drop_node(&addr);
+                    // A primary that cannot be reached may have been replaced.
+                    round.refresh = true;
+                    for (i, _) in group {
+                        round.outcomes[i] = Some(if unknown {
+                            Outcome::Unknown(e.to_string())
+                        } else {
+                            Outcome::NotSent(e.to_string())
+                        });
+                    }
+                }
+            }
+        }
+        sent
+    }
+
+    /// Reads a sent group's answers, in order: each one decides its command, or sends it to
+    /// the next round (a redirection, unless this is the `last` round). A lost connection
+    /// leaves the rest of the group unknown.
+    fn read(&mut self, addr: &Addr, group: Vec<(usize, bool)>, last: bool, round: &mut Round) {
+        for (n, &(i, asking)) in group.iter().enumerate() {
+            let con = &mut self.cons.get_mut(addr).expect("sent on it").con;
+            let answer = if asking {
+                con.recv_response().and_then(|_| con.recv_response())
+            } else {
+                con.recv_response()
+            };
+            let v = match answer {
+                Ok(v) => v,
+                Err(e) => {
+                    for &(j, _) in &group[n..] {
+                        round.outcomes[j] = Some(Outcome::Unknown(e.to_string()));
+                    }
+                    self.drop_node(addr);
+                    round.refresh = true;
+                    return;
+                }
+            };
+            match redirection(&v) {
+                Some(Redirect::Moved(_)) if !last => {
+                    round.refresh = true;
+                    round.todo.push((i, None));
+                }
+                Some(Redirect::Ask(to)) if !last => round.todo.push((i, Some(to))),
+                Some(Redirect::Wait) if !last => {
+                    (round.refresh, round.wait) = (true, true);
+                    round.todo.push((i, None));
+                }
+                Some(Redirect::NoScript) if !last => {
+                    // The node lost the scripts (restart, SCRIPT FLUSH): load them again.
+                    for s in &self.scripts {
+                        let _ = s.prepare_invoke().load(con);
+                    }
+                    round.todo.push((i, None));
+                }
+                _ => round.outcomes[i] = Some(Outcome::Answer(v)),
+            }
+        }
     }
 
     /// A keyless command on every primary: the first answer, or the first failure.
