@@ -388,7 +388,7 @@ impl ShardSubscriber {
         let items = match v {
             Value::Array(items) => items,
             Value::Push { data, .. } => data,
-            Value::SimpleString(s) if s == "PONG" => return self.answered(&addr, "pong", None, None),
+            Value::SimpleString(s) if s == "PONG" => return self.answered(&addr, "pong", None),
             Value::ServerError(e) => return self.refused(&addr, &e),
             other => return debug!("redis cluster: unexpected {other:?} on a Pub/Sub connection"),
         };
@@ -420,14 +420,14 @@ impl ShardSubscriber {
             }
             "ssubscribe" | "sunsubscribe" | "pong" => {
                 let name = text(items.get(1));
-                self.answered(&addr, &kind, name, Some(()));
+                self.answered(&addr, &kind, name);
             }
             _ => debug!("redis cluster: unexpected {kind:?} on a Pub/Sub connection"),
         }
     }
 
     /// An answer (or, for `sunsubscribe`, perhaps a notice) on the connection to `addr`.
-    fn answered(&mut self, addr: &Addr, kind: &str, name: Option<String>, _: Option<()>) {
+    fn answered(&mut self, addr: &Addr, kind: &str, name: Option<String>) {
         let link = self.links.get_mut(addr).expect("event of a live link");
         let ours = match (link.sent.front(), kind, &name) {
             (Some(Sent::Subscribe(n)), "ssubscribe", Some(m)) => n == m,
