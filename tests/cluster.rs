@@ -143,6 +143,39 @@ fn delivery_crosses_nodes_on_every_shard_raw_and_v1() {
 }
 
 #[test]
+fn a_cluster_with_a_password_serves_every_shard() {
+    let cluster = Cluster::start_with_password("cluster-secret-1");
+    // One node logs in with the password alone, the other as an ACL user.
+    let a = node(&cluster, &[]);
+    let port = |i: usize| cluster.nodes[i].port;
+    let as_user = format!(
+        "redis://default:cluster-secret-1@127.0.0.1:{},redis://default:cluster-secret-1@127.0.0.1:{}",
+        port(0),
+        port(1)
+    );
+    let b = Node::start(&["--redis-cluster", &as_user]);
+    wait_for("/healthz 200", WAIT, || {
+        (b.http_get("/healthz").0 == 200).then_some(())
+    });
+    for (channel, _) in cluster.channels_on_every_primary("locked", 1) {
+        let mut raw = b.client(&format!("/{channel}"));
+        raw.sync("ready", WAIT).unwrap();
+        let mut sub = V1::connect(a.addr, None).unwrap();
+        sub.subscribe(&channel, None).unwrap();
+        let mut publ = V1::connect(b.addr, None).unwrap();
+        assert_eq!(
+            publ.publish(&channel, "behind a password").unwrap()["type"],
+            "published"
+        );
+        assert_eq!(message(&mut sub)["data"], "behind a password");
+        recv_until(&mut raw, "behind a password");
+    }
+    // Without the password, a node refuses to start.
+    let bare = format!("redis://127.0.0.1:{}", port(0));
+    refuses_to_start(&["--redis-cluster", &bare], &[], "cannot reach the Redis Cluster");
+}
+
+#[test]
 fn presence_events_and_the_server_api_work_on_a_cluster() {
     const KEY: &str = "cluster-test-api-key";
     const SECRET: &str = "0123456789abcdef0123456789abcdef-test";

@@ -38,6 +38,8 @@ pub struct Cluster {
     /// Every node, primaries and replicas, in start order.
     pub nodes: Vec<ClusterNode>,
     dir: PathBuf,
+    /// `requirepass` (and `masterauth`) of every node, if any.
+    password: Option<String>,
 }
 
 impl Cluster {
@@ -45,6 +47,17 @@ impl Cluster {
     /// every node reports the cluster ok.
     #[track_caller]
     pub fn start() -> Cluster {
+        Self::start_with(None)
+    }
+
+    /// Like [`Cluster::start`], every node requiring `password` (clients and replicas alike).
+    #[track_caller]
+    pub fn start_with_password(password: &str) -> Cluster {
+        Self::start_with(Some(password))
+    }
+
+    #[track_caller]
+    fn start_with(password: Option<&str>) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "wsrelay-cluster-{}-{}",
             std::process::id(),
@@ -54,6 +67,7 @@ impl Cluster {
         let mut cluster = Cluster {
             nodes: Vec::new(),
             dir,
+            password: password.map(str::to_owned),
         };
         for _ in 0..6 {
             let node = cluster.launch_node();
@@ -64,7 +78,11 @@ impl Cluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(pw) = password {
+            create.args(["-a", pw, "--no-auth-warning"]);
+        }
+        let out = create
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -95,7 +113,11 @@ impl Cluster {
         for _ in 0..5 {
             let (port, bus) = (unused_port(), unused_port());
             let conf = self.dir.join(format!("nodes-{port}.conf"));
-            let mut child = command("redis-server", None)
+            let mut cmd = command("redis-server", None);
+            if let Some(pw) = &self.password {
+                cmd.args(["--requirepass", pw, "--masterauth", pw]);
+            }
+            let mut child = cmd
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--cluster-port", &bus.to_string()])
                 .args(["--cluster-enabled", "yes"])
@@ -120,7 +142,7 @@ impl Cluster {
                 if let Ok(Some(status)) = child.try_wait() {
                     break Err(format!("exited with {status}"));
                 }
-                if server_pid(port) == Some(pid) {
+                if server_pid(&self.url(port)) == Some(pid) {
                     break Ok(());
                 }
                 if Instant::now() > deadline {
@@ -144,17 +166,26 @@ impl Cluster {
         panic!("a cluster node did not start: {failures:?}");
     }
 
-    /// The seed list for `--redis-cluster`: the first two nodes.
+    /// The seed list for `--redis-cluster`: the first two nodes (with the password, if any).
     pub fn seeds(&self) -> String {
         format!(
-            "redis://127.0.0.1:{},redis://127.0.0.1:{}",
-            self.nodes[0].port, self.nodes[1].port
+            "{},{}",
+            self.url(self.nodes[0].port),
+            self.url(self.nodes[1].port)
         )
+    }
+
+    /// `redis://[:PASSWORD@]127.0.0.1:PORT`
+    pub fn url(&self, port: u16) -> String {
+        match &self.password {
+            Some(pw) => format!("redis://:{pw}@127.0.0.1:{port}"),
+            None => format!("redis://127.0.0.1:{port}"),
+        }
     }
 
     /// A connection to the node on `port`.
     pub fn con(&self, port: u16) -> redis::Connection {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        let client = redis::Client::open(self.url(port)).unwrap();
         let con = client
             .get_connection_with_timeout(Duration::from_secs(1))
             .unwrap();
@@ -163,7 +194,7 @@ impl Cluster {
     }
 
     fn try_con(&self, port: u16) -> Option<redis::Connection> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+        let client = redis::Client::open(self.url(port)).ok()?;
         let con = client
             .get_connection_with_timeout(Duration::from_millis(300))
             .ok()?;
@@ -396,16 +427,12 @@ impl Cluster {
             if keys.is_empty() {
                 break;
             }
-            redis::cmd("MIGRATE")
-                .arg("127.0.0.1")
-                .arg(to)
-                .arg("")
-                .arg(0)
-                .arg(5000)
-                .arg("KEYS")
-                .arg(&keys)
-                .query::<()>(&mut src)
-                .unwrap();
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate.arg("127.0.0.1").arg(to).arg("").arg(0).arg(5000);
+            if let Some(pw) = &self.password {
+                migrate.arg("AUTH").arg(pw);
+            }
+            migrate.arg("KEYS").arg(&keys).query::<()>(&mut src).unwrap();
         }
         between();
         setslot(&mut dst, "NODE", &to_id);
@@ -435,9 +462,9 @@ impl Drop for Cluster {
     }
 }
 
-/// The pid of the server answering on `port`, if any.
-fn server_pid(port: u16) -> Option<u32> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+/// The pid of the server answering at `url`, if any.
+fn server_pid(url: &str) -> Option<u32> {
+    let client = redis::Client::open(url).ok()?;
     let mut con = client
         .get_connection_with_timeout(Duration::from_millis(200))
         .ok()?;
