@@ -9,6 +9,10 @@
 //! only, counted and logged: nothing queues up without bound while Redis is away. What Redis
 //! answers with an error (out of memory, read-only) was not applied: it is reported to its
 //! publisher as refused, delivered nowhere, and the connection is kept.
+//!
+//! On a Redis Cluster the same thread routes each batch through a [`Router`]: split per
+//! primary (by each channel's slot), every primary's share pipelined and sent before any answer
+//! is read, one batch at a time, `SPUBLISH` inside the script ([`Publisher::run_cluster`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::LazyLock;
