@@ -405,6 +405,13 @@ fn history_on_demand_newest_after_a_position_and_over_http() {
         );
         let h = c.history("news", Some(2), Some((6, &epoch))).unwrap();
         assert_eq!((offsets(&h), h["more"].as_bool()), (vec![7, 8], Some(true)));
+        // A limit of 0: the position alone, newest or after a position, and over HTTP.
+        let h = c.history("news", Some(0), None).unwrap();
+        assert_eq!((offsets(&h), h["offset"].as_u64()), (vec![], Some(10)), "{h}");
+        let h = c.history("news", Some(0), Some((6, &epoch))).unwrap();
+        assert_eq!((offsets(&h), h["offset"].as_u64()), (vec![], Some(10)), "{h}");
+        let (status, h) = s.api(1).history("news", Some(0), None).unwrap();
+        assert_eq!((status, offsets(&h)), (200, vec![]), "{h}");
         // A stale epoch, or a position the history no longer covers, says so.
         let h = c.history("news", None, Some((6, "some-old-epoch"))).unwrap();
         assert_eq!(
