@@ -180,7 +180,10 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
     const KEY: &str = "cluster-test-api-key";
     const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
     let cluster = Cluster::start();
+    // A prefix with braces: in Redis it is app%7B1%7D: (keys and shard channels alike).
     let flags = [
+        "--redis-prefix",
+        "app{1}:",
         "--api-key",
         KEY,
         "--token-secret",
@@ -201,10 +204,10 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
         };
         wsrelay::auth::mint(SECRET.as_bytes(), &claims)
     };
-    let channels = cluster.channels_on_every_primary("pres", 1);
+    let channels = cluster.channels_on_every_primary_after("app%7B1%7D:", "pres", 1);
     let mut on_a = V1::connect_with(a.addr, None, Some(&token("u1"))).unwrap();
     let mut on_b = V1::connect_with(b.addr, None, Some(&token("u2"))).unwrap();
-    for (c, _) in &channels {
+    for (c, primary) in &channels {
         on_a.subscribe(c, None).unwrap();
         // The join of b's client reaches a's, through the channel's shard.
         on_b.subscribe(c, None).unwrap();
@@ -227,6 +230,12 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
             ids.sort();
             (ids == want).then_some(())
         });
+        let key = format!("app%7B1%7D:wsrelay:{{app%7B1%7D:{c}}}:presence");
+        let here: u64 = redis::cmd("EXISTS")
+            .arg(&key)
+            .query(&mut cluster.con(*primary))
+            .unwrap();
+        assert_eq!(here, 1, "{key} not on {primary}");
     }
     // The node registry (one slot) and the channel counts of every node.
     let api = Api::new(a.addr, KEY);

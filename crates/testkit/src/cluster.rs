@@ -327,6 +327,17 @@ impl Cluster {
     /// Channel names (no prefix) whose slots are served by each primary in turn, `per_primary`
     /// of them per primary, named `{stem}-N`: channels spread over every shard.
     pub fn channels_on_every_primary(&self, stem: &str, per_primary: usize) -> Vec<(String, u16)> {
+        self.channels_on_every_primary_after("", stem, per_primary)
+    }
+
+    /// Like [`Cluster::channels_on_every_primary`], for shard channels named `prefix` + the
+    /// channel (`prefix` as it is in Redis: a `--redis-prefix` with braces is encoded).
+    pub fn channels_on_every_primary_after(
+        &self,
+        prefix: &str,
+        stem: &str,
+        per_primary: usize,
+    ) -> Vec<(String, u16)> {
         let ranges = self.slot_ranges();
         let owner = |slot: u16| {
             ranges
@@ -342,7 +353,7 @@ impl Cluster {
             let name = format!("{stem}-{i}");
             let slot: u16 = redis::cmd("CLUSTER")
                 .arg("KEYSLOT")
-                .arg(&name)
+                .arg(format!("{prefix}{name}"))
                 .query(&mut con)
                 .unwrap();
             let p = owner(slot).expect("every slot served");
