@@ -340,3 +340,45 @@ fn a_promoted_replica_that_missed_acknowledged_publishes_starts_a_new_epoch() {
         .collect();
     assert!(data.ends_with(&["11", "12", "13", "14", "end"]), "{data:?}");
 }
+
+#[test]
+fn a_manual_failover_moves_publishes_and_subscriptions_to_the_new_primary() {
+    let cluster = Cluster::start();
+    let (a, b) = nodes(&cluster);
+    let (channel, primary) = cluster.channels_on_every_primary("handover", 1).remove(0);
+    let replica = cluster.replica_of(primary);
+    let subs = [collector(&a, &channel), collector(&b, &channel)];
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let publisher = steady_publisher(&b, &channel, stop.clone(), count.clone());
+    let after = |n: u64| {
+        let at = count.load(Ordering::Relaxed);
+        wait_for("publishes acknowledged", Duration::from_secs(20), || {
+            (count.load(Ordering::Relaxed) >= at + n).then_some(())
+        });
+    };
+    after(50);
+    // The replica takes over in agreement with its primary (which becomes its replica).
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut cluster.con(replica))
+        .unwrap();
+    wait_for("the replica promoted", Duration::from_secs(20), || {
+        (cluster.role(replica).as_deref() == Some("master")).then_some(())
+    });
+    // Publishes follow (MOVED), and so do the subscriptions (the old primary drops them).
+    after(50);
+    stop.store(true, Ordering::Relaxed);
+    let acked = publisher.join().unwrap();
+    end(&a, &channel);
+    for (name, s) in ["a", "b"].into_iter().zip(subs) {
+        let got = s.join().unwrap();
+        let gaps = check(name, &got, &acked);
+        eprintln!("{name}: {} acknowledged; gaps told: {gaps:?}", acked.len());
+    }
+    for n in [&a, &b] {
+        wait_for("/healthz 200", WAIT, || {
+            (n.http_get("/healthz").0 == 200).then_some(())
+        });
+    }
+}
