@@ -382,3 +382,56 @@ fn a_manual_failover_moves_publishes_and_subscriptions_to_the_new_primary() {
         });
     }
 }
+
+#[test]
+fn a_paused_primary_does_not_hold_up_the_other_shards() {
+    // A long node timeout: the paused primary stays a primary for the whole test.
+    let cluster = Cluster::start_with_node_timeout(30_000);
+    let (a, _b) = nodes(&cluster);
+    let channels = cluster.channels_on_every_primary("paused", 1);
+    let (stuck, paused) = channels[0].clone();
+    let free = channels[1].0.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (n_stuck, n_free) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let publishers = [
+        steady_publisher(&a, &stuck, stop.clone(), n_stuck.clone()),
+        steady_publisher(&a, &free, stop.clone(), n_free.clone()),
+    ];
+    wait_for("both channels published on", WAIT, || {
+        (n_stuck.load(Ordering::Relaxed) >= 20 && n_free.load(Ordering::Relaxed) >= 20).then_some(())
+    });
+    cluster.signal(paused, libc::SIGSTOP);
+    let before = n_free.load(Ordering::Relaxed);
+    // Six seconds of a primary that accepts connections and answers nothing, under traffic.
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let during = n_free.load(Ordering::Relaxed) - before;
+    eprintln!("{during} publishes acknowledged on another shard during the pause");
+    cluster.signal(paused, libc::SIGCONT);
+    stop.store(true, Ordering::Relaxed);
+    for p in publishers {
+        p.join().unwrap();
+    }
+    // Each publish waiting out the command timeout on the paused primary would allow a
+    // handful (one per 2 s); skipping it after its first timeout lets the other shard go on.
+    assert!(
+        during > 100,
+        "only {during} publishes acknowledged on another shard in 6 s"
+    );
+    // It answers again: publishing on its slots resumes.
+    let at = n_stuck.load(Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let again = steady_publisher(&a, &stuck, stop.clone(), n_stuck.clone());
+    wait_for(
+        "publishes on the resumed primary",
+        Duration::from_secs(40),
+        || (n_stuck.load(Ordering::Relaxed) >= at + 20).then_some(()),
+    );
+    stop.store(true, Ordering::Relaxed);
+    again.join().unwrap();
+    wait_for("/healthz 200", Duration::from_secs(20), || {
+        (a.http_get("/healthz").0 == 200).then_some(())
+    });
+}

@@ -40,6 +40,7 @@ pub struct Cluster {
     dir: PathBuf,
     /// `requirepass` (and `masterauth`) of every node, if any.
     password: Option<String>,
+    node_timeout_ms: u64,
 }
 
 impl Cluster {
@@ -47,17 +48,24 @@ impl Cluster {
     /// every node reports the cluster ok.
     #[track_caller]
     pub fn start() -> Cluster {
-        Self::start_with(None)
+        Self::start_with(None, NODE_TIMEOUT_MS)
     }
 
     /// Like [`Cluster::start`], every node requiring `password` (clients and replicas alike).
     #[track_caller]
     pub fn start_with_password(password: &str) -> Cluster {
-        Self::start_with(Some(password))
+        Self::start_with(Some(password), NODE_TIMEOUT_MS)
+    }
+
+    /// Like [`Cluster::start`] with another `cluster-node-timeout`: a long one keeps a paused
+    /// primary a primary (no failover) for a while.
+    #[track_caller]
+    pub fn start_with_node_timeout(ms: u64) -> Cluster {
+        Self::start_with(None, ms)
     }
 
     #[track_caller]
-    fn start_with(password: Option<&str>) -> Cluster {
+    fn start_with(password: Option<&str>, node_timeout_ms: u64) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "wsrelay-cluster-{}-{}",
             std::process::id(),
@@ -68,6 +76,7 @@ impl Cluster {
             nodes: Vec::new(),
             dir,
             password: password.map(str::to_owned),
+            node_timeout_ms,
         };
         for _ in 0..6 {
             let node = cluster.launch_node();
@@ -123,7 +132,7 @@ impl Cluster {
                 .args(["--cluster-enabled", "yes"])
                 .arg("--cluster-config-file")
                 .arg(&conf)
-                .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+                .args(["--cluster-node-timeout", &self.node_timeout_ms.to_string()])
                 // A replica takes over however long ago it last heard its primary (the tests
                 // cut replication on purpose), and the other shards keep serving while one is
                 // down.
@@ -390,6 +399,18 @@ impl Cluster {
     fn info_cluster(&self, port: u16) -> Option<String> {
         let mut con = self.try_con(port)?;
         redis::cmd("CLUSTER").arg("INFO").query(&mut con).ok()
+    }
+
+    /// Sends `signal` to the node on `port` (SIGSTOP, SIGCONT).
+    pub fn signal(&self, port: u16, signal: i32) {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster");
+        let pid = node.child.as_ref().expect("running").id();
+        // SAFETY: kill(2) on our own child process.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
     }
 
     /// SIGKILLs the node on `port`.

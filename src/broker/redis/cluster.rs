@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 use redis::{ConnectionAddr, ConnectionInfo, Value};
 
 use super::{COMMAND_TIMEOUT, CONNECT_TIMEOUT};
@@ -43,6 +43,15 @@ const RETRY_PAUSE: Duration = Duration::from_millis(25);
 /// Shortest time between two refreshes of the slot map forced by errors (a dead primary makes
 /// every command fail; one refresh per this is enough).
 const REFRESH_GAP: Duration = Duration::from_millis(100);
+
+/// How long a primary that did not answer in time (paused, overloaded, cut off) is skipped
+/// before it is tried again: commands for its slots are not sent meanwhile (they count as not
+/// sent: the publisher delivers them locally) instead of each batch waiting out the command
+/// timeout on it while the other primaries' work waits too. Doubled on each new timeout, up to
+/// [`SUSPECT_MAX`]; forgotten at its first answer or when it stops being a primary.
+const SUSPECT_FIRST: Duration = Duration::from_secs(1);
+/// Longest time a primary that keeps not answering is skipped between two tries.
+const SUSPECT_MAX: Duration = Duration::from_secs(16);
 
 /// An argument replaced by the replication id of the node a command is sent to.
 pub const REPLID: &[u8] = b"\0wsrelay-replid";
@@ -342,6 +351,8 @@ pub struct Router {
     /// Scripts loaded on every new connection (so that EVALSHA finds them).
     scripts: Vec<&'static redis::Script>,
     last_refresh: Option<Instant>,
+    /// Primaries that did not answer in time: (skipped until, the next skip's length).
+    suspects: HashMap<Addr, (Instant, Duration)>,
 }
 
 impl Router {
@@ -353,6 +364,7 @@ impl Router {
             cons: HashMap::new(),
             scripts,
             last_refresh: None,
+            suspects: HashMap::new(),
         };
         r.refresh()?;
         Ok(r)
@@ -375,6 +387,7 @@ impl Router {
         let known = self.map.primaries().to_vec();
         let map = self.seeds.slot_map(&known)?;
         self.cons.retain(|a, _| map.primaries().contains(a));
+        self.suspects.retain(|a, _| map.primaries().contains(a));
         let stale: Vec<Addr> = self
             .cons
             .iter_mut()
@@ -481,6 +494,14 @@ impl Router {
             }
             match target(&commands[i]) {
                 Target::Slot(s) => match self.map.owner(s) {
+                    Some(a) if self.skipped(a) => {
+                        // It may have been failed over meanwhile.
+                        round.refresh = true;
+                        round.outcomes[i] = Some(Outcome::NotSent(format!(
+                            "redis cluster primary {}:{} did not answer in time; skipped for now",
+                            a.0, a.1
+                        )));
+                    }
                     Some(a) => push(a.clone(), i, false),
                     None => {
                         round.refresh = true;
@@ -514,6 +535,9 @@ impl Router {
                 Ok(()) => sent.push((addr, group)),
                 Err(e) => {
                     let unknown = self.cons.contains_key(&addr);
+                    if e.is_timeout() {
+                        self.suspect(&addr);
+                    }
                     self.drop_node(&addr);
                     // A primary that cannot be reached may have been replaced.
                     round.refresh = true;
@@ -547,6 +571,9 @@ impl Router {
                     for &(j, _) in &group[n..] {
                         round.outcomes[j] = Some(Outcome::Unknown(e.to_string()));
                     }
+                    if e.is_timeout() {
+                        self.suspect(addr);
+                    }
                     self.drop_node(addr);
                     round.refresh = true;
                     return;
@@ -572,6 +599,30 @@ impl Router {
                 _ => round.outcomes[i] = Some(Outcome::Answer(v)),
             }
         }
+        if !self.suspects.is_empty() {
+            self.suspects.remove(addr);
+        }
+    }
+
+    /// Whether `addr` is skipped for now (see [`SUSPECT_FIRST`]).
+    fn skipped(&self, addr: &Addr) -> bool {
+        self.suspects
+            .get(addr)
+            .is_some_and(|(until, _)| Instant::now() < *until)
+    }
+
+    /// `addr` did not answer in time: skipped for a while, longer each time.
+    fn suspect(&mut self, addr: &Addr) {
+        let (until, next) = self
+            .suspects
+            .entry(addr.clone())
+            .or_insert((Instant::now(), SUSPECT_FIRST));
+        *until = Instant::now() + *next;
+        warn!(
+            "redis cluster primary {}:{} did not answer in time: its slots are skipped for {:?}",
+            addr.0, addr.1, *next
+        );
+        *next = (*next * 2).min(SUSPECT_MAX);
     }
 
     /// A keyless command on every primary: the first answer, or the first failure.
