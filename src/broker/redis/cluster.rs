@@ -323,8 +323,9 @@ type Group = (Addr, Vec<(usize, bool)>);
 struct Round {
     /// What became of each command, once decided.
     outcomes: Vec<Option<Outcome>>,
-    /// Commands for the next round: (command index, ASK target).
-    todo: Vec<(usize, Option<Addr>)>,
+    /// Commands for the next round: (command index, the node a redirection named and whether
+    /// it was an ASK).
+    todo: Vec<(usize, Option<(Addr, bool)>)>,
     /// Learn the slot map again before the next round.
     refresh: bool,
     /// Pause before the next round (TRYAGAIN, CLUSTERDOWN).
@@ -353,6 +354,8 @@ pub struct Router {
     last_refresh: Option<Instant>,
     /// Primaries that did not answer in time: (skipped until, the next skip's length).
     suspects: HashMap<Addr, (Instant, Duration)>,
+    /// The node the last `MOVED` named, asked first at the next refresh.
+    moved_to: Option<Addr>,
 }
 
 impl Router {
@@ -365,6 +368,7 @@ impl Router {
             scripts,
             last_refresh: None,
             suspects: HashMap::new(),
+            moved_to: None,
         };
         r.refresh()?;
         Ok(r)
@@ -384,7 +388,9 @@ impl Router {
     /// and reads the replication ids of the others again (a node may have been promoted).
     pub fn refresh(&mut self) -> redis::RedisResult<()> {
         self.last_refresh = Some(Instant::now());
-        let known = self.map.primaries().to_vec();
+        // A node a MOVED named first: it took the slot over, so it knows.
+        let mut known: Vec<Addr> = self.moved_to.take().into_iter().collect();
+        known.extend(self.map.primaries().iter().cloned());
         let map = self.seeds.slot_map(&known)?;
         self.cons.retain(|a, _| map.primaries().contains(a));
         self.suspects.retain(|a, _| map.primaries().contains(a));
@@ -487,9 +493,9 @@ impl Router {
             None => groups.push((addr, vec![(i, asking)])),
         };
         let mut all = Vec::new();
-        for (i, ask) in round.todo.drain(..) {
-            if let Some(addr) = ask {
-                push(addr, i, true);
+        for (i, to) in round.todo.drain(..) {
+            if let Some((addr, asking)) = to {
+                push(addr, i, asking);
                 continue;
             }
             match target(&commands[i]) {
@@ -580,11 +586,14 @@ impl Router {
                 }
             };
             match redirection(&v) {
-                Some(Redirect::Moved(_)) if !last => {
+                // Sent where Redis says at once (the refreshed map may still be stale: the
+                // node asked may not know of a failover yet).
+                Some(Redirect::Moved(to)) if !last => {
                     round.refresh = true;
-                    round.todo.push((i, None));
+                    self.moved_to = Some(to.clone());
+                    round.todo.push((i, Some((to, false))));
                 }
-                Some(Redirect::Ask(to)) if !last => round.todo.push((i, Some(to))),
+                Some(Redirect::Ask(to)) if !last => round.todo.push((i, Some((to, true)))),
                 Some(Redirect::Wait) if !last => {
                     (round.refresh, round.wait) = (true, true);
                     round.todo.push((i, None));

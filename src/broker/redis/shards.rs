@@ -43,6 +43,10 @@ use crate::metrics::inc;
 
 /// Longest wait for a request or a message before the periodic work (probes, refreshes).
 const TICK: Duration = Duration::from_millis(10);
+/// How often the slot map is learned again even when nothing said it changed: a backstop for
+/// a move Redis did not announce to this connection (a notice lost with its connection, a
+/// replica's stale map taken for the truth right after a failover).
+const MAP_CHECK_EVERY: Duration = Duration::from_secs(10);
 /// What the reader threads may have read and this thread not yet routed, in messages: past
 /// it a reader stops reading, and Redis holds the rest (up to its Pub/Sub output limit).
 const EVENTS: usize = 65_536;
@@ -91,6 +95,12 @@ pub(super) struct ShardSubscriber {
     awaiting: HashMap<String, Vec<(usize, u64)>>,
     /// Names whose loops are told of possible losses once subscribed again.
     lost: HashSet<String>,
+    /// The node each moving name left (its `sunsubscribe`, or `MOVED`): a slot map that still
+    /// names it is stale, and is learned again before the name is subscribed there.
+    left: HashMap<String, Addr>,
+    /// The node the last `MOVED` named: asked first for the slot map.
+    moved_to: Option<Addr>,
+    next_map_check: Instant,
     refresh_due: bool,
     next_refresh: Instant,
     next_probe: Instant,
@@ -119,6 +129,9 @@ impl ShardSubscriber {
             orphans,
             awaiting: HashMap::new(),
             lost: HashSet::new(),
+            left: HashMap::new(),
+            moved_to: None,
+            next_map_check: Instant::now() + MAP_CHECK_EVERY,
             refresh_due: true,
             next_refresh: Instant::now(),
             next_probe: Instant::now(),
@@ -156,6 +169,10 @@ impl ShardSubscriber {
             }
             self.outbox.retry(&self.redis.loops);
             let now = Instant::now();
+            if now >= self.next_map_check {
+                self.next_map_check = now + MAP_CHECK_EVERY;
+                self.refresh_due = true;
+            }
             if self.refresh_due && now >= self.next_refresh {
                 self.refresh();
             }
@@ -215,6 +232,7 @@ impl ShardSubscriber {
         } else if !wanted {
             self.orphans.remove(&name);
             self.lost.remove(&name);
+            self.left.remove(&name);
             if let Some(sub) = self.subs.remove(&name) {
                 self.send(&sub.addr, Sent::Unsubscribe(name));
             }
@@ -231,6 +249,9 @@ impl ShardSubscriber {
         let Some(addr) = self.map.owner(slot(name.as_bytes())).cloned() else {
             return self.orphan(name, "no primary serves its slot");
         };
+        if self.left.get(&name) == Some(&addr) {
+            return self.orphan(name, "the slot map still names the node it left");
+        }
         if !self.links.contains_key(&addr)
             && let Err(e) = self.open(&addr)
         {
@@ -442,10 +463,10 @@ impl ShardSubscriber {
                 // Redis ended the subscription itself: the slot was migrated away.
                 if self.subs.get(&name).is_some_and(|s| s.addr == *addr) && self.wanted(&name) {
                     info!(
-                        "redis cluster: {name:?} left {}:{} (slot migrated); subscribing on its new owner",
+                        "redis cluster: {name:?} left {}:{} (its slot moved: migrated, or a failover); subscribing on its owner",
                         addr.0, addr.1
                     );
-                    self.orphan(name, "slot migrated");
+                    self.orphan(name, "its slot moved");
                 }
             }
             return;
@@ -456,6 +477,7 @@ impl ShardSubscriber {
                 if let Some(s) = self.subs.get_mut(&name) {
                     s.confirmed = true;
                 }
+                self.left.remove(&name);
                 self.confirm_waiters(&name);
                 if self.lost.remove(&name)
                     && let Some(channel) = self.redis.keys.channel_of(&name)
@@ -478,6 +500,12 @@ impl ShardSubscriber {
                 // MOVED (a stale slot map) or CLUSTERDOWN: subscribe again after a refresh.
                 let why = format!("{} {}", e.code(), e.details().unwrap_or(""));
                 if self.subs.get(&name).is_some_and(|s| s.addr == *addr) {
+                    if let Some(super::cluster::Redirect::Moved(to)) =
+                        super::cluster::redirection(&Value::ServerError(e.clone()))
+                    {
+                        self.left.insert(name.clone(), addr.clone());
+                        self.moved_to = Some(to);
+                    }
                     self.orphan(name, &why);
                 }
             }
@@ -489,7 +517,8 @@ impl ShardSubscriber {
     /// Learns the slot map again; connects to every primary; subscribes the orphans and the
     /// channels whose slot moved. On failure, tries again after the reconnect backoff.
     fn refresh(&mut self) {
-        let known: Vec<Addr> = self.map.primaries().to_vec();
+        let mut known: Vec<Addr> = self.moved_to.take().into_iter().collect();
+        known.extend(self.map.primaries().iter().cloned());
         match self.seeds.slot_map(&known) {
             Ok(map) => self.map = map,
             Err(e) => {
