@@ -460,12 +460,14 @@ impl ShardSubscriber {
             if kind == "sunsubscribe"
                 && let Some(name) = name
             {
-                // Redis ended the subscription itself: the slot was migrated away.
+                // Redis ended the subscription itself: the slot was migrated away, or the node
+                // is no longer its primary.
                 if self.subs.get(&name).is_some_and(|s| s.addr == *addr) && self.wanted(&name) {
                     info!(
                         "redis cluster: {name:?} left {}:{} (its slot moved: migrated, or a failover); subscribing on its owner",
                         addr.0, addr.1
                     );
+                    self.left.insert(name.clone(), addr.clone());
                     self.orphan(name, "its slot moved");
                 }
             }
