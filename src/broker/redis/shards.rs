@@ -11,9 +11,12 @@
 //! what each connection was sent.
 //!
 //! A channel whose subscription ends other than by our request moves: `MOVED` (the slot map
-//! was stale), a `sunsubscribe` Redis sends by itself (its slot was migrated away), or its
-//! connection lost (the primary died: failover). The slot map is then learned again and the
-//! channel subscribed on its owner; once that owner confirms, the loops are told the channel may
+//! was stale), a `sunsubscribe` Redis sends by itself (its slot was migrated away, or the node
+//! was demoted by a failover), or its connection lost (the primary died: failover). The slot
+//! map is then learned again (first from the node a `MOVED` named) and the channel subscribed
+//! on its owner, but never again on the node it just left while the map still names that node
+//! (right after a failover, a demoted node's map can be stale); the map is also learned again
+//! every [`MAP_CHECK_EVERY`] in case a move went unannounced; once that owner confirms, the loops are told the channel may
 //! have lost messages ([`Outbox::lost`], as after a reconnect to one Redis), so their
 //! offset-tracking clients recover what was published in between from history. While a channel
 //! has no reachable owner, its subscriptions are confirmed to loops at once (local delivery goes
