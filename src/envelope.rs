@@ -153,55 +153,11 @@ fn command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
         None => return Err(Refusal::new("bad_request", "missing op")),
     };
     match op {
-        "subscribe" => {
-            let channel = string(obj, "channel")?;
-            let recover = match (obj.get("offset"), obj.get("epoch")) {
-                (None | Some(Value::Null), None | Some(Value::Null)) => None,
-                (Some(Value::Number(n)), Some(Value::String(e))) => {
-                    let offset = n.as_u64().ok_or_else(|| {
-                        Refusal::new("bad_request", "offset must be a non-negative integer")
-                    })?;
-                    Some((offset, e.clone()))
-                }
-                _ => {
-                    return Err(Refusal::new(
-                        "bad_request",
-                        "recovery needs both offset (integer) and epoch (string)",
-                    ));
-                }
-            };
-            let info = match obj.get("info") {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(v.to_string()),
-            };
-            Ok(Command::Subscribe {
-                channel,
-                recover,
-                info,
-            })
-        }
+        "subscribe" => subscribe_command(obj),
         "unsubscribe" => Ok(Command::Unsubscribe {
             channel: string(obj, "channel")?,
         }),
-        "publish" => {
-            let channel = string(obj, "channel")?;
-            let (kind, data) = match (obj.get("data"), obj.get("data_b64")) {
-                (Some(Value::String(s)), None) => (Kind::Text, Bytes::from(s.clone().into_bytes())),
-                (None, Some(Value::String(s))) => {
-                    let bytes = B64
-                        .decode(s)
-                        .map_err(|e| Refusal::new("bad_request", format!("data_b64: {e}")))?;
-                    (Kind::Binary, Bytes::from(bytes))
-                }
-                _ => {
-                    return Err(Refusal::new(
-                        "bad_request",
-                        "publish needs exactly one of data (string) or data_b64 (base64 string)",
-                    ));
-                }
-            };
-            Ok(Command::Publish { channel, kind, data })
-        }
+        "publish" => publish_command(obj),
         "ping" => Ok(Command::Ping),
         "connect" => Ok(Command::Connect {
             token: string(obj, "token")?,
@@ -209,45 +165,7 @@ fn command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
         "refresh" => Ok(Command::Refresh {
             token: string(obj, "token")?,
         }),
-        "history" => {
-            let channel = string(obj, "channel")?;
-            let limit = match obj.get("limit") {
-                None | Some(Value::Null) => None,
-                Some(Value::Number(n)) => Some(
-                    n.as_u64()
-                        .ok_or_else(|| Refusal::new("bad_request", "limit must be a non-negative integer"))?,
-                ),
-                Some(_) => return Err(Refusal::new("bad_request", "limit must be a number")),
-            };
-            let since = match obj.get("since") {
-                None | Some(Value::Null) => None,
-                Some(Value::Object(p)) => match (p.get("offset"), p.get("epoch")) {
-                    (Some(Value::Number(n)), Some(Value::String(e))) => {
-                        let offset = n.as_u64().ok_or_else(|| {
-                            Refusal::new("bad_request", "since.offset must be a non-negative integer")
-                        })?;
-                        Some((offset, e.clone()))
-                    }
-                    _ => {
-                        return Err(Refusal::new(
-                            "bad_request",
-                            "since needs offset (integer) and epoch (string)",
-                        ));
-                    }
-                },
-                Some(_) => {
-                    return Err(Refusal::new(
-                        "bad_request",
-                        "since must be an object {offset, epoch}",
-                    ));
-                }
-            };
-            Ok(Command::History {
-                channel,
-                limit,
-                since,
-            })
-        }
+        "history" => history_command(obj),
         "presence" | "presence_stats" => Ok(Command::Presence {
             channel: string(obj, "channel")?,
             stats: op == "presence_stats",
@@ -257,6 +175,94 @@ fn command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
             format!("unknown op {:?}", truncate(other, 64)),
         )),
     }
+}
+
+/// `subscribe`: a channel, optionally a position to recover from and presence info.
+fn subscribe_command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
+    let channel = string(obj, "channel")?;
+    let recover = match (obj.get("offset"), obj.get("epoch")) {
+        (None | Some(Value::Null), None | Some(Value::Null)) => None,
+        (Some(Value::Number(n)), Some(Value::String(e))) => {
+            Some((whole(n, "offset must be a non-negative integer")?, e.clone()))
+        }
+        _ => {
+            return Err(Refusal::new(
+                "bad_request",
+                "recovery needs both offset (integer) and epoch (string)",
+            ));
+        }
+    };
+    let info = match obj.get("info") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.to_string()),
+    };
+    Ok(Command::Subscribe {
+        channel,
+        recover,
+        info,
+    })
+}
+
+/// `publish`: a channel and exactly one of `data` (text) or `data_b64` (binary).
+fn publish_command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
+    let channel = string(obj, "channel")?;
+    let (kind, data) = match (obj.get("data"), obj.get("data_b64")) {
+        (Some(Value::String(s)), None) => (Kind::Text, Bytes::from(s.clone().into_bytes())),
+        (None, Some(Value::String(s))) => {
+            let bytes = B64
+                .decode(s)
+                .map_err(|e| Refusal::new("bad_request", format!("data_b64: {e}")))?;
+            (Kind::Binary, Bytes::from(bytes))
+        }
+        _ => {
+            return Err(Refusal::new(
+                "bad_request",
+                "publish needs exactly one of data (string) or data_b64 (base64 string)",
+            ));
+        }
+    };
+    Ok(Command::Publish { channel, kind, data })
+}
+
+/// `history`: a channel, optionally a `limit` and a `since` position.
+fn history_command(obj: &Map<String, Value>) -> Result<Command, Refusal> {
+    let channel = string(obj, "channel")?;
+    let limit = match obj.get("limit") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(whole(n, "limit must be a non-negative integer")?),
+        Some(_) => return Err(Refusal::new("bad_request", "limit must be a number")),
+    };
+    let since = match obj.get("since") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(p)) => match (p.get("offset"), p.get("epoch")) {
+            (Some(Value::Number(n)), Some(Value::String(e))) => Some((
+                whole(n, "since.offset must be a non-negative integer")?,
+                e.clone(),
+            )),
+            _ => {
+                return Err(Refusal::new(
+                    "bad_request",
+                    "since needs offset (integer) and epoch (string)",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(Refusal::new(
+                "bad_request",
+                "since must be an object {offset, epoch}",
+            ));
+        }
+    };
+    Ok(Command::History {
+        channel,
+        limit,
+        since,
+    })
+}
+
+/// A JSON number as a non-negative integer, or a refusal saying `what`.
+fn whole(n: &serde_json::Number, what: &str) -> Result<u64, Refusal> {
+    n.as_u64().ok_or_else(|| Refusal::new("bad_request", what))
 }
 
 fn string(obj: &Map<String, Value>, field: &str) -> Result<String, Refusal> {

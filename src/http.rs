@@ -149,36 +149,11 @@ pub fn parse(buf: &[u8]) -> Parse {
         return Parse::Invalid(Status::BadRequest);
     };
 
-    let header = |name: &str| {
-        req.headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .and_then(|h| std::str::from_utf8(h.value).ok())
-            .map(str::trim)
+    let header = |name: &str| header(req.headers, name);
+    let content_length = match content_length(req.headers) {
+        Ok(n) => n,
+        Err(status) => return Parse::Invalid(status),
     };
-    // Framing headers are checked on raw bytes and strictly (RFC 9112 §6.3): a header that is
-    // ignored because it is not UTF-8, or a length read two ways, is how requests get smuggled.
-    let headers: &[httparse::Header<'_>] = req.headers;
-    let raw = |name: &'static str| headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name));
-    if raw("transfer-encoding").next().is_some() {
-        // Chunked bodies are not needed by any endpoint; refusing them avoids request smuggling.
-        return Parse::Invalid(Status::BadRequest);
-    }
-    let mut content_length = None;
-    for h in raw("content-length") {
-        let v = h.value.trim_ascii();
-        if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
-            return Parse::Invalid(Status::BadRequest);
-        }
-        let Some(n) = std::str::from_utf8(v).ok().and_then(|v| v.parse::<usize>().ok()) else {
-            return Parse::Invalid(Status::BadRequest);
-        };
-        if content_length.is_some_and(|m| m != n) {
-            return Parse::Invalid(Status::BadRequest);
-        }
-        content_length = Some(n);
-    }
-    let content_length = content_length.unwrap_or(0);
     let origin = header("origin").map(str::to_owned);
     let authorization = header("authorization").map(str::to_owned);
     let content_type = header("content-type").map(str::to_owned);
@@ -191,32 +166,9 @@ pub fn parse(buf: &[u8]) -> Parse {
         .collect();
     let forwarded_for = (!forwarded.is_empty()).then(|| forwarded.join(", "));
 
-    let wants_upgrade = header("upgrade").is_some_and(|u| has_token(u, "websocket"));
-    let upgrade = if wants_upgrade {
-        if method != "GET" || version != 1 || !header("connection").is_some_and(|c| has_token(c, "upgrade")) {
-            return Parse::Invalid(Status::BadRequest);
-        }
-        if header("sec-websocket-version") != Some("13") {
-            return Parse::Invalid(Status::UpgradeRequired);
-        }
-        let Some(key) = header("sec-websocket-key").filter(|k| valid_key(k)) else {
-            return Parse::Invalid(Status::BadRequest);
-        };
-        let protocols = req
-            .headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
-            .filter_map(|h| std::str::from_utf8(h.value).ok())
-            .flat_map(|v| v.split(','))
-            .map(|p| p.trim().to_owned())
-            .filter(|p| !p.is_empty())
-            .collect();
-        Some(Upgrade {
-            key: key.to_owned(),
-            protocols,
-        })
-    } else {
-        None
+    let upgrade = match upgrade(req.headers, method, version) {
+        Ok(u) => u,
+        Err(status) => return Parse::Invalid(status),
     };
     Parse::Complete(
         Box::new(Head {
@@ -232,6 +184,74 @@ pub fn parse(buf: &[u8]) -> Parse {
         }),
         len,
     )
+}
+
+/// The value of header `name` (the first one), trimmed, if it is UTF-8.
+fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
+}
+
+/// The body's length from `Content-Length` (0 without one).
+///
+/// Framing headers are checked on raw bytes and strictly (RFC 9112 §6.3): a header that is
+/// ignored because it is not UTF-8, or a length read two ways, is how requests get smuggled.
+/// Chunked bodies are not needed by any endpoint; refusing them avoids request smuggling.
+fn content_length(headers: &[httparse::Header<'_>]) -> Result<usize, Status> {
+    let raw = |name: &'static str| headers.iter().filter(move |h| h.name.eq_ignore_ascii_case(name));
+    if raw("transfer-encoding").next().is_some() {
+        return Err(Status::BadRequest);
+    }
+    let mut length = None;
+    for h in raw("content-length") {
+        let v = h.value.trim_ascii();
+        if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+            return Err(Status::BadRequest);
+        }
+        let Some(n) = std::str::from_utf8(v).ok().and_then(|v| v.parse::<usize>().ok()) else {
+            return Err(Status::BadRequest);
+        };
+        if length.is_some_and(|m| m != n) {
+            return Err(Status::BadRequest);
+        }
+        length = Some(n);
+    }
+    Ok(length.unwrap_or(0))
+}
+
+/// The WebSocket upgrade the request asks for, if any; a malformed one is refused (RFC 6455
+/// §4.1: GET, HTTP/1.1, `Connection: upgrade`, version 13, a valid key).
+fn upgrade(headers: &[httparse::Header<'_>], method: &str, version: u8) -> Result<Option<Upgrade>, Status> {
+    if !header(headers, "upgrade").is_some_and(|u| has_token(u, "websocket")) {
+        return Ok(None);
+    }
+    if method != "GET"
+        || version != 1
+        || !header(headers, "connection").is_some_and(|c| has_token(c, "upgrade"))
+    {
+        return Err(Status::BadRequest);
+    }
+    if header(headers, "sec-websocket-version") != Some("13") {
+        return Err(Status::UpgradeRequired);
+    }
+    let Some(key) = header(headers, "sec-websocket-key").filter(|k| valid_key(k)) else {
+        return Err(Status::BadRequest);
+    };
+    let protocols = headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("sec-websocket-protocol"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .collect();
+    Ok(Some(Upgrade {
+        key: key.to_owned(),
+        protocols,
+    }))
 }
 
 /// The value of `name` in a query string like `a=1&b=2`, with `+` as a space and

@@ -111,14 +111,7 @@ pub fn settle(offset: u64, epoch: Option<&str>, pending: &Pending, h: &History) 
             notify: offset > 0,
         };
     }
-    // Recovered when the history starts right after the offset (or nothing came since).
-    let covers = h.top == offset
-        || h.entries
-            .first()
-            .and_then(|d| d.position.as_ref())
-            .map(|p| p.offset)
-            == Some(offset + 1);
-    let recovered = pending.recover && same_epoch && h.top >= offset && covers;
+    let recovered = pending.recover && same_epoch && covers(offset, h);
     let top = Position {
         offset: h.top,
         epoch: h.epoch.clone(),
@@ -131,25 +124,10 @@ pub fn settle(offset: u64, epoch: Option<&str>, pending: &Pending, h: &History) 
     } else {
         None
     };
-    let replay: Vec<Arc<Delivery>> = if recovered {
-        h.entries
-            .iter()
-            .filter(|d| d.offset_in(&h.epoch).is_some_and(|o| o > offset))
-            .cloned()
-            .collect()
+    let (replay, position) = if recovered {
+        replay_after(offset, h)
     } else {
-        Vec::new()
-    };
-    let position = match replay.last().and_then(|d| d.offset_in(&h.epoch)) {
-        Some(last) => Position {
-            offset: last,
-            epoch: h.epoch.clone(),
-        },
-        None if recovered => Position {
-            offset,
-            epoch: h.epoch.clone(),
-        },
-        None => top,
+        (Vec::new(), top)
     };
     let more = recovered && position.offset < h.top;
     Settled::Done {
@@ -159,6 +137,37 @@ pub fn settle(offset: u64, epoch: Option<&str>, pending: &Pending, h: &History) 
         position,
         more,
     }
+}
+
+/// Whether history `h` (of the subscription's epoch) continues from `offset`: it starts right
+/// after it, or nothing came since.
+fn covers(offset: u64, h: &History) -> bool {
+    let first = h
+        .entries
+        .first()
+        .and_then(|d| d.position.as_ref())
+        .map(|p| p.offset);
+    h.top >= offset && (h.top == offset || first == Some(offset + 1))
+}
+
+/// What history `h` holds after `offset`, and the position the subscription reaches once it is
+/// replayed (`offset` itself when nothing follows).
+fn replay_after(offset: u64, h: &History) -> (Vec<Arc<Delivery>>, Position) {
+    let replay: Vec<Arc<Delivery>> = h
+        .entries
+        .iter()
+        .filter(|d| d.offset_in(&h.epoch).is_some_and(|o| o > offset))
+        .cloned()
+        .collect();
+    let last = replay
+        .last()
+        .and_then(|d| d.offset_in(&h.epoch))
+        .unwrap_or(offset);
+    let position = Position {
+        offset: last,
+        epoch: h.epoch.clone(),
+    };
+    (replay, position)
 }
 
 #[cfg(test)]

@@ -104,78 +104,21 @@ impl EventLoop {
     /// Handshake deadlines, pings, idle timeouts, close deadlines and session flushes, in one
     /// pass over the connections.
     pub(super) fn sweep(&mut self, now: Instant) {
-        let cfg = &self.shared.config;
-        let (ping_interval, idle_timeout) = (cfg.ping_interval, cfg.idle_timeout);
-        // A session is rewritten when its offsets moved (every `session_flush`), and at least
-        // every third of its time to live so an open connection's session never expires.
-        let (flush_every, refresh_every) = (cfg.session_flush, cfg.session_ttl / 3);
-        let mut expired_requests = Vec::new();
-        let mut expired_publishes = Vec::new();
-        let mut unauthenticated = Vec::new();
-        let mut idle = Vec::new();
-        let mut sessions = Vec::new();
-        let mut refreshes = Vec::new();
-        let mut over_soft = Vec::new();
-        let mut token_expired = Vec::new();
-        let now_ms = unix_ms();
-        for (key, conn) in self.conns.iter_mut() {
-            if conn.dead {
-                continue;
-            }
-            let expired = conn.deadline().is_some_and(|d| now >= d);
-            match &mut conn.phase {
-                Phase::Request(_) if expired => expired_requests.push(key),
-                Phase::Api { .. } if expired => expired_publishes.push(key),
-                Phase::Closing { .. } if expired => {
-                    conn.dead = true;
-                    self.dead.push(key);
-                }
-                // Only a connection that owes its `connect` has a deadline while open.
-                Phase::Open(_) if expired => unauthenticated.push(key),
-                Phase::Open(open) => {
-                    if open.token.as_ref().is_some_and(|t| now_ms >= t.expires_ms) {
-                        token_expired.push(key);
-                        continue;
-                    }
-                    if conn.over_soft_since.is_some() {
-                        // Over the soft limit and not written to since: its grace runs out
-                        // here, not only when more output comes.
-                        over_soft.push(key);
-                    }
-                    if let Some(s) = &open.session {
-                        let age = now.duration_since(s.saved_at);
-                        if age >= refresh_every {
-                            refreshes.push(key);
-                        } else if s.offsets_dirty && age >= flush_every {
-                            sessions.push(key);
-                        }
-                    }
-                    // A connection paused by a full publish queue is not read: it is not idle.
-                    if now.duration_since(conn.last_seen) >= idle_timeout && conn.unpublished.is_none() {
-                        idle.push(key);
-                    } else if now.duration_since(conn.last_seen.max(open.last_ping)) >= ping_interval {
-                        open.last_ping = now;
-                        conn.out.push(&frame::ping(b""));
-                        self.turn.mark_dirty(key, conn);
-                    }
-                }
-                _ => {}
-            }
-        }
-        for key in over_soft {
+        let due = self.due(now);
+        for key in due.over_soft {
             self.judge_output(key, now);
         }
-        for key in sessions {
+        for key in due.sessions {
             self.save_session(key, now, true);
         }
-        for key in refreshes {
+        for key in due.refreshes {
             self.save_session(key, now, false);
         }
-        for key in expired_requests {
+        for key in due.expired_requests {
             self.metrics().handshake_failed(HandshakeFailure::Timeout);
             self.respond(key, http::error_response(Status::RequestTimeout), now);
         }
-        for key in expired_publishes {
+        for key in due.expired_publishes {
             let body = crate::envelope::error(None, "unavailable", "the broker did not answer in time");
             self.respond(
                 key,
@@ -183,16 +126,17 @@ impl EventLoop {
                 now,
             );
         }
-        for key in unauthenticated {
+        for key in due.unauthenticated {
             self.metrics().handshake_failed(HandshakeFailure::Unauthorized);
             self.close(key, CloseCode::Policy, "no connect command in time", now);
         }
-        for key in idle {
+        let idle_timeout = self.shared.config.idle_timeout;
+        for key in due.idle {
             inc(&self.metrics().idle_closed);
             debug!("{}: idle past {idle_timeout:?}; closing", self.conns[key].peer);
             self.close(key, CloseCode::Away, "idle timeout", now);
         }
-        for key in token_expired {
+        for key in due.token_expired {
             inc(&self.metrics().token_expired);
             debug!(
                 "{}: token expired; closing with {TOKEN_EXPIRED}",
@@ -207,4 +151,82 @@ impl EventLoop {
         }
         self.remove_dead();
     }
+
+    /// One pass over the connections: what each one's timers call for. Pings and the end of a
+    /// closing handshake's wait are done on the way; the rest is returned.
+    fn due(&mut self, now: Instant) -> Due {
+        let cfg = &self.shared.config;
+        let (ping_interval, idle_timeout) = (cfg.ping_interval, cfg.idle_timeout);
+        // A session is rewritten when its offsets moved (every `session_flush`), and at least
+        // every third of its time to live so an open connection's session never expires.
+        let (flush_every, refresh_every) = (cfg.session_flush, cfg.session_ttl / 3);
+        let mut due = Due::default();
+        let now_ms = unix_ms();
+        for (key, conn) in self.conns.iter_mut() {
+            if conn.dead {
+                continue;
+            }
+            let expired = conn.deadline().is_some_and(|d| now >= d);
+            match &mut conn.phase {
+                Phase::Request(_) if expired => due.expired_requests.push(key),
+                Phase::Api { .. } if expired => due.expired_publishes.push(key),
+                Phase::Closing { .. } if expired => {
+                    conn.dead = true;
+                    self.dead.push(key);
+                }
+                // Only a connection that owes its `connect` has a deadline while open.
+                Phase::Open(_) if expired => due.unauthenticated.push(key),
+                Phase::Open(open) => {
+                    if open.token.as_ref().is_some_and(|t| now_ms >= t.expires_ms) {
+                        due.token_expired.push(key);
+                        continue;
+                    }
+                    if conn.over_soft_since.is_some() {
+                        // Over the soft limit and not written to since: its grace runs out
+                        // here, not only when more output comes.
+                        due.over_soft.push(key);
+                    }
+                    if let Some(s) = &open.session {
+                        let age = now.duration_since(s.saved_at);
+                        if age >= refresh_every {
+                            due.refreshes.push(key);
+                        } else if s.offsets_dirty && age >= flush_every {
+                            due.sessions.push(key);
+                        }
+                    }
+                    // A connection paused by a full publish queue is not read: it is not idle.
+                    if now.duration_since(conn.last_seen) >= idle_timeout && conn.unpublished.is_none() {
+                        due.idle.push(key);
+                    } else if now.duration_since(conn.last_seen.max(open.last_ping)) >= ping_interval {
+                        open.last_ping = now;
+                        conn.out.push(&frame::ping(b""));
+                        self.turn.mark_dirty(key, conn);
+                    }
+                }
+                _ => {}
+            }
+        }
+        due
+    }
+}
+
+/// What a sweep found due, by connection key (`EventLoop::due`).
+#[derive(Default)]
+struct Due {
+    /// Requests not complete within `--handshake-timeout`.
+    expired_requests: Vec<usize>,
+    /// `POST /publish` requests the broker did not answer in time.
+    expired_publishes: Vec<usize>,
+    /// v1 connections that owed a `connect` command and did not send it in time.
+    unauthenticated: Vec<usize>,
+    /// Connections silent past `--idle-timeout`.
+    idle: Vec<usize>,
+    /// Sessions whose positions moved, due for a flush.
+    sessions: Vec<usize>,
+    /// Sessions due for a rewrite so they do not expire while their connection lives.
+    refreshes: Vec<usize>,
+    /// Connections over the soft output limit, to judge again.
+    over_soft: Vec<usize>,
+    /// Connections whose token expired.
+    token_expired: Vec<usize>,
 }

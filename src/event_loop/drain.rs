@@ -123,28 +123,7 @@ impl EventLoop {
             if now < until {
                 return;
             }
-            self.close_listener();
-            let queue: Vec<ConnId> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| matches!(c.phase, Phase::Open(_)) && !c.dead)
-                .map(|(key, c)| ConnId {
-                    key,
-                    serial: c.serial,
-                })
-                .rev()
-                .collect();
-            info!(
-                "loop {}: closing {} connections over {period:?}",
-                self.id,
-                queue.len()
-            );
-            self.stopping = Some(Stopping::Closing {
-                start: until,
-                period,
-                total: queue.len(),
-                queue,
-            });
+            self.start_closing(until, period);
         }
         if let Some(Stopping::Closing {
             start,
@@ -167,27 +146,55 @@ impl EventLoop {
                 return;
             }
             // Requests still arriving on accepted sockets are not worth waiting for.
-            let handshaking: Vec<usize> = self
-                .conns
-                .iter()
-                .filter(|(_, c)| matches!(c.phase, Phase::Request(_)))
-                .map(|(key, _)| key)
-                .collect();
-            for key in handshaking {
-                self.kill(key);
-            }
+            self.kill_handshaking();
             self.stopping = Some(Stopping::Finishing { deadline });
+        }
+    }
+
+    /// The end of the announcement: stops accepting and queues every open connection to be
+    /// closed over `period` from `start`.
+    fn start_closing(&mut self, start: Instant, period: Duration) {
+        self.close_listener();
+        let queue: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Open(_)) && !c.dead)
+            .map(|(key, c)| ConnId {
+                key,
+                serial: c.serial,
+            })
+            .rev()
+            .collect();
+        info!(
+            "loop {}: closing {} connections over {period:?}",
+            self.id,
+            queue.len()
+        );
+        self.stopping = Some(Stopping::Closing {
+            start,
+            period,
+            total: queue.len(),
+            queue,
+        });
+    }
+
+    /// Drops every connection still sending its request.
+    fn kill_handshaking(&mut self) {
+        let handshaking: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.phase, Phase::Request(_)))
+            .map(|(key, _)| key)
+            .collect();
+        for key in handshaking {
+            self.kill(key);
         }
     }
 
     /// Stops accepting (both listeners): the balancer sees refused connections from now on (and the kernel
     /// hands new connections to other processes sharing the port, if any).
     fn close_listener(&mut self) {
-        for l in &mut self.listeners {
-            if let Some(mut l) = l.take() {
-                let _ = self.poll.registry().deregister(&mut l);
-            }
-        }
+        self.acceptor.close(self.poll.registry());
     }
 
     /// Closes one client of a draining node (see the module documentation): it leaves its

@@ -100,6 +100,19 @@ struct Admitted {
     awaiting_connect: bool,
 }
 
+/// A connection's publish rate limit (`--publish-rate`, `--publish-burst`: twice the rate when
+/// 0), if there is one.
+fn publish_bucket(cfg: &crate::config::Config, now: Instant) -> Option<Box<TokenBucket>> {
+    (cfg.publish_rate > 0).then(|| {
+        let burst = if cfg.publish_burst > 0 {
+            cfg.publish_burst
+        } else {
+            cfg.publish_rate.saturating_mul(2)
+        };
+        Box::new(TokenBucket::new(cfg.publish_rate, burst, now))
+    })
+}
+
 /// Whether a request needs more bytes, or has been dealt with (served, refused, dropped).
 enum Progress {
     More,
@@ -316,7 +329,6 @@ impl EventLoop {
             let body = "draining: this node is shutting down\n";
             return refused(HandshakeFailure::Draining, Status::Unavailable, body);
         }
-        let cfg = &self.shared.config;
         if !self.shared.origin.allows(head.origin.as_deref()) {
             debug!("{}: origin {:?} not allowed", self.conns[key].peer, head.origin);
             return refused(
@@ -342,45 +354,12 @@ impl EventLoop {
         // Raw connections are on the channel their path names; v1 ignores the path.
         let raw_channel = match protocol {
             Protocol::V1 => None,
-            Protocol::Raw => {
-                let name = head.path.strip_prefix('/').unwrap_or(&head.path);
-                let name = if name.is_empty() {
-                    cfg.default_channel.as_str()
-                } else {
-                    name
-                };
-                if let Err(why) = crate::channels::check_name(name, cfg.max_channel_len) {
-                    let body = format!("{why}\n");
-                    return refused(HandshakeFailure::BadRequest, Status::BadRequest, &body);
-                }
-                Some(self.index.intern(name))
-            }
-        };
-        // A token in the URL is checked now; a v1 client may instead send it in its first
-        // command (tokens in URLs end up in proxy logs).
-        let token = http::query_param(head.query.as_deref(), "token");
-        let (identity, awaiting_connect) = match (&self.shared.verifier, token) {
-            (None, _) => (None, false),
-            (Some(v), Some(t)) => match v.verify(&t, unix_now()) {
-                Ok(identity) => (Some(identity), false),
-                Err(e) => {
-                    debug!("{}: token refused: {e}", self.conns[key].peer);
-                    return refused(
-                        HandshakeFailure::Unauthorized,
-                        Status::Unauthorized,
-                        &format!("{e}\n"),
-                    );
-                }
+            Protocol::Raw => match self.path_channel(&head.path) {
+                Ok(channel) => Some(channel),
+                Err(body) => return refused(HandshakeFailure::BadRequest, Status::BadRequest, &body),
             },
-            (Some(_), None) if protocol == Protocol::V1 => (None, true),
-            (Some(_), None) => {
-                return refused(
-                    HandshakeFailure::Unauthorized,
-                    Status::Unauthorized,
-                    "token required\n",
-                );
-            }
         };
+        let (identity, awaiting_connect) = self.url_token(key, head, protocol)?;
         Ok(Admitted {
             protocol,
             session,
@@ -388,6 +367,47 @@ impl EventLoop {
             identity,
             awaiting_connect,
         })
+    }
+
+    /// The channel a raw connection's path names (the default channel for `/`), or why it
+    /// cannot be one.
+    fn path_channel(&mut self, path: &str) -> Result<Channel, String> {
+        let cfg = &self.shared.config;
+        let name = path.strip_prefix('/').unwrap_or(path);
+        let name = if name.is_empty() {
+            cfg.default_channel.as_str()
+        } else {
+            name
+        };
+        crate::channels::check_name(name, cfg.max_channel_len).map_err(|why| format!("{why}\n"))?;
+        Ok(self.index.intern(name))
+    }
+
+    /// The identity a token in the URL gives, checked now, and whether the connection waits
+    /// for a `connect` command instead (a v1 client may send its token there: tokens in URLs
+    /// end up in proxy logs).
+    fn url_token(
+        &self,
+        key: usize,
+        head: &Head,
+        protocol: Protocol,
+    ) -> Result<(Option<Identity>, bool), (HandshakeFailure, Status, String)> {
+        let unauthorized = |body: String| Err((HandshakeFailure::Unauthorized, Status::Unauthorized, body));
+        match (
+            &self.shared.verifier,
+            http::query_param(head.query.as_deref(), "token"),
+        ) {
+            (None, _) => Ok((None, false)),
+            (Some(v), Some(t)) => match v.verify(&t, unix_now()) {
+                Ok(identity) => Ok((Some(identity), false)),
+                Err(e) => {
+                    debug!("{}: token refused: {e}", self.conns[key].peer);
+                    unauthorized(format!("{e}\n"))
+                }
+            },
+            (Some(_), None) if protocol == Protocol::V1 => Ok((None, true)),
+            (Some(_), None) => unauthorized("token required\n".to_owned()),
+        }
     }
 
     /// Answers the upgrade and opens the WebSocket: greeted (or resumed) and joined at once,
@@ -405,14 +425,6 @@ impl EventLoop {
             (Protocol::V1, None) => Some(new_session_id()),
             (Protocol::Raw, None) => None,
         };
-        let bucket = (cfg.publish_rate > 0).then(|| {
-            let burst = if cfg.publish_burst > 0 {
-                cfg.publish_burst
-            } else {
-                cfg.publish_rate.saturating_mul(2)
-            };
-            Box::new(TokenBucket::new(cfg.publish_rate, burst, now))
-        });
         let offered = (a.protocol == Protocol::V1).then_some(envelope::PROTOCOL);
         let mut open = Open::new(ctx, a.protocol, now);
         open.tracks_offsets = a.protocol == Protocol::V1 || session.is_some();
@@ -424,7 +436,7 @@ impl EventLoop {
                 saved_at: now,
             })
         });
-        open.bucket = bucket;
+        open.bucket = publish_bucket(cfg, now);
         if a.awaiting_connect {
             // It owes its token, within the handshake time.
             open.stage = Stage::AwaitingConnect {

@@ -15,7 +15,7 @@
 //!    sees a stale event), and run timers (handshake, ping, idle, close deadlines, sessions).
 //!
 //! The rest of the loop lives next to this file, in the order of a connection's life:
-//! `handshake.rs` (HTTP request → WebSocket or HTTP answer), `messages.rs` (what clients send),
+//! `accept.rs` (the listeners), `handshake.rs` (HTTP request → WebSocket or HTTP answer), `messages.rs` (what clients send),
 //! `subscriptions.rs` (joining channels, recovery, sessions and broker replies), `close.rs`
 //! (closing, removal and timers), `drain.rs` (the graceful shutdown).
 
@@ -33,6 +33,7 @@ use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use self::accept::{Acceptor, LISTENER, Listener, PROXY_LISTENER};
 use crate::backpressure::{Backpressure, judge};
 use crate::bridge::{BrokerHandle, LoopInbox, ToLoop};
 use crate::channels::ChannelIndex;
@@ -43,6 +44,7 @@ use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{HandshakeFailure, LoopMetrics, add, inc};
 use crate::shared::Shared;
 
+mod accept;
 mod api;
 mod close;
 mod drain;
@@ -55,12 +57,6 @@ mod subscriptions;
 
 /// Token of the loop's waker.
 pub const WAKER: Token = Token(usize::MAX - 1);
-/// Token of the loop's listener (`--listen`).
-const LISTENER: Token = Token(usize::MAX - 2);
-/// Token of the loop's PROXY protocol listener (`--proxy-listen`).
-const PROXY_LISTENER: Token = Token(usize::MAX - 3);
-/// How long accepting pauses after the process ran out of descriptors.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Size of the loop's shared read buffer: a socket is read in one call of up to this much.
 const READ_AHEAD: usize = 64 * 1024;
 
@@ -95,9 +91,8 @@ fn interrupted(e: &io::Error) -> bool {
 pub struct EventLoop {
     id: usize,
     poll: Poll,
-    /// The plain listener and the PROXY protocol listener, while they accept.
-    listeners: [Option<TcpListener>; 2],
-    accept_paused_until: Option<Instant>,
+    /// The plain listener and the PROXY protocol listener, while they accept (`accept.rs`).
+    acceptor: Acceptor,
     conns: Slab<Conn>,
     index: ChannelIndex,
     /// The broker: its inbox, and the queues the loop sends on (`link.rs`).
@@ -145,16 +140,12 @@ impl EventLoop {
     pub fn new(
         id: usize,
         poll: Poll,
-        mut listeners: [Option<TcpListener>; 2],
+        listeners: [Option<TcpListener>; 2],
         inbox: LoopInbox,
         broker: BrokerHandle,
         shared: Arc<Shared>,
     ) -> io::Result<Self> {
-        for (l, token) in listeners.iter_mut().zip([LISTENER, PROXY_LISTENER]) {
-            if let Some(l) = l {
-                poll.registry().register(l, token, Interest::READABLE)?;
-            }
-        }
+        let acceptor = Acceptor::new(listeners, poll.registry())?;
         let c = &shared.config;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(c.read_buffer)
@@ -173,8 +164,7 @@ impl EventLoop {
         Ok(EventLoop {
             id,
             poll,
-            listeners,
-            accept_paused_until: None,
+            acceptor,
             conns: Slab::with_capacity(1024),
             index: ChannelIndex::default(),
             link: link::Link::new(broker, inbox),
@@ -223,8 +213,8 @@ impl EventLoop {
             let now = Instant::now();
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(0, now),
-                    PROXY_LISTENER => self.accept(1, now),
+                    LISTENER => self.accept(Listener::Plain, now),
+                    PROXY_LISTENER => self.accept(Listener::Proxy, now),
                     WAKER => self.drain_inbox(now),
                     Token(key) => {
                         // Writable matters only to a connection whose last write blocked;
@@ -245,10 +235,9 @@ impl EventLoop {
                 self.sweep(now);
                 self.next_sweep = now + self.sweep_every;
             }
-            if self.accept_paused_until.is_some_and(|t| now >= t) {
-                self.accept_paused_until = None;
-                self.accept(0, now);
-                self.accept(1, now);
+            if self.acceptor.resume(now) {
+                self.accept(Listener::Plain, now);
+                self.accept(Listener::Proxy, now);
             }
             if self.stopped(now) {
                 debug!("loop {} done, {} connections left", self.id, self.conns.len());
@@ -304,7 +293,7 @@ impl EventLoop {
         let now = Instant::now();
         let mut until = self.next_sweep;
         let stopping = self.stopping.as_ref().map(drain::Stopping::next_step);
-        for t in [self.accept_paused_until, self.flush_at, stopping]
+        for t in [self.acceptor.paused_until(), self.flush_at, stopping]
             .into_iter()
             .flatten()
         {
@@ -324,34 +313,14 @@ impl EventLoop {
 
     // ---- accept ------------------------------------------------------------------------
 
-    /// Accepts from listener `which` (0 plain, 1 PROXY protocol) until WouldBlock (the
-    /// listener is edge-triggered).
-    fn accept(&mut self, which: usize, now: Instant) {
-        if self.accept_paused_until.is_some() {
-            return;
-        }
-        loop {
-            let Some(listener) = &self.listeners[which] else {
-                return;
-            };
-            match listener.accept() {
-                Ok((sock, peer)) => self.admit(sock, peer, which == 1, now),
-                Err(e) if would_block(&e) => return,
-                Err(e) if interrupted(&e) => {}
-                Err(e) if crate::listener::is_resource_exhausted(&e) => {
-                    // Retrying now would spin: the pending connection stays in the backlog.
-                    inc(&self.metrics().accept_paused);
-                    if self.log_limit.allow() {
-                        warn!(
-                            "accept failed: {e}; pausing accepts for {ACCEPT_PAUSE:?} (raise the open-file limit)"
-                        );
-                    }
-                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
-                    return;
-                }
-                // The connection died in the backlog (ECONNABORTED and the like): next.
-                Err(e) => debug!("accept: {e}"),
-            }
+    /// Accepts from listener `which` until there is nothing more to accept (the listener is
+    /// edge-triggered).
+    fn accept(&mut self, which: Listener, now: Instant) {
+        while let Some((sock, peer)) = self
+            .acceptor
+            .next(which, now, &self.shared.metrics.loops[self.id])
+        {
+            self.admit(sock, peer, which == Listener::Proxy, now);
         }
     }
 

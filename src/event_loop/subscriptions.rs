@@ -358,17 +358,8 @@ impl EventLoop {
         let Some(open) = self.conns[key].open_mut() else {
             return;
         };
-        let protocol = open.protocol;
-        let mut frames = Vec::with_capacity(replay.len() + 1);
-        if let (Some((at, recovered)), Protocol::V1) = (notice, protocol) {
-            let reply = envelope::subscribed(reply_ref(&pending), &channel, Some(&at), recovered);
-            frames.push(crate::frame::text(&reply));
-        }
+        let frames = settled_frames(open.protocol, &channel, notice, &replay, &pending);
         add(&m.replayed, replay.len() as u64);
-        frames.extend(replay.iter().map(|d| match protocol {
-            Protocol::Raw => d.raw_frame.clone(),
-            Protocol::V1 => d.envelope_frame_uncached(),
-        }));
         if pending.recover && !recovered {
             inc(&m.recovery_failed);
         }
@@ -513,14 +504,40 @@ impl EventLoop {
             return;
         };
         let protocol = open.protocol;
-        let Some(session) = &mut open.session else { return };
-        let stored = match result {
+        if open.session.is_none() {
+            return;
+        }
+        let stored = Self::owned_session(open, result);
+        let resumed = stored.is_some();
+        let channels = stored.map(|s| s.channels).unwrap_or_default();
+        match protocol {
+            Protocol::V1 => {
+                if !self.restore_v1(key, reference.as_deref(), resumed, channels, now) {
+                    return;
+                }
+            }
+            // The raw channel is the path's; it was kept aside until now.
+            Protocol::Raw => match raw_channel {
+                Some(channel) => self.restore_raw(key, channel, channels, now),
+                None => return,
+            },
+        }
+        self.conns[key].read_pending = true;
+        self.read_backlog.push(key);
+    }
+
+    /// The stored session `result` names, if it is the connection's to resume. Someone else's
+    /// session is not resumed, and not overwritten either: the connection continues under a
+    /// fresh id (a raw client, whose id is its own choice, continues without a session).
+    fn owned_session(
+        open: &mut crate::conn::Open,
+        result: Result<Option<SessionState>, String>,
+    ) -> Option<SessionState> {
+        let session = open.session.as_mut()?;
+        match result {
             Ok(Some(s)) if s.subject != session.subject => {
-                // Someone else's session: not resumed, and not overwritten either. The
-                // connection continues under a fresh id (a raw client, whose id is its own
-                // choice, continues without a session).
                 debug!("session {} belongs to another subject", session.id);
-                match protocol {
+                match open.protocol {
                     Protocol::V1 => session.id = super::handshake::new_session_id(),
                     Protocol::Raw => open.session = None,
                 }
@@ -531,85 +548,107 @@ impl EventLoop {
                 debug!("session {} not loaded: {e}", session.id);
                 None
             }
+        }
+    }
+
+    /// A v1 connection's resume: the welcome, then each stored subscription the current token
+    /// still allows, recovering from its stored position. False when the connection is no
+    /// longer open.
+    fn restore_v1(
+        &mut self,
+        key: usize,
+        reference: Option<&str>,
+        resumed: bool,
+        channels: Vec<(Channel, u64, Option<Arc<str>>)>,
+        now: Instant,
+    ) -> bool {
+        let Some(open) = self.conns[key].open_mut() else {
+            return false;
         };
         let id = open
             .session
             .as_ref()
             .map(|s| s.id.clone())
             .unwrap_or_else(|| Arc::from(""));
-        let resumed = stored.is_some();
-        let channels = stored.map(|s| s.channels).unwrap_or_default();
-        match protocol {
-            Protocol::V1 => {
-                let client = self.client_id(key);
-                self.send_json(
-                    key,
-                    &envelope::welcome(reference.as_deref(), &id, resumed, &client),
-                );
-                let mut dropped = false;
-                for (channel, offset, epoch) in channels {
-                    let Some(open) = self.conns[key].open_mut() else {
-                        return;
-                    };
-                    // Restored subscriptions are authorized again against the current token;
-                    // what it does not grant is ended, said so, and removed from the session.
-                    let refusal = if !open.may_subscribe(&channel) {
-                        inc(&self.shared.metrics.loops[self.id].forbidden);
-                        Some("forbidden")
-                    } else if open.subs.len() >= self.shared.config.max_channels_per_conn {
-                        Some("too_many_channels")
-                    } else {
-                        None
-                    };
-                    if let Some(reason) = refusal {
-                        dropped = true;
-                        self.send_json(key, &envelope::unsubscribed_because(&channel, reason));
-                        continue;
-                    }
-                    // Listed in presence without info: info is not kept in sessions.
-                    let presence = self.presence_entry(key, &channel, None).ok().flatten();
-                    let Some(open) = self.conns[key].open_mut() else {
-                        return;
-                    };
-                    let pending = Pending {
-                        announce: true,
-                        ..Pending::quiet()
-                    };
-                    if let Some(entry) = presence {
-                        self.listing.pending.insert((key, channel.clone()), entry);
-                    }
-                    open.add_sub(crate::conn::Sub::awaiting(
-                        channel.clone(),
-                        offset,
-                        epoch,
-                        pending,
-                    ));
-                    inc(&self.metrics().recoveries);
-                    self.join(key, &channel, now);
-                }
-                if dropped {
-                    self.session_changed.push(key);
-                }
-            }
-            Protocol::Raw => {
-                // The raw channel is the path's; it was kept aside until now.
-                let Some(channel) = raw_channel else {
-                    return;
-                };
-                // A position never learned ("0 -") is no position: join as new, which
-                // stores the current one.
-                let from = channels
-                    .into_iter()
-                    .find(|(c, _, e)| *c == channel && e.is_some())
-                    .map(|(_, offset, epoch)| (offset, epoch));
-                if from.is_some() {
-                    inc(&self.metrics().recoveries);
-                }
-                self.join_raw(key, channel, from, now);
+        let client = self.client_id(key);
+        self.send_json(key, &envelope::welcome(reference, &id, resumed, &client));
+        let mut dropped = false;
+        for (channel, offset, epoch) in channels {
+            match self.restore_sub(key, channel, offset, epoch, now) {
+                Some(true) => {}
+                Some(false) => dropped = true,
+                None => return false,
             }
         }
-        self.conns[key].read_pending = true;
-        self.read_backlog.push(key);
+        if dropped {
+            self.session_changed.push(key);
+        }
+        true
+    }
+
+    /// One stored subscription of a v1 connection, authorized again against the current
+    /// token: `Some(true)` restored, `Some(false)` ended, said so (to be removed from the
+    /// session), `None` the connection is gone.
+    fn restore_sub(
+        &mut self,
+        key: usize,
+        channel: Channel,
+        offset: u64,
+        epoch: Option<Arc<str>>,
+        now: Instant,
+    ) -> Option<bool> {
+        let open = self.conns[key].open_mut()?;
+        let refusal = if !open.may_subscribe(&channel) {
+            inc(&self.shared.metrics.loops[self.id].forbidden);
+            Some("forbidden")
+        } else if open.subs.len() >= self.shared.config.max_channels_per_conn {
+            Some("too_many_channels")
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.send_json(key, &envelope::unsubscribed_because(&channel, reason));
+            return Some(false);
+        }
+        // Listed in presence without info: info is not kept in sessions.
+        let presence = self.presence_entry(key, &channel, None).ok().flatten();
+        let open = self.conns[key].open_mut()?;
+        let pending = Pending {
+            announce: true,
+            ..Pending::quiet()
+        };
+        if let Some(entry) = presence {
+            self.listing.pending.insert((key, channel.clone()), entry);
+        }
+        open.add_sub(crate::conn::Sub::awaiting(
+            channel.clone(),
+            offset,
+            epoch,
+            pending,
+        ));
+        inc(&self.metrics().recoveries);
+        self.join(key, &channel, now);
+        Some(true)
+    }
+
+    /// A raw connection's resume: its path's channel, from the stored position if one was
+    /// learned. A position never learned ("0 -") is no position: it joins as new, which stores
+    /// the current one.
+    fn restore_raw(
+        &mut self,
+        key: usize,
+        channel: Channel,
+        channels: Vec<(Channel, u64, Option<Arc<str>>)>,
+        now: Instant,
+    ) {
+        let from = channels
+            .into_iter()
+            .find(|(c, _, e)| *c == channel && e.is_some())
+            .map(|(_, offset, epoch)| (offset, epoch));
+        if from.is_some() {
+            inc(&self.metrics().recoveries);
+        }
+        self.join_raw(key, channel, from, now);
     }
 
     /// Writes the connection's session as it stands: each subscription at its stored
@@ -692,4 +731,25 @@ fn reply_ref(pending: &Pending) -> Option<&str> {
     } else {
         None
     }
+}
+
+/// What a settled history read sends a connection: for v1 the `subscribed` notice, if there is
+/// one, then the replayed messages in the connection's protocol.
+fn settled_frames(
+    protocol: Protocol,
+    channel: &Channel,
+    notice: Option<(Position, Option<bool>)>,
+    replay: &[Arc<Delivery>],
+    pending: &Pending,
+) -> Vec<bytes::Bytes> {
+    let mut frames = Vec::with_capacity(replay.len() + 1);
+    if let (Some((at, recovered)), Protocol::V1) = (notice, protocol) {
+        let reply = envelope::subscribed(reply_ref(pending), channel, Some(&at), recovered);
+        frames.push(crate::frame::text(&reply));
+    }
+    frames.extend(replay.iter().map(|d| match protocol {
+        Protocol::Raw => d.raw_frame.clone(),
+        Protocol::V1 => d.envelope_frame_uncached(),
+    }));
+    frames
 }
