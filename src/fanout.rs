@@ -2,7 +2,7 @@
 //!
 //! This is the per-message hot path, kept free of sockets and syscalls so it can be measured on
 //! its own (`benches/fanout.rs`). The frame was encoded once for every recipient of a protocol;
-//! here each member gets one copy into its output buffer, is marked for the end-of-turn flush
+//! here each member's output buffer gets a reference to it (no copy), is marked for the end-of-turn flush
 //! (once per turn however many messages it got); whether its backlog is too large is judged
 //! after that flush (`backpressure.rs`). Connections that track offsets also drop duplicates, hold deliveries while their
 //! history is being read, and report gaps (deliveries lost upstream) for recovery.
@@ -13,7 +13,7 @@ use slab::Slab;
 
 use crate::bridge::{Channel, Delivery};
 use crate::channels::Members;
-use crate::conn::{Conn, Open, Pending, Phase, Protocol, SubState};
+use crate::conn::{Conn, Open, PIECE_OVERHEAD, Pending, Phase, Protocol, SubState};
 
 /// What fan-out leaves for the rest of the loop turn.
 #[derive(Debug, Default)]
@@ -92,8 +92,8 @@ pub fn deliver(d: &Arc<Delivery>, members: &Members, conns: &mut Slab<Conn>, tur
                 Verdict::Plain => frame_of(open.protocol, d, true),
             }
         };
-        conn.out.push(frame);
-        queued += frame.len();
+        conn.out.push_shared(frame);
+        queued += frame.len() + PIECE_OVERHEAD;
         sent += 1;
         turn.mark_dirty(key, conn);
     }

@@ -524,8 +524,8 @@ impl EventLoop {
         }
         let result = conn.out.write_to(&mut conn.sock);
         // The loop's total follows every connection's output after each write.
-        self.unsent = (self.unsent + conn.out.len()).saturating_sub(conn.accounted);
-        conn.accounted = conn.out.len();
+        self.unsent = (self.unsent + conn.out.held()).saturating_sub(conn.accounted);
+        conn.accounted = conn.out.held();
         let written = match result {
             Ok(Written::All(n)) => {
                 conn.blocked = false;
