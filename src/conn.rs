@@ -622,6 +622,12 @@ impl Conn {
         }
     }
 
+    /// Whether the connection came through `--proxy-listen` and its PROXY header is not
+    /// complete yet.
+    pub fn awaits_proxy_header(&self) -> bool {
+        matches!(&self.phase, Phase::Request(r) if r.proxy_header)
+    }
+
     /// When the current phase (or an open connection's stage) must be over, if it has a
     /// deadline: the one place the loop's timers read.
     pub fn deadline(&self) -> Option<Instant> {

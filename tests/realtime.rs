@@ -572,6 +572,27 @@ fn the_server_api_reaches_every_node() {
         assert_eq!(status, 401);
         let (status, r) = s.api(0).disconnect("u1", 1005, "").unwrap();
         assert_eq!((status, r["code"].as_str()), (400, Some("bad_request")));
+        for body in [
+            json!({"user": "u1", "reason": 5}),
+            json!({"user": "u1", "code": "4000"}),
+            json!({"user": 7}),
+        ] {
+            let (status, r) = s.api(0).request("POST", "/api/disconnect", Some(&body)).unwrap();
+            assert_eq!(
+                (status, r["code"].as_str()),
+                (400, Some("bad_request")),
+                "{body}: {r}"
+            );
+        }
+        let (status, r) = s
+            .api(0)
+            .request(
+                "POST",
+                "/api/unsubscribe",
+                Some(&json!({"user": "u1", "channel": 5})),
+            )
+            .unwrap();
+        assert_eq!(status, 400, "{r}");
         let (status, _) = s.api(0).broadcast(&[], "x").unwrap();
         assert_eq!(status, 400);
         let r = other.subscribe("wsrelay:control", None).unwrap();
