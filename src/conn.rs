@@ -622,6 +622,13 @@ impl Conn {
         }
     }
 
+    /// A closing connection whose last bytes (its close frame) are out and acknowledged by the
+    /// peer: nothing is left for it but the peer's FIN, which an exiting process need not wait
+    /// for.
+    pub fn closed_and_delivered(&self) -> bool {
+        matches!(self.phase, Phase::Closing { write_shut: true, .. }) && unacknowledged(&self.sock) == Some(0)
+    }
+
     /// Whether the connection came through `--proxy-listen` and its PROXY header is not
     /// complete yet.
     pub fn awaits_proxy_header(&self) -> bool {
