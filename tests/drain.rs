@@ -178,13 +178,7 @@ fn sigint_closes_everyone_at_once() {
     node.signal(libc::SIGINT);
     for c in &mut clients {
         // Each raw client of `/` also got the others' sync messages.
-        loop {
-            match c.recv(WAIT).unwrap() {
-                Received::Closed(f) => break assert_eq!(f.unwrap().0, 1001),
-                Received::Text(_) => {}
-                other => panic!("{other:?}"),
-            }
-        }
+        assert_eq!(recv_close(c), Some(1001));
     }
     assert_eq!(node.wait_exit(WAIT).code(), Some(0));
 }
@@ -208,13 +202,7 @@ fn clients_keeping_their_sockets_after_the_close_do_not_hold_the_exit() {
     }
     node.signal(libc::SIGINT);
     for c in &mut clients {
-        loop {
-            match c.recv(WAIT).unwrap() {
-                Received::Closed(f) => break assert_eq!(f.unwrap().0, 1001),
-                Received::Text(_) => {}
-                other => panic!("{other:?}"),
-            }
-        }
+        assert_eq!(recv_close(c), Some(1001));
     }
     // The sockets stay open (the clients live on) while the node exits.
     assert_eq!(node.wait_exit(WAIT).code(), Some(0));
