@@ -739,6 +739,19 @@ impl Conn {
         }
     }
 
+    /// A closing connection whose last bytes (its close frame) are out and acknowledged by the
+    /// peer: nothing is left for it but the peer's FIN, which an exiting process need not wait
+    /// for.
+    pub fn closed_and_delivered(&self) -> bool {
+        matches!(self.phase, Phase::Closing { write_shut: true, .. }) && unacknowledged(&self.sock) == Some(0)
+    }
+
+    /// Whether the connection came through `--proxy-listen` and its PROXY header is not
+    /// complete yet.
+    pub fn awaits_proxy_header(&self) -> bool {
+        matches!(&self.phase, Phase::Request(r) if r.proxy_header)
+    }
+
     /// When the current phase (or an open connection's stage) must be over, if it has a
     /// deadline: the one place the loop's timers read.
     pub fn deadline(&self) -> Option<Instant> {

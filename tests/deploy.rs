@@ -291,6 +291,25 @@ fn nginx_config_proxies_websockets_and_forwards_addresses() {
         }
     }
     assert!(away >= 1, "node2 had clients");
+
+    // node2 comes back on its address: nginx sends it new clients at once (least_conn: it has
+    // none). A node nginx counted as failed (its 503s while draining, then its closed port)
+    // must not be held out: with max_fails, nginx lets one request through per fail_timeout
+    // to see whether the node is back, and counts it as back only when that request ends,
+    // which a WebSocket does not do for hours.
+    let url = redis.url();
+    let mut args = vec!["--redis", &url, "--proxy-listen", "127.0.0.1:0", "--threads", "1"];
+    args.extend_from_slice(&flags);
+    n[1] = Node::start_on(&n[1].addr.to_string(), &args);
+    let back: Vec<_> = (0..10)
+        .map(|i| from(&format!("127.0.3.{i}"), None).expect("upgrade after the restart"))
+        .collect();
+    let on_node2 = n[1].metric("wsrelay_websockets");
+    assert!(
+        on_node2 >= 5,
+        "the restarted node got {on_node2} of {} new clients",
+        back.len()
+    );
 }
 
 /// `deploy/wsrelay.service`: systemd accepts it, its stop policy fits the drain its own flags

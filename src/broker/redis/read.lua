@@ -17,7 +17,10 @@ end
 local epoch = redis.call('HGET', meta, 'epoch')
 local top = redis.call('HGET', meta, 'offset') or '0'
 local entries = {}
-if ARGV[1] == 'newest' then
+-- COUNT 0 answers nil (not an empty list): a limit of 0 reads the position alone.
+if tonumber(ARGV[2]) == 0 then
+  -- nothing to read
+elseif ARGV[1] == 'newest' then
   -- Newest first from Redis: turned around, oldest first like every other read.
   local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', ARGV[2])
   for i = #newest, 1, -1 do
