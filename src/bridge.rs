@@ -26,7 +26,7 @@ pub struct Delivery {
     pub channel: Channel,
     /// Frame type the publisher used.
     pub kind: Kind,
-    /// The payload exactly as published.
+    /// The payload exactly as published: the tail of `raw_frame`, so a message is held once.
     pub data: Bytes,
     /// Offset and epoch when the channel keeps history.
     pub position: Option<Position>,
@@ -39,9 +39,12 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Builds a delivery, encoding the raw frame once.
+    /// Builds a delivery, encoding the raw frame once. The payload it keeps is the frame's own
+    /// (the one given is dropped): a message waiting in inboxes, output buffers or history
+    /// costs its frame, not its frame and a second copy of its payload.
     pub fn new(channel: Channel, kind: Kind, data: Bytes, position: Option<Position>) -> Arc<Self> {
         let raw_frame = frame::encode(kind, &data);
+        let data = raw_frame.slice(raw_frame.len() - data.len()..);
         Arc::new(Delivery {
             channel,
             kind,
@@ -105,6 +108,13 @@ impl Delivery {
                 &self.data,
             ))
         })
+    }
+
+    /// Bytes a delivery waiting in a loop's inbox holds: its raw frame, which holds the payload
+    /// (the `--loop-queue-bytes` measure; the same for the whole wait, so it is given back
+    /// exactly).
+    pub fn queued_bytes(&self) -> usize {
+        self.raw_frame.len()
     }
 
     /// The offset if this message has one in `epoch`.
@@ -673,6 +683,10 @@ pub struct LoopHandle {
     /// Index of the loop, 0-based.
     pub id: usize,
     tx: Sender<ToLoop>,
+    /// Bytes of the deliveries in the inbox (see [`Delivery::queued_bytes`]).
+    bytes: Arc<AtomicUsize>,
+    /// Most bytes of deliveries the inbox takes (`--loop-queue-bytes`).
+    cap_bytes: usize,
     waker: Arc<mio::Waker>,
     wake_pending: Arc<AtomicBool>,
 }
@@ -681,33 +695,64 @@ pub struct LoopHandle {
 #[derive(Debug)]
 pub struct LoopInbox {
     rx: Receiver<ToLoop>,
+    bytes: Arc<AtomicUsize>,
     wake_pending: Arc<AtomicBool>,
 }
 
-/// Creates a loop's inbox of `cap` messages, woken through `waker`.
-pub fn loop_queue(id: usize, cap: usize, waker: Arc<mio::Waker>) -> (LoopHandle, LoopInbox) {
+/// Creates a loop's inbox of `cap` messages, at most `cap_bytes` of them deliveries (by
+/// [`Delivery::queued_bytes`]), woken through `waker`.
+pub fn loop_queue(
+    id: usize,
+    cap: usize,
+    cap_bytes: usize,
+    waker: Arc<mio::Waker>,
+) -> (LoopHandle, LoopInbox) {
     let (tx, rx) = crossbeam_channel::bounded(cap);
     let wake_pending = Arc::new(AtomicBool::new(false));
+    let bytes = Arc::new(AtomicUsize::new(0));
     (
         LoopHandle {
             id,
             tx,
+            bytes: bytes.clone(),
+            cap_bytes,
             waker,
             wake_pending: wake_pending.clone(),
         },
-        LoopInbox { rx, wake_pending },
+        LoopInbox {
+            rx,
+            bytes,
+            wake_pending,
+        },
     )
 }
 
 impl LoopHandle {
-    /// Queues `msg` without blocking and wakes the loop. A full inbox hands the message back.
+    /// Queues `msg` without blocking and wakes the loop. A full inbox (in messages, or in
+    /// bytes for a delivery) hands the message back.
     pub fn try_send(&self, msg: ToLoop) -> Result<(), ToLoop> {
+        let n = match &msg {
+            ToLoop::Deliver(d) => d.queued_bytes(),
+            _ => 0,
+        };
+        if n > 0 {
+            // Refused past the cap, unless the inbox holds no delivery (so one message larger
+            // than the cap still passes).
+            let before = self.bytes.fetch_add(n, Ordering::AcqRel);
+            if before > 0 && before + n > self.cap_bytes {
+                self.bytes.fetch_sub(n, Ordering::AcqRel);
+                return Err(msg);
+            }
+        }
         match self.tx.try_send(msg) {
             Ok(()) => {
                 self.wake();
                 Ok(())
             }
-            Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => Err(m),
+            Err(TrySendError::Full(m) | TrySendError::Disconnected(m)) => {
+                self.bytes.fetch_sub(n, Ordering::AcqRel);
+                Err(m)
+            }
         }
     }
 
@@ -728,7 +773,11 @@ impl LoopInbox {
 
     /// Next queued message, if any.
     pub fn try_recv(&self) -> Option<ToLoop> {
-        self.rx.try_recv().ok()
+        let msg = self.rx.try_recv().ok()?;
+        if let ToLoop::Deliver(d) = &msg {
+            self.bytes.fetch_sub(d.queued_bytes(), Ordering::AcqRel);
+        }
+        Some(msg)
     }
 }
 
@@ -740,7 +789,7 @@ mod tests {
     fn wakes_merge_until_rearmed() {
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        let (h, inbox) = loop_queue(0, 2, waker);
+        let (h, inbox) = loop_queue(0, 2, usize::MAX, waker);
         let live = |g| ToLoop::Live {
             channel: Arc::from("c"),
             generation: g,
@@ -758,5 +807,30 @@ mod tests {
         assert!(inbox.try_recv().is_some());
         assert!(inbox.try_recv().is_none());
         assert!(!h.wake_pending.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn deliveries_are_bounded_in_bytes_too() {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let d = |n| {
+            let data = Bytes::from(vec![b'x'; n]);
+            ToLoop::Deliver(Delivery::new(Arc::from("c"), Kind::Binary, data, None))
+        };
+        // 1,000 bytes of payload in a frame with a 4-byte header.
+        let (h, inbox) = loop_queue(0, 100, 1500, waker);
+        h.try_send(d(1000)).unwrap();
+        assert_eq!(h.bytes.load(Ordering::Acquire), 1004);
+        assert!(h.try_send(d(1000)).is_err(), "over the byte cap");
+        // Other messages are bounded by count only.
+        h.try_send(ToLoop::Lost {
+            channel: Arc::from("c"),
+        })
+        .unwrap();
+        assert!(inbox.try_recv().is_some());
+        assert_eq!(h.bytes.load(Ordering::Acquire), 0);
+        // An empty inbox takes one delivery larger than the cap.
+        h.try_send(d(5000)).unwrap();
+        assert!(h.try_send(d(1)).is_err());
     }
 }

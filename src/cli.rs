@@ -91,6 +91,9 @@ pub struct Cli {
     /// Capacity of each loop's delivery inbox, messages
     #[arg(long, value_name = "N")]
     pub loop_queue: Option<usize>,
+    /// Capacity of each loop's delivery inbox, bytes (payload and frame of each delivery)
+    #[arg(long, value_name = "BYTES")]
+    pub loop_queue_bytes: Option<usize>,
     /// Capacity of the publish queue, messages; when full, publishing connections are not read until there is room
     #[arg(long, value_name = "N")]
     pub publish_queue: Option<usize>,
@@ -233,6 +236,7 @@ impl Cli {
             drain_period,
             shutdown_timeout,
             loop_queue,
+            loop_queue_bytes,
             publish_queue,
             publish_queue_bytes,
             publish_batch,
@@ -369,6 +373,7 @@ pub fn shown_defaults() -> Vec<(&'static str, String)> {
         ("drain_period", dur(d.drain_period)),
         ("shutdown_timeout", dur(d.shutdown_timeout)),
         ("loop_queue", d.loop_queue.to_string()),
+        ("loop_queue_bytes", d.loop_queue_bytes.to_string()),
         ("publish_queue", d.publish_queue.to_string()),
         ("publish_queue_bytes", d.publish_queue_bytes.to_string()),
         ("publish_batch", d.publish_batch.to_string()),

@@ -113,6 +113,11 @@ pub struct Config {
     /// Capacity, in messages, of each loop's inbox (deliveries from the broker). When a loop
     /// falls this far behind, further deliveries to it are dropped and counted. Default 65,536.
     pub loop_queue: usize,
+    /// Capacity, in bytes, of the same inbox: a delivery counts its payload and its raw frame
+    /// (a delivery to several loops is counted in each). Full: dropped and counted, like the
+    /// count. Default 64 MiB: a thousand messages of 64 KiB, and a bound on what a loop that
+    /// fell behind holds whatever the message size (65,536 messages of 64 KiB would be 8 GiB).
+    pub loop_queue_bytes: usize,
     /// Capacity, in messages, of the queue from the loops to the publisher. When it is full,
     /// the loops stop reading from connections that publish until there is room again (TCP
     /// backpressure slows the senders; nothing read is dropped, no one is closed), and
@@ -151,14 +156,14 @@ pub struct Config {
     /// clients get `recovered: false`). Default 100,000. With Redis, Redis's own memory policy
     /// bounds it.
     pub max_history_channels: usize,
-    /// In-process broker only: bytes of all stored messages together (payload, its frame and
-    /// about 192 bytes of bookkeeping each). Past it, the oldest messages of channels without
+    /// In-process broker only: bytes of all stored messages together (its frame, which holds
+    /// the payload, and about 192 bytes of bookkeeping each). Past it, the oldest messages of channels without
     /// live subscribers go first, then those of the others. Default 1 GiB: this is the
     /// worst case of history memory, whatever clients publish.
     pub history_memory: usize,
     /// In-process broker only: bytes of one channel's stored messages; past it its oldest
-    /// go, even if fewer than `history_size` remain. Default 16 MiB: a thousand 8 KiB
-    /// messages, or 128 of the largest (64 KiB, stored with its frame).
+    /// go, even if fewer than `history_size` remain. Default 16 MiB: a thousand 16 KiB
+    /// messages, or 255 of the largest (64 KiB in its frame).
     pub history_channel_memory: usize,
     /// In-process broker only: most sessions kept. Past it, those closest to expiry go first.
     /// Default 1,000,000.
@@ -258,6 +263,7 @@ impl Default for Config {
             drain_period: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(5),
             loop_queue: 65_536,
+            loop_queue_bytes: 64 << 20,
             publish_queue: 65_536,
             publish_queue_bytes: 64 << 20,
             publish_batch: 512,
@@ -330,6 +336,7 @@ impl Config {
             (self.soft_output, "--soft-output"),
             (self.loop_output_budget, "--loop-output-budget"),
             (self.loop_queue, "--loop-queue"),
+            (self.loop_queue_bytes, "--loop-queue-bytes"),
             (self.publish_queue, "--publish-queue"),
             (self.publish_queue_bytes, "--publish-queue-bytes"),
             (self.publish_batch, "--publish-batch"),

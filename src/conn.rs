@@ -8,29 +8,55 @@
 //!
 //! tungstenite parses incoming frames and writes its automatic replies (pong, close) through
 //! [`Io`], whose write side only appends to the connection's [`OutBuf`] and never blocks. Data
-//! frames to clients are pre-encoded once per message (`frame.rs`) and appended here as bytes.
+//! frames to clients are pre-encoded once per message (`frame.rs`) and queued here by
+//! reference, shared with every other recipient.
 //! So every byte the server sends goes through `OutBuf`, whose size is the slow-consumer
 //! measure, and the socket is written once per loop turn by `OutBuf::write_to`.
 //! This file owns no policy: what to do on overflow, errors or timeouts is the loop's business.
 
-use std::io::{self, Read, Write};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use std::sync::Arc;
 
+use bytes::{Buf, Bytes};
 use mio::net::TcpStream;
 use tungstenite::protocol::WebSocketContext;
 
 use crate::bridge::{Delivery, Position};
 use crate::channels::Channel;
 
-/// Bytes queued for a socket and not yet accepted by the kernel.
+/// Bytes queued for a socket and not yet accepted by the kernel, in order: frames shared with
+/// every other recipient of a message (a delivery's frame is one `Bytes`, queued here by
+/// reference, so a message waiting for a thousand clients is in memory once), and bytes
+/// written for this connection alone (replies, tungstenite's pongs and close frames), copied
+/// and packed together.
 #[derive(Debug, Default)]
 pub struct OutBuf {
-    buf: Vec<u8>,
-    sent: usize,
+    /// The oldest piece, advanced past what was written of it. A connection that gets one
+    /// message per loop turn (the common case) needs nothing more: no allocation of its own.
+    first: Option<Bytes>,
+    /// The pieces after it, when there are.
+    rest: Option<Box<Rest>>,
+    /// Unsent bytes.
+    len: usize,
 }
+
+/// The pieces after the first: shared ones, then bytes of this connection's own.
+#[derive(Debug, Default)]
+struct Rest {
+    queue: VecDeque<Bytes>,
+    /// Copied bytes written after the last queued piece (many small writes, one buffer).
+    tail: Vec<u8>,
+}
+
+/// What one queued piece costs beyond its bytes: its `Bytes` handle.
+pub const PIECE_OVERHEAD: usize = std::mem::size_of::<Bytes>();
+
+/// Most pieces handed to one `writev`.
+const MAX_IOV: usize = 64;
 
 /// What a write attempt achieved.
 #[derive(Debug, PartialEq, Eq)]
@@ -44,49 +70,140 @@ pub enum Written {
 impl OutBuf {
     /// Unsent bytes.
     pub fn len(&self) -> usize {
-        self.buf.len() - self.sent
+        self.len
     }
 
     /// True when nothing waits to be sent.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Queues bytes.
+    /// What the queue holds for the loop's budget: the unsent bytes (shared frames counted in
+    /// full, as if this connection alone held them), each piece's handle, and the spare room of
+    /// its own buffers.
+    pub fn held(&self) -> usize {
+        let first = usize::from(self.first.is_some()) * PIECE_OVERHEAD;
+        let rest = self.rest.as_ref().map_or(0, |r| {
+            std::mem::size_of::<Rest>()
+                + r.queue.capacity() * PIECE_OVERHEAD
+                + (r.tail.capacity() - r.tail.len())
+        });
+        self.len + first + rest
+    }
+
+    /// Queues a copy of `bytes`.
     pub fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+        if bytes.is_empty() {
+            return;
+        }
+        self.len += bytes.len();
+        if self.first.is_none() {
+            self.first = Some(Bytes::copy_from_slice(bytes));
+        } else {
+            self.rest.get_or_insert_default().tail.extend_from_slice(bytes);
+        }
+    }
+
+    /// Queues `frame` by reference (a reference count, no copy).
+    pub fn push_shared(&mut self, frame: &Bytes) {
+        self.len += frame.len();
+        if self.first.is_none() {
+            self.first = Some(frame.clone());
+            return;
+        }
+        let rest = self.rest.get_or_insert_default();
+        if !rest.tail.is_empty() {
+            rest.queue.push_back(Bytes::from(std::mem::take(&mut rest.tail)));
+        }
+        rest.queue.push_back(frame.clone());
     }
 
     /// Forgets everything queued (for a connection being dropped without a goodbye).
     pub fn discard(&mut self) {
-        self.buf = Vec::new();
-        self.sent = 0;
+        self.first = None;
+        self.rest = None;
+        self.len = 0;
     }
 
-    /// Writes queued bytes until done or the socket would block. When done, the allocation is
-    /// released, so an idle connection holds no output memory.
+    /// Writes queued bytes until done or the socket would block, up to 64 pieces per
+    /// system call. When done, every allocation of its own is released, so an idle connection
+    /// holds no output memory.
     pub fn write_to(&mut self, sock: &mut impl Write) -> io::Result<Written> {
         let mut total = 0;
         // Loop until WouldBlock or empty: the socket is edge-triggered.
-        while self.sent < self.buf.len() {
-            match sock.write(&self.buf[self.sent..]) {
+        while self.len > 0 {
+            let result = match (&self.first, &self.rest) {
+                // One piece (the common case): a plain write.
+                (Some(first), None) => sock.write(first),
+                _ => {
+                    let mut slices = [IoSlice::new(&[]); MAX_IOV];
+                    let k = self.slices(&mut slices);
+                    sock.write_vectored(&slices[..k])
+                }
+            };
+            match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    self.sent += n;
+                    self.consume(n);
                     total += n;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Keep the unsent tail at the front so the buffer does not creep.
-                    self.buf.drain(..self.sent);
-                    self.sent = 0;
-                    return Ok(Written::Blocked(total));
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Written::Blocked(total)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         self.discard();
         Ok(Written::All(total))
+    }
+
+    /// Fills `slices` with the oldest unsent pieces, in order; returns how many.
+    fn slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let Some(first) = &self.first else {
+            return 0;
+        };
+        slices[0] = IoSlice::new(first);
+        let mut k = 1;
+        if let Some(rest) = &self.rest {
+            for piece in &rest.queue {
+                if k == slices.len() {
+                    return k;
+                }
+                slices[k] = IoSlice::new(piece);
+                k += 1;
+            }
+            if !rest.tail.is_empty() && k < slices.len() {
+                slices[k] = IoSlice::new(&rest.tail);
+                k += 1;
+            }
+        }
+        k
+    }
+
+    /// Drops the first `n` unsent bytes (written), releasing each piece written in full.
+    fn consume(&mut self, mut n: usize) {
+        debug_assert!(n <= self.len, "{n} bytes written of {} queued", self.len);
+        self.len -= n;
+        while let Some(first) = &mut self.first {
+            if n < first.len() {
+                first.advance(n);
+                return;
+            }
+            n -= first.len();
+            self.first = self.next_piece();
+        }
+    }
+
+    /// Takes the piece after the first out of `rest` (dropped once empty).
+    fn next_piece(&mut self) -> Option<Bytes> {
+        let rest = self.rest.as_mut()?;
+        let next = match rest.queue.pop_front() {
+            Some(piece) => piece,
+            None => Bytes::from(std::mem::take(&mut rest.tail)),
+        };
+        if rest.queue.is_empty() && rest.tail.is_empty() {
+            self.rest = None;
+        }
+        Some(next)
     }
 }
 
@@ -588,7 +705,7 @@ pub struct Conn {
     pub pending_input: Option<Box<[u8]>>,
     /// When its unsent output went over the soft limit (see `backpressure.rs`).
     pub over_soft_since: Option<Instant>,
-    /// Its unsent output as last counted in the loop's total (after its last write).
+    /// Its output as last counted in the loop's total (`OutBuf::held`, after its last write).
     pub accounted: usize,
     /// Messages read but not published yet because the publish queue was full, oldest
     /// first. While set, the connection is not read (its sender is slowed by TCP).
@@ -620,6 +737,19 @@ impl Conn {
             accounted: 0,
             unpublished: None,
         }
+    }
+
+    /// A closing connection whose last bytes (its close frame) are out and acknowledged by the
+    /// peer: nothing is left for it but the peer's FIN, which an exiting process need not wait
+    /// for.
+    pub fn closed_and_delivered(&self) -> bool {
+        matches!(self.phase, Phase::Closing { write_shut: true, .. }) && unacknowledged(&self.sock) == Some(0)
+    }
+
+    /// Whether the connection came through `--proxy-listen` and its PROXY header is not
+    /// complete yet.
+    pub fn awaits_proxy_header(&self) -> bool {
+        matches!(&self.phase, Phase::Request(r) if r.proxy_header)
     }
 
     /// When the current phase (or an open connection's stage) must be over, if it has a
@@ -681,7 +811,52 @@ mod tests {
         assert_eq!(out.write_to(&mut w).unwrap(), Written::All(8));
         assert_eq!(w.got, b"hello world!");
         assert!(out.is_empty());
-        assert_eq!(out.buf.capacity(), 0);
+        assert!(out.first.is_none() && out.rest.is_none());
+    }
+
+    #[test]
+    fn an_output_buffer_is_small() {
+        // Every connection has one, idle or not.
+        assert!(std::mem::size_of::<OutBuf>() <= 48);
+    }
+
+    #[test]
+    fn small_writes_of_its_own_are_packed_together() {
+        let mut out = OutBuf::default();
+        for _ in 0..1000 {
+            out.push(b"pong");
+        }
+        assert_eq!(out.len(), 4000);
+        assert!(out.held() < 4000 + 4096, "{} held for 4000 bytes", out.held());
+        let mut all = Vec::new();
+        assert_eq!(out.write_to(&mut all).unwrap(), Written::All(4000));
+        assert_eq!(all.len(), 4000);
+    }
+
+    #[test]
+    fn shared_frames_are_queued_by_reference_and_written_in_order() {
+        let frame = Bytes::from(b"0123456789".to_vec());
+        let mut a = OutBuf::default();
+        let mut b = OutBuf::default();
+        a.push(b"<");
+        a.push_shared(&frame);
+        b.push_shared(&frame);
+        a.push(b">");
+        assert_eq!((a.len(), b.len()), (12, 10));
+        assert_eq!(b.held(), 10 + PIECE_OVERHEAD);
+        assert!(a.held() > 12 + 2 * PIECE_OVERHEAD);
+        // Both queues point at the one frame.
+        let queued = &a.rest.as_ref().unwrap().queue;
+        assert_eq!(queued[0].as_ptr(), b.first.as_ref().unwrap().as_ptr());
+        let mut w = Limited { got: vec![], room: 5 };
+        assert_eq!(a.write_to(&mut w).unwrap(), Written::Blocked(5));
+        assert_eq!(a.len(), 7);
+        w.room = 100;
+        assert_eq!(a.write_to(&mut w).unwrap(), Written::All(7));
+        assert_eq!(w.got, b"<0123456789>");
+        let mut all = Vec::new();
+        assert_eq!(b.write_to(&mut all).unwrap(), Written::All(10));
+        assert_eq!(all, b"0123456789");
     }
 
     #[test]

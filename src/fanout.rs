@@ -2,7 +2,7 @@
 //!
 //! This is the per-message hot path, kept free of sockets and syscalls so it can be measured on
 //! its own (`benches/fanout.rs`). The frame was encoded once for every recipient of a protocol;
-//! here each member gets one copy into its output buffer, is marked for the end-of-turn flush
+//! here each member's output buffer gets a reference to it (no copy), is marked for the end-of-turn flush
 //! (once per turn however many messages it got); whether its backlog is too large is judged
 //! after that flush (`backpressure.rs`). Connections that track offsets also drop duplicates, hold deliveries while their
 //! history is being read, and report gaps (deliveries lost upstream) for recovery.
@@ -13,7 +13,7 @@ use slab::Slab;
 
 use crate::bridge::{Channel, Delivery};
 use crate::channels::Members;
-use crate::conn::{Conn, Open, Pending, Phase, Protocol, SubState};
+use crate::conn::{Conn, Open, PIECE_OVERHEAD, Pending, Phase, Protocol, SubState};
 
 /// What fan-out leaves for the rest of the loop turn.
 #[derive(Debug, Default)]
@@ -23,6 +23,11 @@ pub struct Turn {
     pub dirty: Vec<usize>,
     /// Subscriptions that saw a gap in offsets and now wait for a history read.
     pub gaps: Vec<(usize, Channel)>,
+    /// Bytes appended to output buffers since they were last written and judged: not in the
+    /// loop's unsent total yet, but in memory. The loop writes and judges as soon as the two
+    /// together pass `--loop-output-budget`, so a backlog of deliveries drained in one turn
+    /// cannot pile up far past the budget before anyone is judged.
+    pub queued: usize,
 }
 
 impl Turn {
@@ -62,12 +67,18 @@ pub(crate) fn frame_of(protocol: Protocol, d: &Delivery, plain: bool) -> &bytes:
 /// judged here: the end of the turn writes first, then judges what is left.
 pub fn deliver(d: &Arc<Delivery>, members: &Members, conns: &mut Slab<Conn>, turn: &mut Turn) -> usize {
     let mut sent = 0;
+    let mut queued = 0;
     for &key in members {
         let conn = &mut conns[key];
         let Phase::Open(open) = &mut conn.phase else {
             debug_assert!(false, "channel member {key} is not open");
             continue;
         };
+        if conn.dead {
+            // Dropped earlier in this turn (over the budget, a failed write): it leaves its
+            // channels when the turn ends, and gets nothing more meanwhile.
+            continue;
+        }
         let frame = if !open.tracks_offsets {
             // The common case (a plain raw subscriber): nothing to check.
             match open.protocol {
@@ -81,10 +92,12 @@ pub fn deliver(d: &Arc<Delivery>, members: &Members, conns: &mut Slab<Conn>, tur
                 Verdict::Plain => frame_of(open.protocol, d, true),
             }
         };
-        conn.out.push(frame);
+        conn.out.push_shared(frame);
+        queued += frame.len() + PIECE_OVERHEAD;
         sent += 1;
         turn.mark_dirty(key, conn);
     }
+    turn.queued += queued;
     sent
 }
 

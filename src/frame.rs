@@ -2,7 +2,7 @@
 //!
 //! A server frame is never masked (RFC 6455 §5.1), so the bytes on the wire are the same for
 //! every client of a channel: the header and payload are built once into one `Bytes`, and
-//! delivering to a connection is a single copy into its output buffer. Incoming frames and the
+//! delivering to a connection queues a reference to it (no copy). Incoming frames and the
 //! control frames tungstenite answers with (pong, close) are not encoded here.
 
 use bytes::{BufMut, Bytes, BytesMut};

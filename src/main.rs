@@ -12,6 +12,8 @@ use wsrelay::cli::Cli;
 use wsrelay::server::Server;
 
 fn main() -> ExitCode {
+    // Before any thread starts: large buffers are returned to the OS as soon as they are freed.
+    wsrelay::trim::map_large_blocks();
     match run(Cli::parse_args()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

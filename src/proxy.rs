@@ -117,11 +117,16 @@ fn parse_v2(buf: &[u8]) -> Header {
         1 => false,
         _ => return Header::Invalid("PROXY v2 header with an unknown command"),
     };
+    // Family in the high nibble (0 unspecified, 1 IPv4, 2 IPv6, 3 unix), transport in the low
+    // one (0 unspecified, 1 stream, 2 datagram): anything else is refused (the specification
+    // says receivers must).
+    if !local && (family >> 4 > 3 || family & 0x0f > 2) {
+        return Header::Invalid("PROXY v2 header with an unknown address family or transport");
+    }
     if buf.len() < len {
         return Header::Partial;
     }
     let addr = &buf[16..len];
-    // Family in the high nibble (1 IPv4, 2 IPv6), transport in the low one (1 stream).
     let source = match family {
         _ if local => None,
         0x11 if addr.len() >= 12 => {
@@ -337,6 +342,21 @@ mod tests {
             matches!(parse(&with(15, 4)), Header::Invalid(_)),
             "address block too short"
         );
+        for family in [0x51, 0x13, 0xf1] {
+            assert!(
+                matches!(parse(&with(13, family)), Header::Invalid(_)),
+                "family/transport {family:#x}"
+            );
+            // Known before the addresses arrive.
+            assert!(matches!(parse(&with(13, family)[..16]), Header::Invalid(_)));
+        }
+        // Unspecified, unix or datagram: taken, the connection's own address stands.
+        for family in [0x00, 0x31, 0x12] {
+            assert!(matches!(
+                parse(&with(13, family)),
+                Header::Complete { source: None, .. }
+            ));
+        }
         assert!(
             matches!(parse(&with(3, b'x')), Header::Invalid(_)),
             "broken signature"

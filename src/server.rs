@@ -106,7 +106,8 @@ impl Server {
             let poll = mio::Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
             let waker =
                 mio::Waker::new(poll.registry(), WAKER).map_err(|e| format!("cannot create waker: {e}"))?;
-            let (handle, inbox) = bridge::loop_queue(id, config.loop_queue, Arc::new(waker));
+            let (handle, inbox) =
+                bridge::loop_queue(id, config.loop_queue, config.loop_queue_bytes, Arc::new(waker));
             polls.push(poll);
             loops.push(handle);
             inboxes.push(inbox);

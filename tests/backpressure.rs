@@ -331,3 +331,58 @@ fn a_replay_larger_than_the_hard_limit_reaches_a_reading_client() {
         assert_eq!(n.metric("wsrelay_slow_consumer_closes_total"), 0);
     }
 }
+
+/// The budget bounds memory, not just what is counted after a write: a backlog of deliveries
+/// drained in one loop turn used to be copied to every member before anyone was judged, so
+/// 100 clients that do not read could hold every delivery waiting in the loop's inbox (here up
+/// to 150 of 60 KB each: 900 MB) with a 4 MiB budget.
+#[test]
+fn memory_for_clients_that_never_read_stays_within_the_loop_budget() {
+    const BUDGET: u64 = 4 << 20;
+    const PUBLISH_QUEUE: u64 = 1 << 20;
+    const MESSAGES: u64 = 150;
+    // Room for the whole burst and its acknowledgements: nothing is dropped on its way.
+    const LOOP_QUEUE: u64 = 2 * MESSAGES + 10;
+    const SIZE: usize = 60_000;
+    const SUBSCRIBERS: u64 = 100;
+    let n = node(
+        None,
+        &[
+            "--threads",
+            "1",
+            "--history-size",
+            "0",
+            "--loop-output-budget",
+            &BUDGET.to_string(),
+            "--publish-queue-bytes",
+            &PUBLISH_QUEUE.to_string(),
+            "--loop-queue",
+            &LOOP_QUEUE.to_string(),
+        ],
+    );
+    let _stalled: Vec<Client> = (0..SUBSCRIBERS).map(|_| stalled_client(&n, "/flood")).collect();
+    let mut p = V1::connect(n.addr, None).unwrap();
+    let before = rss_kib(n.pid());
+    // 150 × 60 KB, as fast as the server takes them: 9 MB to each of 100 subscribers.
+    let bodies: Vec<String> = (0..MESSAGES)
+        .map(|i| format!("{i:03}{}", "f".repeat(SIZE)))
+        .collect();
+    publish_burst(&mut p, "flood", &bodies);
+    // Acknowledged after the last delivery was queued to the only loop, which drains its inbox
+    // in order: once this is acknowledged, every delivery before it has been handled.
+    assert_eq!(p.publish("flood", "end").unwrap()["type"], "published");
+    let peak = proc_kib(n.pid(), "VmHWM");
+    // What may sit in memory: the budget, one delivery past it (the check follows each
+    // delivery: a handle per member, the frame is shared), the queues on the way (each message
+    // waits in its frame), and 8 MiB for the allocator.
+    let frame = SIZE as u64 + 16;
+    let allowed = BUDGET + SUBSCRIBERS * 64 + PUBLISH_QUEUE + MESSAGES * frame + (8 << 20);
+    let grown = (peak.saturating_sub(before)) * 1024;
+    assert!(
+        grown < allowed,
+        "peak RSS grew by {grown} bytes, more than the {allowed} the budget allows"
+    );
+    // Every one of them was dropped (each was sent far more than the budget), once.
+    assert_eq!(n.metric("wsrelay_deliveries_dropped_total"), 0);
+    assert_eq!(n.metric("wsrelay_slow_consumer_closes_total"), SUBSCRIBERS);
+}

@@ -381,16 +381,7 @@ fn sigterm_sends_1001_and_exits_zero() {
     }
     node.signal(libc::SIGTERM);
     for c in &mut clients {
-        loop {
-            match c.recv(WAIT).unwrap() {
-                Received::Closed(f) => {
-                    assert_eq!(f.unwrap().0, 1001);
-                    break;
-                }
-                Received::Text(_) => {}
-                other => panic!("{other:?}"),
-            }
-        }
+        assert_eq!(recv_close(c), Some(1001));
     }
     drop(clients);
     let status = node.wait_exit(WAIT);

@@ -178,13 +178,38 @@ fn sigint_closes_everyone_at_once() {
     node.signal(libc::SIGINT);
     for c in &mut clients {
         // Each raw client of `/` also got the others' sync messages.
-        loop {
-            match c.recv(WAIT).unwrap() {
-                Received::Closed(f) => break assert_eq!(f.unwrap().0, 1001),
-                Received::Text(_) => {}
-                other => panic!("{other:?}"),
-            }
-        }
+        assert_eq!(recv_close(c), Some(1001));
     }
     assert_eq!(node.wait_exit(WAIT).code(), Some(0));
+}
+
+/// A client that answers the close but keeps its socket open does not hold the exit until
+/// `--close-timeout` (or `--shutdown-timeout`): the node is done once every client has its
+/// close frame.
+#[test]
+fn clients_keeping_their_sockets_after_the_close_do_not_hold_the_exit() {
+    let mut node = Node::start(&[
+        "--shutdown-timeout",
+        "60s",
+        "--close-timeout",
+        "30s",
+        "--threads",
+        "2",
+    ]);
+    let mut clients: Vec<Client> = (0..4).map(|_| node.client("/")).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.sync(&format!("s{i}"), WAIT).unwrap();
+    }
+    node.signal(libc::SIGINT);
+    for c in &mut clients {
+        assert_eq!(recv_close(c), Some(1001));
+    }
+    // The sockets stay open (the clients live on) while the node exits.
+    assert_eq!(node.wait_exit(WAIT).code(), Some(0));
+    assert!(
+        !node.log().iter().any(|l| l.contains("shutdown deadline passed")),
+        "{:?}",
+        node.log()
+    );
+    drop(clients);
 }

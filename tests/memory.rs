@@ -30,7 +30,7 @@ fn history_memory_is_bounded_in_bytes() {
     let mut p = V1::connect(n.addr, None).unwrap();
     p.publish("warm-up", "x").unwrap();
     let before = rss_kib(n.pid());
-    // 1,000 messages of 65 KB (65 MB of payload, twice that with frames) over 20 channels.
+    // 1,000 messages of 65 KB (65 MB, each held in its frame) over 20 channels.
     let body = "h".repeat(65_000);
     for round in 0..10 {
         let cmds: Vec<_> = (0..100)
@@ -153,9 +153,9 @@ fn memory_returns_to_the_system_after_a_burst() {
     let mut p = V1::connect(n.addr, None).unwrap();
     p.publish("warm-up", "x").unwrap();
     let before = rss_kib(n.pid());
-    // About 140 MB held as history for a moment (payload and frame).
+    // About 120 MB held as history for a moment (each message in its frame).
     let body = "m".repeat(60_000);
-    for round in 0..12 {
+    for round in 0..20 {
         let cmds: Vec<_> = (0..100)
             .map(|i| json!({"op":"publish","channel":format!("burst{}", (round * 100 + i) % 20),"data":body,"ref":i}))
             .collect();

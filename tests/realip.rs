@@ -150,6 +150,8 @@ fn missing_or_broken_proxy_headers_close_the_connection_without_harm() {
     v2_bad_version[12] = 0x31;
     let mut v2_too_long = proxy::v2(addr("192.0.2.2:1"), paddr);
     v2_too_long[14] = 0xff;
+    let mut v2_bad_family = proxy::v2(addr("192.0.2.2:1"), paddr);
+    v2_bad_family[13] = 0x51;
     let broken: Vec<(&str, Vec<u8>)> = vec![
         ("no header", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
         ("TLS", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec()),
@@ -172,6 +174,7 @@ fn missing_or_broken_proxy_headers_close_the_connection_without_harm() {
         ("v2 address too short", sig_then_junk),
         ("v2 version 3", v2_bad_version),
         ("v2 too long", v2_too_long),
+        ("v2 unknown address family", v2_bad_family),
     ];
     for (i, (what, bytes)) in broken.iter().enumerate() {
         let mut s = TcpStream::connect(paddr).unwrap();
@@ -188,12 +191,32 @@ fn missing_or_broken_proxy_headers_close_the_connection_without_harm() {
         node.metric("wsrelay_handshake_failures_total"),
         broken.len() as u64
     );
-    // Half a header and then silence: closed at the handshake timeout.
-    let mut s = TcpStream::connect(paddr).unwrap();
-    s.write_all(b"PROXY TCP4 192.0.2.").unwrap();
-    let t = Instant::now();
-    read_until_closed(&mut s, WAIT);
-    assert!(t.elapsed() < WAIT);
+    // Half a header and then silence: closed at the handshake timeout, unanswered (the bytes
+    // so far are not an HTTP request either).
+    let v2 = proxy::v2(addr("192.0.2.2:1"), paddr);
+    let halves: [&[u8]; 3] = [b"PROXY TCP4 192.0.2.", b"PROXY", &v2[..20]];
+    for (i, half) in halves.iter().enumerate() {
+        let mut s = TcpStream::connect(paddr).unwrap();
+        s.write_all(half).unwrap();
+        let t = Instant::now();
+        let got = read_until_closed(&mut s, WAIT);
+        assert!(t.elapsed() < WAIT);
+        assert!(
+            got.is_empty(),
+            "{:?}: answered {:?}",
+            String::from_utf8_lossy(half),
+            String::from_utf8_lossy(&got)
+        );
+        assert_eq!(
+            metric_value(
+                &node.http_get("/metrics").1,
+                "wsrelay_handshake_failures_total{reason=\"timeout\"}"
+            ),
+            i as u64 + 1,
+            "{:?} closed for another reason than the timeout",
+            String::from_utf8_lossy(half)
+        );
+    }
     good.sync("after-silence", WAIT).unwrap();
     // The plain listener never reads PROXY headers: a client cannot claim another address.
     let mut s = TcpStream::connect(node.addr).unwrap();

@@ -123,6 +123,10 @@ fn presence_lists_subscribers_across_nodes_with_info_users_and_a_bound() {
                 "3",
                 "--presence-entry-size",
                 "200",
+                // Refreshed every second: a subscriber waiting past the bound on one node
+                // takes the room a leave on another freed within that.
+                "--presence-ttl",
+                "3s",
             ],
         );
         let exp = now() + 600;
@@ -167,14 +171,20 @@ fn presence_lists_subscribers_across_nodes_with_info_users_and_a_bound() {
         wait_for("the overflow to be counted", WAIT, || {
             (overflow() == 1).then_some(())
         });
-        assert_eq!(listed(&c.presence("room:1").unwrap()).len(), 3);
+        assert_eq!(
+            listed(&c.presence("room:1").unwrap()),
+            sorted(&three.each_ref().map(|c| c.as_str()))
+        );
 
-        // Unsubscribing and closing take subscriptions out, on every node.
+        // Unsubscribing and closing take subscriptions out, on every node; the subscriber
+        // waiting past the bound takes the first room freed (a leave on the other node).
+        let four = [three[0].clone(), three[2].clone(), c.client_id.clone()];
         a2.request(json!({"op": "unsubscribe", "channel": "room:1"}))
             .unwrap();
-        wait_listed(&mut c, "room:1", &[three[0].clone(), three[2].clone()]);
+        wait_listed(&mut c, "room:1", &four);
         a1.client.close();
-        wait_listed(&mut c, "room:1", &[three[2].clone()]);
+        wait_listed(&mut c, "room:1", &four[1..]);
+        assert_eq!(overflow(), 1, "a waiting subscriber is counted once");
 
         // Refusals: no presence on the channel, no grant, info too large.
         let code = |c: &mut V1, cmd: Value| c.request(cmd).unwrap()["code"].as_str().unwrap_or("").to_owned();
@@ -197,9 +207,9 @@ fn presence_lists_subscribers_across_nodes_with_info_users_and_a_bound() {
         // The server API reads it too.
         let (status, p) = s.api(0).presence("room:1", false).unwrap();
         assert_eq!(status, 200, "{p}");
-        assert_eq!(listed(&p), sorted(&[&b.client_id]));
+        assert_eq!(listed(&p), sorted(&[&b.client_id, &c.client_id]));
         let (status, p) = s.api(1).presence("room:1", true).unwrap();
-        assert_eq!((status, p["clients"].as_u64()), (200, Some(1)), "{p}");
+        assert_eq!((status, p["clients"].as_u64()), (200, Some(2)), "{p}");
     });
 }
 
@@ -562,6 +572,27 @@ fn the_server_api_reaches_every_node() {
         assert_eq!(status, 401);
         let (status, r) = s.api(0).disconnect("u1", 1005, "").unwrap();
         assert_eq!((status, r["code"].as_str()), (400, Some("bad_request")));
+        for body in [
+            json!({"user": "u1", "reason": 5}),
+            json!({"user": "u1", "code": "4000"}),
+            json!({"user": 7}),
+        ] {
+            let (status, r) = s.api(0).request("POST", "/api/disconnect", Some(&body)).unwrap();
+            assert_eq!(
+                (status, r["code"].as_str()),
+                (400, Some("bad_request")),
+                "{body}: {r}"
+            );
+        }
+        let (status, r) = s
+            .api(0)
+            .request(
+                "POST",
+                "/api/unsubscribe",
+                Some(&json!({"user": "u1", "channel": 5})),
+            )
+            .unwrap();
+        assert_eq!(status, 400, "{r}");
         let (status, _) = s.api(0).broadcast(&[], "x").unwrap();
         assert_eq!(status, 400);
         let r = other.subscribe("wsrelay:control", None).unwrap();

@@ -212,6 +212,15 @@ impl MemoryBroker {
 }
 
 impl MemoryBroker {
+    /// A `join` or `leave` event of `entry` to `channel`'s subscribers, where it has them.
+    fn presence_event(&mut self, kind: &str, channel: &super::Channel, entry: &str) {
+        if self.config.join_leave_on(channel) {
+            let e = super::presence_event(kind, channel, entry);
+            self.outbox
+                .event(&self.loops, self.routes.loops(channel), &e, &self.metrics);
+        }
+    }
+
     /// Presence, the node's info and the server API, in one process: presence is this
     /// broker's table, events go straight to the loops, commands to every loop.
     fn node_work(&mut self, c: NodeWork) {
@@ -222,27 +231,23 @@ impl MemoryBroker {
                 client,
                 entry,
             } => match self.presence.add(&channel, client, entry.clone(), max) {
-                Added::New if self.config.join_leave_on(&channel) => {
-                    let e = super::presence_event("join", &channel, &entry);
-                    self.outbox
-                        .event(&self.loops, self.routes.loops(&channel), &e, &self.metrics);
-                }
+                Added::New => self.presence_event("join", &channel, &entry),
                 Added::Full => {
                     inc(&self.metrics.broker.presence_overflow);
                     if self.drop_log.allow() {
                         log::warn!(
-                            "presence of {channel:?} is full (--presence-max {max}): a subscriber is not listed"
+                            "presence of {channel:?} is full (--presence-max {max}): a subscriber waits to be listed"
                         );
                     }
                 }
-                Added::New | Added::Existing => {}
+                Added::Existing => {}
             },
             NodeWork::Leave { channel, client } => {
                 if let Some(entry) = self.presence.remove(&channel, &client) {
-                    if self.config.join_leave_on(&channel) {
-                        let e = super::presence_event("leave", &channel, &entry);
-                        self.outbox
-                            .event(&self.loops, self.routes.loops(&channel), &e, &self.metrics);
+                    self.presence_event("leave", &channel, &entry);
+                    // The room it freed goes to the subscriber that waited longest.
+                    if let Some((_, entry)) = self.presence.promote(&channel, max) {
+                        self.presence_event("join", &channel, &entry);
                     }
                 }
             }

@@ -12,7 +12,7 @@ use crate::bridge::{Channel, Delivery, History, Origin, Position, SessionState};
 use crate::frame::Kind;
 use crate::position::new_epoch;
 
-/// Bytes a stored message costs beyond its payload and its frame: the shared `Delivery`, its
+/// Bytes a stored message costs beyond its frame: the shared `Delivery`, its
 /// `Arc` and the ring slot (measured size of the structs, rounded up).
 pub const ENTRY_OVERHEAD: usize = 192;
 /// Bytes a stored session costs beyond its id, subject and channel names (map slot, state).
@@ -20,10 +20,10 @@ pub const SESSION_OVERHEAD: usize = 160;
 /// Bytes per channel of a stored session beyond the name (the entry, offset, epoch handle).
 pub const SESSION_CHANNEL_OVERHEAD: usize = 48;
 
-/// What a stored message costs: its payload, its raw frame (a copy of the payload behind a
-/// header, kept so a replay costs no encoding) and [`ENTRY_OVERHEAD`].
+/// What a stored message costs: its raw frame (the payload behind a header, kept so a replay
+/// costs no encoding; the payload is a view of it) and [`ENTRY_OVERHEAD`].
 fn entry_bytes(d: &Delivery) -> usize {
-    d.data.len() + d.raw_frame.len() + ENTRY_OVERHEAD
+    d.raw_frame.len() + ENTRY_OVERHEAD
 }
 
 #[derive(Debug)]
@@ -336,7 +336,7 @@ impl HistoryStore {
         self.logs.is_empty()
     }
 
-    /// Bytes of all stored messages (by payload, frame and [`ENTRY_OVERHEAD`]).
+    /// Bytes of all stored messages (by frame and [`ENTRY_OVERHEAD`]).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -735,7 +735,7 @@ mod tests {
     #[test]
     fn history_is_capped_in_bytes_per_channel_and_overall() {
         let t = Instant::now();
-        let entry = |n: usize| n * 2 + ENTRY_OVERHEAD + 4; // payload, frame (payload + header)
+        let entry = |n: usize| n + ENTRY_OVERHEAD + 4; // frame (payload + header)
         let mut h = HistoryStore::new(HistoryLimits {
             size: 1000,
             ttl: Duration::from_secs(60),

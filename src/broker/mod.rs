@@ -226,7 +226,7 @@ impl Outbox {
                 inc(&metrics.broker.deliveries_dropped);
                 if log.allow() {
                     warn!(
-                        "loop {id} inbox full: dropping deliveries (raise --loop-queue, or the loop is overloaded)"
+                        "loop {id} inbox full: dropping deliveries (raise --loop-queue or --loop-queue-bytes, or the loop is overloaded)"
                     );
                 }
                 self.lost.insert((id, d.channel.clone()));

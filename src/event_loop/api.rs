@@ -397,13 +397,20 @@ fn admin(path: &str, body: &[u8], lp: &EventLoop) -> Result<Admin, Refused> {
                 .and_then(|c| u16::try_from(c).ok())
                 .ok_or_else(|| bad("code must be a close code"))?,
         };
+        let reason = match v.get("reason") {
+            None => "disconnected by the server",
+            Some(r) => r.as_str().ok_or_else(|| bad("reason must be a string"))?,
+        };
         Admin::Disconnect {
             user,
             code,
-            reason: text("reason").unwrap_or("disconnected by the server").to_owned(),
+            reason: reason.to_owned(),
         }
     } else {
-        let channel = text("channel").unwrap_or_default();
+        let channel = match v.get("channel") {
+            None => "",
+            Some(c) => c.as_str().ok_or_else(|| bad("channel must be a string"))?,
+        };
         lp.channel_name(channel)
             .map_err(|r| (Status::BadRequest, r.code, r.message))?;
         Admin::Unsubscribe {

@@ -116,7 +116,12 @@ impl EventLoop {
         }
         for key in due.expired_requests {
             self.metrics().handshake_failed(HandshakeFailure::Timeout);
-            self.respond(key, http::error_response(Status::RequestTimeout), now);
+            if self.conns[key].awaits_proxy_header() {
+                // A balancer that did not finish its PROXY header is not spoken HTTP to.
+                self.kill(key);
+            } else {
+                self.respond(key, http::error_response(Status::RequestTimeout), now);
+            }
         }
         for key in due.expired_publishes {
             let body = crate::envelope::error(None, "unavailable", "the broker did not answer in time");

@@ -30,6 +30,9 @@ use super::EventLoop;
 use crate::bridge::{ConnId, Request};
 use crate::conn::Phase;
 
+/// How often a finishing loop checks whether its last clients have everything.
+const FINISH_CHECK: Duration = Duration::from_millis(10);
+
 /// Where a loop is in its shutdown; each step owns what it needs.
 #[derive(Debug)]
 pub(super) enum Stopping {
@@ -83,7 +86,8 @@ impl Stopping {
                 let closed = total - queue.len();
                 *start + period.mul_f64(closed as f64 / (*total).max(1) as f64)
             }
-            Stopping::Finishing { deadline } => *deadline,
+            // Acknowledgements of the last bytes come with no event: look again soon.
+            Stopping::Finishing { deadline } => (*deadline).min(Instant::now() + FINISH_CHECK),
         }
     }
 }
@@ -99,7 +103,11 @@ impl EventLoop {
     /// is gone, or the deadline passed.
     pub(super) fn stopped(&self, now: Instant) -> bool {
         match self.stopping {
-            Some(Stopping::Finishing { deadline }) => self.conns.is_empty() || now >= deadline,
+            // Done when every client has our close frame: the peer's own FIN is not waited
+            // for (a client may keep its socket open after the close handshake).
+            Some(Stopping::Finishing { deadline }) => {
+                now >= deadline || self.conns.iter().all(|(_, c)| c.closed_and_delivered())
+            }
             _ => false,
         }
     }

@@ -182,6 +182,10 @@ impl EventLoop {
                 done => return done,
             }
         }
+        if self.conns[key].awaits_proxy_header() {
+            // Half a PROXY header: it is not an HTTP request yet either.
+            return Progress::More;
+        }
         let max_body = self.shared.config.max_message_size;
         let conn = &mut self.conns[key];
         let Phase::Request(request) = &mut conn.phase else {

@@ -617,7 +617,7 @@ impl EventLoop {
         if conn.dead || !matches!(conn.phase, Phase::Open(_)) {
             return;
         }
-        conn.out.push(&frame::text(json));
+        conn.out.push_shared(&frame::text(json));
         self.mark_dirty(key);
     }
 

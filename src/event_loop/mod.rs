@@ -266,17 +266,24 @@ impl EventLoop {
         }
         if self.flush_at.is_some_and(|t| now >= t) {
             self.flush_at = None;
-            for key in std::mem::take(&mut self.turn.dirty) {
-                self.flush(key);
-                self.judge_output(key, now);
-            }
-            self.hold_to_budget(now);
+            self.write_out(now);
         }
         for key in std::mem::take(&mut self.session_changed) {
             self.save_session(key, now, false);
         }
         self.link.send_queued();
         self.remove_dead();
+    }
+
+    /// Writes every connection that got output, once, judges what each has left
+    /// (`backpressure.rs`), then holds the loop to its budget.
+    fn write_out(&mut self, now: Instant) {
+        for key in std::mem::take(&mut self.turn.dirty) {
+            self.flush(key);
+            self.judge_output(key, now);
+        }
+        self.turn.queued = 0;
+        self.hold_to_budget(now);
     }
 
     fn poll_timeout(&self) -> Duration {
@@ -412,6 +419,12 @@ impl EventLoop {
                     };
                     let n = fanout::deliver(&d, members, &mut self.conns, &mut self.turn);
                     add(&self.shared.metrics.loops[self.id].deliveries, n as u64);
+                    if self.unsent + self.turn.queued > self.shared.config.loop_output_budget {
+                        // A backlog drained in one turn would otherwise be copied to every
+                        // member before anyone is judged: write and judge now (the sockets are
+                        // tried first, so readers keep what they can take).
+                        self.write_out(now);
+                    }
                 }
                 ToLoop::Event(e) => self.on_event(&e),
                 ToLoop::Admin(a) => self.on_admin(&a, now),
@@ -474,8 +487,11 @@ impl EventLoop {
             .map(|(k, c)| (c.accounted, k))
             .collect();
         for key in crate::backpressure::over_budget(holders, self.unsent, budget) {
-            inc(&self.metrics().slow_consumers);
             let conn = &mut self.conns[key];
+            if matches!(conn.phase, Phase::Open(_)) {
+                // Not counted twice: one closed as a slow consumer already is closing.
+                inc(&self.shared.metrics.loops[self.id].slow_consumers);
+            }
             warn!(
                 "slow consumer {} dropped: {} bytes unsent, the loop holds {} (--loop-output-budget {budget})",
                 conn.peer,
@@ -508,8 +524,8 @@ impl EventLoop {
         }
         let result = conn.out.write_to(&mut conn.sock);
         // The loop's total follows every connection's output after each write.
-        self.unsent = (self.unsent + conn.out.len()).saturating_sub(conn.accounted);
-        conn.accounted = conn.out.len();
+        self.unsent = (self.unsent + conn.out.held()).saturating_sub(conn.accounted);
+        conn.accounted = conn.out.held();
         let written = match result {
             Ok(Written::All(n)) => {
                 conn.blocked = false;

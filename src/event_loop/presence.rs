@@ -270,7 +270,7 @@ impl EventLoop {
                     .iter()
                     .any(|s| s.channel == event.channel && matches!(s.state, SubState::Live));
             if live {
-                conn.out.push(&event.frame);
+                conn.out.push_shared(&event.frame);
                 self.turn.mark_dirty(key, conn);
                 sent += 1;
             }

@@ -469,7 +469,7 @@ impl EventLoop {
     fn queue_frames(&mut self, key: usize, frames: &[bytes::Bytes]) {
         let conn = &mut self.conns[key];
         for f in frames {
-            conn.out.push(f);
+            conn.out.push_shared(f);
         }
         self.mark_dirty(key);
     }

@@ -533,6 +533,19 @@ pub fn recv_n(c: &mut Client, want: usize) -> Vec<Received> {
         .collect()
 }
 
+/// Receives until the server closes, skipping text messages: the close code, if any.
+#[track_caller]
+pub fn recv_close(c: &mut Client) -> Option<u16> {
+    loop {
+        match c.recv(WAIT) {
+            Ok(Received::Closed(f)) => return f.map(|f| f.0),
+            Ok(Received::Text(_)) => {}
+            Ok(other) => panic!("waiting for the close: {other:?}"),
+            Err(e) => panic!("waiting for the close: {e}"),
+        }
+    }
+}
+
 /// Receives until a text equal to `text` arrives, skipping other messages.
 #[track_caller]
 pub fn recv_until(c: &mut Client, text: &str) {

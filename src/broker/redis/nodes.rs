@@ -183,8 +183,9 @@ impl NodesThread {
     }
 
     /// Joins and leaves, in order, in one pipeline. An entry Redis refused for a full channel
-    /// is dropped here too (counted, logged); one that did not reach Redis stays here and is
-    /// written by the next refresh.
+    /// waits here (counted, logged) for room: a leave of this node on its channel, or the next
+    /// refresh, offers it again. One that did not reach Redis stays here and is written by the
+    /// next refresh.
     fn presence_changes(&mut self, changes: Vec<NodeWork>) {
         if changes.is_empty() {
             return;
@@ -192,6 +193,7 @@ impl NodesThread {
         let max = self.config.presence_max;
         let mut calls = Vec::new();
         let mut joins = Vec::new();
+        let mut fills = Vec::new();
         for c in changes {
             match c {
                 NodeWork::Join {
@@ -212,6 +214,10 @@ impl NodesThread {
                 },
                 NodeWork::Leave { channel, client } if self.table.remove(&channel, &client).is_some() => {
                     calls.push(self.presence_call(&channel, "remove", vec![client.as_bytes().to_vec()]));
+                    if let Some(fill) = self.fill_call(&channel) {
+                        fills.push((calls.len(), channel));
+                        calls.push(fill);
+                    }
                 }
                 _ => {}
             }
@@ -220,12 +226,44 @@ impl NodesThread {
             Ok(answers) => {
                 for (i, channel, client) in joins {
                     if matches!(answers.get(i), Some(Value::Int(0))) {
-                        self.table.remove(&channel, &client);
+                        self.table.refused_elsewhere(&channel, &client);
                         self.overflow(&channel);
                     }
                 }
+                self.filled(&fills, &answers);
             }
             Err(e) => debug!("presence changes not written: {e}; the next refresh writes them"),
+        }
+    }
+
+    /// The call that lists this node's subscribers of `channel` waiting past the bound, while
+    /// there is room (`presence.lua` "fill"), if it has any.
+    fn fill_call(&self, channel: &Channel) -> Option<Call> {
+        let max = self.config.presence_max;
+        let (_, waiting) = self.table.waiting().find(|(c, _)| *c == channel)?;
+        let mut extra = vec![max.to_string().into_bytes()];
+        // No more can be listed than the bound.
+        for (client, entry) in waiting.iter().take(max) {
+            extra.push(client.as_bytes().to_vec());
+            extra.push(entry.as_bytes().to_vec());
+        }
+        Some(self.presence_call(channel, "fill", extra))
+    }
+
+    /// Takes the answers to "fill" calls (`(index of the answer, channel)`): the subscribers
+    /// Redis listed are this node's listed entries from now on.
+    fn filled(&mut self, fills: &[(usize, Channel)], answers: &[Value]) {
+        for (i, channel) in fills {
+            let Some(Value::Array(listed)) = answers.get(*i) else {
+                continue;
+            };
+            for client in listed {
+                if let Value::BulkString(c) = client {
+                    if let Ok(c) = std::str::from_utf8(c) {
+                        self.table.listed_elsewhere(channel, c);
+                    }
+                }
+            }
         }
     }
 
@@ -233,15 +271,16 @@ impl NodesThread {
         inc(&self.redis.metrics.broker.presence_overflow);
         if self.full_log.allow() {
             warn!(
-                "presence of {channel:?} is full (--presence-max {}): a subscriber is not listed",
+                "presence of {channel:?} is full (--presence-max {}): a subscriber waits to be listed",
                 self.config.presence_max
             );
         }
     }
 
-    /// Renews every entry of this node (and writes again any Redis lost).
+    /// Renews every entry of this node (and writes again any Redis lost), and offers its
+    /// subscribers waiting past the bound the room others freed.
     fn refresh(&mut self) {
-        let calls: Vec<Call> = self
+        let mut calls: Vec<Call> = self
             .table
             .channels()
             .map(|(channel, clients)| {
@@ -252,12 +291,25 @@ impl NodesThread {
                 self.presence_call(channel, "refresh", pairs)
             })
             .collect();
-        for chunk in calls.chunks(BATCH) {
-            if let Err(e) = self.with_con(|con| eval_all(con, chunk)) {
-                debug!("presence not refreshed: {e}");
-                return;
+        let waiting: Vec<Channel> = self.table.waiting().map(|(c, _)| c.clone()).collect();
+        let mut fills = Vec::new();
+        for channel in waiting {
+            if let Some(fill) = self.fill_call(&channel) {
+                fills.push((calls.len(), channel));
+                calls.push(fill);
             }
         }
+        let mut answers = Vec::with_capacity(calls.len());
+        for chunk in calls.chunks(BATCH) {
+            match self.with_con(|con| eval_all(con, chunk)) {
+                Ok(a) => answers.extend(a),
+                Err(e) => {
+                    debug!("presence not refreshed: {e}");
+                    return;
+                }
+            }
+        }
+        self.filled(&fills, &answers);
     }
 
     /// Renews this node in the registry, with its info and what changed in its channels.

@@ -11,6 +11,9 @@
 --             expiry; one that is gone (Redis lost it, or the node was cut off past the time
 --             to live and others saw it leave) is written again, with a join event. Returns
 --             how many were written again.
+--   "fill"    4 most entries, 5.. pairs of client id and entry, longest waiting first: this
+--             node's subscribers past the bound, listed while there is room (each with a join
+--             event). Returns the client ids now listed.
 --   "read"    Returns every entry.
 --   "stats"   Returns {entries, distinct users} (clients without a user count once each).
 -- Every operation first removes the entries whose node stopped refreshing them (it died), each
@@ -80,6 +83,25 @@ elseif op == 'refresh' then
   end
   keep()
   return written
+elseif op == 'fill' then
+  local max, listed = tonumber(ARGV[4]), {}
+  for i = 5, #ARGV, 2 do
+    local client, entry = ARGV[i], ARGV[i + 1]
+    local there = redis.call('HEXISTS', entries, client) == 1
+    if not there and redis.call('HLEN', entries) >= max then
+      break
+    end
+    redis.call('HSET', entries, client, entry)
+    redis.call('ZADD', expiries, now + ttl, client)
+    if not there then
+      event('j', entry)
+    end
+    listed[#listed + 1] = client
+  end
+  if #listed > 0 then
+    keep()
+  end
+  return listed
 elseif op == 'read' then
   return redis.call('HVALS', entries)
 elseif op == 'stats' then
