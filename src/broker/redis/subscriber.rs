@@ -121,79 +121,16 @@ impl Subscriber {
         let mut ps = con.as_pubsub();
         // Everything currently routed is subscribed on this new connection.
         let mut upstream: HashSet<Channel> = self.routes.channels().cloned().collect();
-        let mut names: Vec<String> = upstream.iter().map(|c| self.redis.keys.channel(c)).collect();
-        names.push(self.control_channel.clone());
-        for chunk in names.chunks(RESUBSCRIBE_CHUNK) {
-            if let Err(e) = ps.subscribe(chunk) {
-                return Exit::Lost(e);
-            }
-        }
-        if let Err(e) = ps.set_read_timeout(Some(READ_TIMEOUT)) {
+        if let Err(e) = self.subscribe_all(&mut ps, &upstream) {
             return Exit::Lost(e);
         }
-        self.redis
-            .metrics
-            .broker
-            .subscriber_up
-            .store(true, Ordering::Relaxed);
-        self.redis.backoff.reset();
-        if self.connected_before {
-            // Whatever was published while the subscriber was away never reached the loops:
-            // have their offset-tracking connections catch up from history.
-            for channel in self.routes.channels().cloned().collect::<Vec<_>>() {
-                for &loop_id in self.routes.loops(&channel) {
-                    self.outbox.lost(loop_id, channel.clone());
-                }
-            }
-            inc(&self.redis.metrics.broker.redis_reconnects);
-            info!(
-                "redis subscriber reconnected; resubscribed {} channels",
-                upstream.len()
-            );
-        }
-        self.connected_before = true;
-
-        let mut touched = Vec::new();
         let mut last_probe = Instant::now();
         self.redis.metrics.broker.probe_ok(PROBE_EVERY);
         loop {
-            // Take every pending request, then bring Redis to the resulting state in at most
-            // one SUBSCRIBE and one UNSUBSCRIBE.
-            loop {
-                match self.control.try_recv() {
-                    Ok(c) => {
-                        let (channel, waiter) = self.routes.apply(c);
-                        if let Some((loop_id, generation)) = waiter {
-                            self.awaiting.push((loop_id, channel.clone(), generation));
-                        }
-                        touched.push(channel);
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => return Exit::Stop,
-                }
-            }
-            if !touched.is_empty() {
-                let (mut sub, mut unsub) = (Vec::new(), Vec::new());
-                for ch in touched.drain(..) {
-                    let wanted = self.routes.contains(&ch);
-                    if wanted && upstream.insert(ch.clone()) {
-                        sub.push(self.redis.keys.channel(&ch));
-                    } else if !wanted && upstream.remove(&ch) {
-                        unsub.push(self.redis.keys.channel(&ch));
-                    }
-                }
-                if let Err(e) = update_subscriptions(&mut ps, &sub, &unsub) {
-                    return Exit::Lost(e);
-                }
-                self.redis
-                    .metrics
-                    .broker
-                    .channels
-                    .store(upstream.len() as u64, Ordering::Relaxed);
-                // Redis has answered: the subscriptions are in effect.
-                for (loop_id, ch, generation) in self.awaiting.drain(..) {
-                    self.outbox.confirm(&self.redis.loops, loop_id, ch, generation);
-                }
+            match self.take_requests(&mut ps, &mut upstream) {
+                Ok(true) => {}
+                Ok(false) => return Exit::Stop,
+                Err(e) => return Exit::Lost(e),
             }
             self.outbox.retry(&self.redis.loops);
             if last_probe.elapsed() >= PROBE_EVERY {
@@ -212,6 +149,89 @@ impl Subscriber {
                 Err(e) => return Exit::Lost(e),
             }
         }
+    }
+
+    /// A new connection: subscribes `upstream` and the control channel; after a reconnect,
+    /// the loops' offset-tracking connections catch up from history.
+    fn subscribe_all(
+        &mut self,
+        ps: &mut redis::PubSub<'_>,
+        upstream: &HashSet<Channel>,
+    ) -> redis::RedisResult<()> {
+        let mut names: Vec<String> = upstream.iter().map(|c| self.redis.keys.channel(c)).collect();
+        names.push(self.control_channel.clone());
+        for chunk in names.chunks(RESUBSCRIBE_CHUNK) {
+            ps.subscribe(chunk)?;
+        }
+        ps.set_read_timeout(Some(READ_TIMEOUT))?;
+        self.redis
+            .metrics
+            .broker
+            .subscriber_up
+            .store(true, Ordering::Relaxed);
+        self.redis.backoff.reset();
+        if self.connected_before {
+            // Whatever was published while the subscriber was away never reached the loops.
+            for channel in self.routes.channels().cloned().collect::<Vec<_>>() {
+                for &loop_id in self.routes.loops(&channel) {
+                    self.outbox.lost(loop_id, channel.clone());
+                }
+            }
+            inc(&self.redis.metrics.broker.redis_reconnects);
+            info!(
+                "redis subscriber reconnected; resubscribed {} channels",
+                upstream.len()
+            );
+        }
+        self.connected_before = true;
+        Ok(())
+    }
+
+    /// Takes every pending request, then brings Redis to the resulting state in at most one
+    /// SUBSCRIBE and one UNSUBSCRIBE, and confirms the waiting loops. False when the loops are
+    /// gone (shutdown).
+    fn take_requests(
+        &mut self,
+        ps: &mut redis::PubSub<'_>,
+        upstream: &mut HashSet<Channel>,
+    ) -> redis::RedisResult<bool> {
+        let mut touched = Vec::new();
+        loop {
+            match self.control.try_recv() {
+                Ok(c) => {
+                    let (channel, waiter) = self.routes.apply(c);
+                    if let Some((loop_id, generation)) = waiter {
+                        self.awaiting.push((loop_id, channel.clone(), generation));
+                    }
+                    touched.push(channel);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return Ok(false),
+            }
+        }
+        if touched.is_empty() {
+            return Ok(true);
+        }
+        let (mut sub, mut unsub) = (Vec::new(), Vec::new());
+        for ch in touched {
+            let wanted = self.routes.contains(&ch);
+            if wanted && upstream.insert(ch.clone()) {
+                sub.push(self.redis.keys.channel(&ch));
+            } else if !wanted && upstream.remove(&ch) {
+                unsub.push(self.redis.keys.channel(&ch));
+            }
+        }
+        update_subscriptions(ps, &sub, &unsub)?;
+        self.redis
+            .metrics
+            .broker
+            .channels
+            .store(upstream.len() as u64, Ordering::Relaxed);
+        // Redis has answered: the subscriptions are in effect.
+        for (loop_id, ch, generation) in self.awaiting.drain(..) {
+            self.outbox.confirm(&self.redis.loops, loop_id, ch, generation);
+        }
+        Ok(true)
     }
 
     fn route(&mut self, msg: &redis::Msg) {
