@@ -69,6 +69,9 @@ struct Link {
     sent: VecDeque<Sent>,
     /// When the last PING was sent, while it is unanswered.
     ping_out: Option<Instant>,
+    /// Redis has answered on this connection. A new connection proves nothing: the kernel
+    /// accepts connections for a Redis that answers nothing (stopped, stalled).
+    answered: bool,
 }
 
 /// A channel subscribed (or being subscribed) on a primary.
@@ -367,6 +370,7 @@ impl ShardSubscriber {
                 writer: stream,
                 sent: VecDeque::new(),
                 ping_out: None,
+                answered: false,
             },
         );
         Ok(())
@@ -453,6 +457,7 @@ impl ShardSubscriber {
     /// An answer (or, for `sunsubscribe`, perhaps a notice) on the connection to `addr`.
     fn answered(&mut self, addr: &Addr, kind: &str, name: Option<String>) {
         let link = self.links.get_mut(addr).expect("event of a live link");
+        link.answered = true;
         let ours = match (link.sent.front(), kind, &name) {
             (Some(Sent::Subscribe(n)), "ssubscribe", Some(m)) => n == m,
             (Some(Sent::Unsubscribe(n)), "sunsubscribe", Some(m)) => n == m,
@@ -500,6 +505,7 @@ impl ShardSubscriber {
     /// An error answer: to the oldest command sent on the connection.
     fn refused(&mut self, addr: &Addr, e: &redis::ServerError) {
         let link = self.links.get_mut(addr).expect("event of a live link");
+        link.answered = true;
         match link.sent.pop_front() {
             Some(Sent::Subscribe(name)) => {
                 // MOVED (a stale slot map) or CLUSTERDOWN: subscribe again after a refresh.
@@ -608,8 +614,8 @@ impl ShardSubscriber {
         self.update_health();
     }
 
-    /// Up while every slot has a primary, every primary a connection answering PINGs and
-    /// every wanted channel a subscription.
+    /// Up while every slot has a primary, every primary a connection that has answered and
+    /// answers PINGs, and every wanted channel a subscription.
     fn update_health(&mut self) {
         let up = self.map.complete()
             && self.orphans.is_empty()
@@ -617,7 +623,7 @@ impl ShardSubscriber {
             && self.map.primaries().iter().all(|a| {
                 self.links
                     .get(a)
-                    .is_some_and(|l| l.ping_out.is_none_or(|t| t.elapsed() < PROBE_EVERY * 2))
+                    .is_some_and(|l| l.answered && l.ping_out.is_none_or(|t| t.elapsed() < PROBE_EVERY * 2))
             });
         let broker = &self.redis.metrics.broker;
         broker.subscriber_up.store(up, Ordering::Relaxed);
