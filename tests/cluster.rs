@@ -192,6 +192,12 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
         "*",
         "--join-leave",
         "*",
+        // Two listed per channel; refreshed every second, so a subscriber waiting past the
+        // bound takes room freed on the other node within that.
+        "--presence-max",
+        "2",
+        "--presence-ttl",
+        "3s",
     ];
     let (a, b) = nodes(&cluster, &flags);
     let token = |sub: &str| {
@@ -237,6 +243,24 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
             .unwrap();
         assert_eq!(here, 1, "{key} not on {primary}");
     }
+    // A third subscriber of the first channel is past the bound: it waits.
+    let first = channels[0].0.clone();
+    let listed = |c: &mut V1| -> Option<Vec<String>> {
+        let p = c.presence(&first).ok()?;
+        let mut ids: Vec<String> = p["clients"]
+            .as_array()?
+            .iter()
+            .filter_map(|c| Some(c["client"].as_str()?.to_owned()))
+            .collect();
+        ids.sort();
+        Some(ids)
+    };
+    let mut third = V1::connect_with(a.addr, None, Some(&token("u3"))).unwrap();
+    third.subscribe(&first, None).unwrap();
+    wait_for("the overflow to be counted", WAIT, || {
+        (a.metric("wsrelay_presence_overflow_total") == 1).then_some(())
+    });
+    assert!(!listed(&mut third).unwrap().contains(&third.client_id));
     // The node registry (one slot) and the channel counts of every node.
     let api = Api::new(a.addr, KEY);
     wait_for("both nodes in info", WAIT, || {
@@ -249,8 +273,10 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
         channels
             .iter()
             .all(|(ch, _)| {
+                // The first channel also has the waiting subscriber.
+                let n = if *ch == first { 3 } else { 2 };
                 list.iter()
-                    .any(|x| x["channel"] == ch.as_str() && x["subscribers"] == 2)
+                    .any(|x| x["channel"] == ch.as_str() && x["subscribers"] == n)
             })
             .then_some(())
     });
@@ -269,6 +295,12 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
     // Its leave reaches the other node.
     let leave = on_a.next_of("leave", WAIT).unwrap();
     assert_eq!(leave["client"].as_str(), Some(on_b.client_id.as_str()), "{leave}");
+    // The room it freed on the first channel goes to the subscriber that waited.
+    let mut want = vec![on_a.client_id.clone(), third.client_id.clone()];
+    want.sort();
+    wait_for("the waiting subscriber to be listed", WAIT, || {
+        (listed(&mut third)? == want).then_some(())
+    });
 }
 
 #[test]
