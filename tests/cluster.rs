@@ -175,6 +175,18 @@ fn a_cluster_with_a_password_serves_every_shard() {
     refuses_to_start(&["--redis-cluster", &bare], &[], "cannot reach the Redis Cluster");
 }
 
+/// The client ids `channel`'s presence lists, sorted, as `c` reads them.
+fn listed(c: &mut V1, channel: &str) -> Option<Vec<String>> {
+    let p = c.presence(channel).ok()?;
+    let mut ids: Vec<String> = p["clients"]
+        .as_array()?
+        .iter()
+        .filter_map(|c| Some(c["client"].as_str()?.to_owned()))
+        .collect();
+    ids.sort();
+    Some(ids)
+}
+
 #[test]
 fn presence_events_and_the_server_api_work_on_a_cluster() {
     const KEY: &str = "cluster-test-api-key";
@@ -227,14 +239,7 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
         let mut want = vec![on_a.client_id.clone(), on_b.client_id.clone()];
         want.sort();
         wait_for("presence to list both", WAIT, || {
-            let p = on_a.presence(c).ok()?;
-            let mut ids: Vec<String> = p["clients"]
-                .as_array()?
-                .iter()
-                .filter_map(|c| Some(c["client"].as_str()?.to_owned()))
-                .collect();
-            ids.sort();
-            (ids == want).then_some(())
+            (listed(&mut on_a, c)? == want).then_some(())
         });
         let key = format!("app%7B1%7D:wsrelay:{{app%7B1%7D:{c}}}:presence");
         let here: u64 = redis::cmd("EXISTS")
@@ -245,22 +250,12 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
     }
     // A third subscriber of the first channel is past the bound: it waits.
     let first = channels[0].0.clone();
-    let listed = |c: &mut V1| -> Option<Vec<String>> {
-        let p = c.presence(&first).ok()?;
-        let mut ids: Vec<String> = p["clients"]
-            .as_array()?
-            .iter()
-            .filter_map(|c| Some(c["client"].as_str()?.to_owned()))
-            .collect();
-        ids.sort();
-        Some(ids)
-    };
     let mut third = V1::connect_with(a.addr, None, Some(&token("u3"))).unwrap();
     third.subscribe(&first, None).unwrap();
     wait_for("the overflow to be counted", WAIT, || {
         (a.metric("wsrelay_presence_overflow_total") == 1).then_some(())
     });
-    assert!(!listed(&mut third).unwrap().contains(&third.client_id));
+    assert!(!listed(&mut third, &first).unwrap().contains(&third.client_id));
     // The node registry (one slot) and the channel counts of every node.
     let api = Api::new(a.addr, KEY);
     wait_for("both nodes in info", WAIT, || {
@@ -299,7 +294,7 @@ fn presence_events_and_the_server_api_work_on_a_cluster() {
     let mut want = vec![on_a.client_id.clone(), third.client_id.clone()];
     want.sort();
     wait_for("the waiting subscriber to be listed", WAIT, || {
-        (listed(&mut third)? == want).then_some(())
+        (listed(&mut third, &first)? == want).then_some(())
     });
 }
 
