@@ -91,7 +91,7 @@ pub struct Cli {
     /// Capacity of each loop's delivery inbox, messages
     #[arg(long, value_name = "N")]
     pub loop_queue: Option<usize>,
-    /// Capacity of each loop's delivery inbox, bytes (payload and frame of each delivery)
+    /// Capacity of each loop's delivery inbox, bytes (the raw frame of each delivery)
     #[arg(long, value_name = "BYTES")]
     pub loop_queue_bytes: Option<usize>,
     /// Capacity of the publish queue, messages; when full, publishing connections are not read until there is room

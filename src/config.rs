@@ -113,10 +113,11 @@ pub struct Config {
     /// Capacity, in messages, of each loop's inbox (deliveries from the broker). When a loop
     /// falls this far behind, further deliveries to it are dropped and counted. Default 65,536.
     pub loop_queue: usize,
-    /// Capacity, in bytes, of the same inbox: a delivery counts its payload and its raw frame
-    /// (a delivery to several loops is counted in each). Full: dropped and counted, like the
-    /// count. Default 64 MiB: a thousand messages of 64 KiB, and a bound on what a loop that
-    /// fell behind holds whatever the message size (65,536 messages of 64 KiB would be 8 GiB).
+    /// Capacity, in bytes, of the same inbox: a delivery counts its raw frame, which holds its
+    /// payload (a delivery to several loops is counted in each). Full: dropped and counted,
+    /// like the count. Default 64 MiB: a thousand messages of 64 KiB, and a bound on what a
+    /// loop that fell behind holds whatever the message size (65,536 messages of 64 KiB would
+    /// be 4 GiB).
     pub loop_queue_bytes: usize,
     /// Capacity, in messages, of the queue from the loops to the publisher. When it is full,
     /// the loops stop reading from connections that publish until there is room again (TCP
