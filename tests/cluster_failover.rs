@@ -449,3 +449,26 @@ fn a_paused_primary_does_not_hold_up_the_other_shards() {
         (a.http_get("/healthz").0 == 200).then_some(())
     });
 }
+
+/// The first publish to a shard whose primary died while this node was not publishing there
+/// goes to the promoted replica: the publisher's connection to the dead primary was closed by
+/// then, so nothing was sent on it and nothing is "outcome unknown".
+#[test]
+fn a_publish_after_its_primary_died_goes_to_the_new_primary() {
+    let mut cluster = Cluster::start();
+    let (a, _b) = nodes(&cluster);
+    let (channel, victim) = cluster.channels_on_every_primary("idle", 1)[0].clone();
+    let mut p = V1::connect(a.addr, None).unwrap();
+    let r = p.publish(&channel, "before").unwrap();
+    assert_eq!(r["type"], "published", "{r}");
+    let replica = cluster.replica_of(victim);
+    cluster.kill(victim);
+    wait_for("the replica promoted", Duration::from_secs(20), || {
+        (cluster.role(replica).as_deref() == Some("master")).then_some(())
+    });
+    wait_for("/healthz back", Duration::from_secs(20), || {
+        (a.http_get("/healthz").0 == 200).then_some(())
+    });
+    let r = p.publish(&channel, "after").unwrap();
+    assert_eq!(r["type"], "published", "{r}");
+}

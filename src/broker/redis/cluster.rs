@@ -40,6 +40,8 @@ pub const ATTEMPTS: usize = 6;
 /// each retry: 25, 50, 100, 200, 400 ms, about the time a failover with a short
 /// `cluster-node-timeout` takes to be agreed).
 const RETRY_PAUSE: Duration = Duration::from_millis(25);
+/// A primary's connection unused this long is checked with a PING before a batch is sent on it.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Shortest time between two refreshes of the slot map forced by errors (a dead primary makes
 /// every command fail; one refresh per this is enough).
 const REFRESH_GAP: Duration = Duration::from_millis(100);
@@ -302,6 +304,8 @@ struct NodeCon {
     con: redis::Connection,
     replid: Vec<u8>,
     replid2: Vec<u8>,
+    /// When a batch was last sent on it.
+    used: Instant,
 }
 
 /// Where a command goes.
@@ -430,6 +434,7 @@ impl Router {
                 con,
                 replid: Vec::new(),
                 replid2: Vec::new(),
+                used: Instant::now(),
             };
             read_replids(&mut node)?;
             for s in &self.scripts {
@@ -438,6 +443,31 @@ impl Router {
             self.cons.insert(addr.clone(), node);
         }
         Ok(self.cons.get_mut(addr).expect("inserted above"))
+    }
+
+    /// Whether the open connection to `addr`, unused for [`IDLE_CHECK`] or longer, no longer
+    /// answers a PING: its primary died (or stalls) meanwhile. A batch written into a
+    /// connection its primary closed would end "outcome unknown" although it never ran.
+    fn went_away(&mut self, addr: &Addr) -> bool {
+        let Some(n) = self.cons.get_mut(addr) else {
+            return false;
+        };
+        if n.used.elapsed() < IDLE_CHECK {
+            return false;
+        }
+        match redis::cmd("PING").query::<Value>(&mut n.con) {
+            Ok(_) => {
+                n.used = Instant::now();
+                false
+            }
+            Err(e) => {
+                debug!("redis cluster connection to {}:{} went away: {e}", addr.0, addr.1);
+                if e.is_timeout() {
+                    self.suspect(addr);
+                }
+                true
+            }
+        }
     }
 
     /// Drops the connection to `addr` (after an I/O error).
@@ -536,9 +566,21 @@ impl Router {
     fn send(&mut self, commands: &[Vec<&[u8]>], groups: Vec<Group>, round: &mut Round) -> Vec<Group> {
         let mut sent = Vec::new();
         for (addr, group) in groups {
+            if self.went_away(&addr) {
+                // Nothing was sent: these go to the slot's owner after a refresh.
+                self.drop_node(&addr);
+                round.refresh = true;
+                round.todo.extend(group.into_iter().map(|(i, _)| (i, None)));
+                continue;
+            }
             let packed = self.pack(&addr, commands, &group);
             match packed.and_then(|p| self.node(&addr).and_then(|n| n.con.send_packed_command(&p))) {
-                Ok(()) => sent.push((addr, group)),
+                Ok(()) => {
+                    if let Some(n) = self.cons.get_mut(&addr) {
+                        n.used = Instant::now();
+                    }
+                    sent.push((addr, group));
+                }
                 Err(e) => {
                     let unknown = self.cons.contains_key(&addr);
                     if e.is_timeout() {
