@@ -472,3 +472,23 @@ fn a_publish_after_its_primary_died_goes_to_the_new_primary() {
     let r = p.publish(&channel, "after").unwrap();
     assert_eq!(r["type"], "published", "{r}");
 }
+
+/// A node started while a primary is dead and its replica not promoted yet waits for the
+/// failover instead of exiting, then serves every shard.
+#[test]
+fn a_node_started_during_a_failover_waits_for_it() {
+    let mut cluster = Cluster::start();
+    let channels = cluster.channels_on_every_primary("late", 1);
+    let victim = channels[0].1;
+    cluster.kill(victim);
+    let seeds = cluster.seeds();
+    let node = Node::start(&["--redis-cluster", &seeds, "--redis-backoff-max", "300ms"]);
+    wait_for("/healthz 200", Duration::from_secs(20), || {
+        (node.http_get("/healthz").0 == 200).then_some(())
+    });
+    let mut p = V1::connect(node.addr, None).unwrap();
+    for (channel, _) in &channels {
+        let r = p.publish(channel, "hello").unwrap();
+        assert_eq!(r["type"], "published", "{channel}: {r}");
+    }
+}

@@ -42,7 +42,9 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use log::warn;
 
 use crate::backoff::Backoff;
 use crate::bridge::{BrokerInbox, LoopHandle};
@@ -89,23 +91,32 @@ pub fn spawn(
     let mut con = backend
         .link(vec![&*publisher::PUBLISH_SCRIPT])
         .map_err(|e| format!("cannot reach {where_}: {e}"))?;
-    redis::cmd("PING")
-        .query::<String>(&mut con)
-        .map_err(|e| format!("{where_} does not answer PING: {e}"))?;
-    if let Link::Cluster(router) = &con
-        && !router.map().complete()
-    {
-        return Err(format!(
-            "{where_} does not serve every slot (CLUSTER SLOTS): is it set up?"
-        ));
-    }
-    let prefix = &config.redis_prefix;
-    match register(&mut con, prefix) {
-        Ok(None) => {}
-        Ok(Some(other)) => return Err(prefix_conflict(prefix, &other)),
-        Err(e) => return Err(format!("cannot register the key prefix in {where_}: {e}")),
-    }
     let cluster = matches!(backend, Backend::Cluster(_));
+    // A cluster that answered but is failing over (a primary dead, its replica not promoted
+    // yet) is waited for, a while: a node restarted in that window would otherwise exit.
+    let wait_until = Instant::now()
+        + if cluster {
+            CLUSTER_START_WAIT
+        } else {
+            Duration::ZERO
+        };
+    let mut waiting = false;
+    loop {
+        match ready(&mut con, &where_, &config.redis_prefix) {
+            Ok(()) => break,
+            Err((why, true)) if Instant::now() < wait_until => {
+                if !waiting {
+                    warn!("{why}; waiting up to {CLUSTER_START_WAIT:?} for the Redis Cluster to settle");
+                    waiting = true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                if let Link::Cluster(router) = &mut con {
+                    let _ = router.refresh();
+                }
+            }
+            Err((why, _)) => return Err(why),
+        }
+    }
     let shared = Shared {
         backend,
         keys: Keys {
@@ -142,6 +153,33 @@ pub fn spawn(
         start("wsrelay-redis-req", Box::new(move || req.run()))?,
         start("wsrelay-redis-nodes", Box::new(move || nodes_thread.run()))?,
     ])
+}
+
+/// How long a node starting on a Redis Cluster that answers but does not serve every slot,
+/// or has a primary that does not answer, waits for it to settle (a failover) before it gives
+/// up.
+const CLUSTER_START_WAIT: Duration = Duration::from_secs(20);
+
+/// Whether Redis is ready for this node: it answers PING (every primary, on a cluster), a
+/// cluster serves every slot, and the key prefix is registered. The error says why, and
+/// whether waiting may help (not for a prefix that clashes with another deployment's).
+fn ready(con: &mut Link, where_: &str, prefix: &str) -> Result<(), (String, bool)> {
+    redis::cmd("PING")
+        .query::<String>(con)
+        .map_err(|e| (format!("{where_} does not answer PING: {e}"), true))?;
+    if let Link::Cluster(router) = &*con
+        && !router.map().complete()
+    {
+        return Err((
+            format!("{where_} does not serve every slot (CLUSTER SLOTS): is it set up?"),
+            true,
+        ));
+    }
+    match register(con, prefix) {
+        Ok(None) => Ok(()),
+        Ok(Some(other)) => Err((prefix_conflict(prefix, &other), false)),
+        Err(e) => Err((format!("cannot register the key prefix in {where_}: {e}"), true)),
+    }
 }
 
 /// How a thread reaches Redis.
