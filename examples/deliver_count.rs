@@ -12,48 +12,20 @@
 //! `tuning.md` compares the count across versions (older versions took a `max_output`
 //! argument in `fanout::deliver` and had `Turn::slow`).
 
-use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
-use std::time::Instant;
+#[path = "../benches/support/fanout_fixture.rs"]
+mod fanout_fixture;
 
-use bytes::Bytes;
-use slab::Slab;
-use tungstenite::protocol::{Role, WebSocketContext};
-use wsrelay::bridge::Delivery;
-use wsrelay::channels::Members;
-use wsrelay::conn::{Conn, Open, Phase, Protocol, Sub};
+use fanout_fixture::{delivery, fixture, reset};
 use wsrelay::fanout::{self, Turn};
-use wsrelay::frame::Kind;
 
 fn main() {
-    let n = 10_000;
-    wsrelay::listener::raise_fd_limit().expect("open-file limit");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, peer) = listener.accept().unwrap();
-    let channel: Arc<str> = Arc::from("bench");
-    let now = Instant::now();
-    let mut conns = Slab::with_capacity(n);
-    let mut members = Members::default();
-    for serial in 0..n as u64 {
-        let sock = mio::net::TcpStream::from_std(server.try_clone().expect("dup a socket"));
-        let mut conn = Conn::new(sock, peer, serial, now, now);
-        let mut open = Open::new(WebSocketContext::new(Role::Server, None), Protocol::Raw, now);
-        open.subs.push(Sub::live(channel.clone()));
-        conn.phase = Phase::Open(Box::new(open));
-        members.insert(conns.insert(conn));
-    }
-    let d = Delivery::new(Arc::from("bench"), Kind::Text, Bytes::from(vec![b'x'; 64]), None);
+    let mut f = fixture(10_000);
+    let d = delivery();
     let mut turn = Turn::default();
     let mut total = 0;
     for _ in 0..200 {
-        total += fanout::deliver(&d, &members, &mut conns, &mut turn);
-        for key in turn.dirty.drain(..) {
-            let c = &mut conns[key];
-            c.dirty = false;
-            c.out.discard();
-        }
-        turn.gaps.clear();
+        total += fanout::deliver(&d, &f.members, &mut f.conns, &mut turn);
+        reset(&mut f, &mut turn);
     }
     println!("{total} deliveries");
 }

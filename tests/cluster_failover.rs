@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::cluster::Cluster;
+use common::delivery::{Gap, Position, gaps, position, subscriber};
 use common::*;
 use serde_json::Value;
 use wsrelay_client::V1;
@@ -27,81 +28,6 @@ fn nodes(cluster: &Cluster) -> (Node, Node) {
         });
     }
     (a, b)
-}
-
-/// A v1 subscriber of `channel` collecting frames until the message `end`, starting with its
-/// subscribe reply.
-fn collector(node: &Node, channel: &str) -> std::thread::JoinHandle<Vec<Value>> {
-    let mut c = V1::connect(node.addr, None).unwrap();
-    let reply = c.subscribe(channel, None).unwrap();
-    assert_eq!(reply["type"], "subscribed");
-    std::thread::spawn(move || {
-        let mut got = vec![reply];
-        loop {
-            let v = c.next(Duration::from_secs(60)).expect("subscriber stalled");
-            let end = v["type"] == "message" && v["data"] == "end";
-            got.push(v);
-            if end {
-                return got;
-            }
-        }
-    })
-}
-
-/// A position in a channel: (epoch, offset).
-type Position = (String, u64);
-
-fn position(v: &Value) -> Option<Position> {
-    Some((v["epoch"].as_str()?.to_owned(), v["offset"].as_u64()?))
-}
-
-/// Messages a subscriber was told it may have missed: after `after`, up to and including
-/// `upto` (the two may be in different epochs).
-#[derive(Debug)]
-struct Gap {
-    after: Position,
-    upto: Position,
-}
-
-impl Gap {
-    fn excuses(&self, (epoch, offset): &Position) -> bool {
-        let (after, upto) = (&self.after, &self.upto);
-        let past_after = *epoch != after.0 || *offset > after.1;
-        let before_upto = *epoch != upto.0 || *offset <= upto.1;
-        (*epoch == after.0 || *epoch == upto.0) && past_after && before_upto
-    }
-}
-
-/// The gaps a subscriber's `recovered: false` notices excuse (as in `faults.rs`).
-fn gaps(name: &str, got: &[Value]) -> Vec<Gap> {
-    let mut last = position(&got[0]).unwrap_or_else(|| panic!("{name}: subscribed without a position"));
-    let mut gaps = Vec::new();
-    let mut open: Option<Position> = None;
-    for m in &got[1..] {
-        let here = position(m);
-        if m["type"] == "message" {
-            let Some(here) = here else { continue };
-            if let Some(after) = open.take() {
-                gaps.push(Gap {
-                    after,
-                    upto: (here.0.clone(), here.1.saturating_sub(1)),
-                });
-            }
-            last = here;
-        } else if m["type"] == "subscribed" && m["recovered"] == false {
-            match here {
-                Some(upto) => {
-                    gaps.push(Gap {
-                        after: open.take().unwrap_or_else(|| last.clone()),
-                        upto: upto.clone(),
-                    });
-                    last = upto;
-                }
-                None => open = Some(open.take().unwrap_or_else(|| last.clone())),
-            }
-        }
-    }
-    gaps
 }
 
 /// Checks one subscriber: no position twice; each acknowledged message present with its own
@@ -189,8 +115,8 @@ fn a_primary_killed_under_steady_publishing() {
         .iter()
         .flat_map(|(c, _)| {
             [
-                (format!("{c}@a"), collector(&a, c)),
-                (format!("{c}@b"), collector(&b, c)),
+                (format!("{c}@a"), subscriber(&a, c)),
+                (format!("{c}@b"), subscriber(&b, c)),
             ]
         })
         .collect();
@@ -262,7 +188,7 @@ fn a_promoted_replica_that_missed_acknowledged_publishes_starts_a_new_epoch() {
     let (a, b) = nodes(&cluster);
     let (channel, primary) = cluster.channels_on_every_primary("lossy", 1).remove(0);
     let replica = cluster.replica_of(primary);
-    let sub = collector(&a, &channel);
+    let sub = subscriber(&a, &channel);
     let mut p = V1::connect(b.addr, None).unwrap();
     let mut acked = HashMap::new();
     let publish = |p: &mut V1, acked: &mut HashMap<Position, String>, i: u64| {
@@ -347,7 +273,7 @@ fn a_manual_failover_moves_publishes_and_subscriptions_to_the_new_primary() {
     let (a, b) = nodes(&cluster);
     let (channel, primary) = cluster.channels_on_every_primary("handover", 1).remove(0);
     let replica = cluster.replica_of(primary);
-    let subs = [collector(&a, &channel), collector(&b, &channel)];
+    let subs = [subscriber(&a, &channel), subscriber(&b, &channel)];
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let publisher = steady_publisher(&b, &channel, stop.clone(), count.clone());

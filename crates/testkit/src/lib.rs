@@ -18,6 +18,7 @@
 #![deny(missing_docs, rust_2018_idioms)]
 
 pub mod cluster;
+pub mod delivery;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
