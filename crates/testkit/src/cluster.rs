@@ -151,7 +151,7 @@ impl Cluster {
                 if let Ok(Some(status)) = child.try_wait() {
                     break Err(format!("exited with {status}"));
                 }
-                if server_pid(&self.url(port)) == Some(pid) {
+                if crate::redis_server_pid(&self.url(port)) == Some(pid) {
                     break Ok(());
                 }
                 if Instant::now() > deadline {
@@ -492,20 +492,6 @@ impl Drop for Cluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// The pid of the server answering at `url`, if any.
-fn server_pid(url: &str) -> Option<u32> {
-    let client = redis::Client::open(url).ok()?;
-    let mut con = client
-        .get_connection_with_timeout(Duration::from_millis(200))
-        .ok()?;
-    let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// A suffix that differs between clusters of one test process.

@@ -57,6 +57,20 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// The process id of the Redis server answering at `url`, if any answers.
+fn redis_server_pid(url: &str) -> Option<u32> {
+    let client = redis::Client::open(url).ok()?;
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_millis(200))
+        .ok()?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// A port on 127.0.0.1 that refuses connections for as long as this value lives: its socket
 /// is bound (so nobody else can take the port) but never listens. For "nothing is there" tests,
 /// without the race of a port that was free a moment ago.
@@ -229,16 +243,7 @@ impl Redis {
 
     /// The process id of the server answering on the port, if any answers.
     fn server_pid(&self) -> Option<u32> {
-        let client = redis::Client::open(self.url()).ok()?;
-        let mut con = client
-            .get_connection_with_timeout(Duration::from_millis(200))
-            .ok()?;
-        let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("process_id:"))?
-            .trim()
-            .parse()
-            .ok()
+        redis_server_pid(&self.url())
     }
 
     /// True when the server answers PING.

@@ -37,7 +37,7 @@ use log::{debug, info, warn};
 use redis::Value;
 
 use super::cluster::{Addr, Seeds, SlotMap, slot};
-use super::subscriber::{PROBE_EVERY, command, route};
+use super::subscriber::{PROBE_EVERY, received};
 use super::{COMMAND_TIMEOUT, CONNECT_TIMEOUT, Shared};
 use crate::bridge::{Channel, Control};
 use crate::broker::{Outbox, Routes};
@@ -432,19 +432,15 @@ impl ShardSubscriber {
                 else {
                     return;
                 };
-                if name == self.control_channel {
-                    return command(&self.redis, &mut self.outbox, &mut self.drop_log, payload);
-                }
-                if let Some(channel) = self.redis.keys.channel_of(&name) {
-                    route(
-                        &self.redis,
-                        &self.routes,
-                        &mut self.outbox,
-                        &mut self.drop_log,
-                        &channel,
-                        payload,
-                    );
-                }
+                received(
+                    &self.redis,
+                    &self.routes,
+                    &mut self.outbox,
+                    &mut self.drop_log,
+                    &self.control_channel,
+                    &name,
+                    payload,
+                );
             }
             "ssubscribe" | "sunsubscribe" | "pong" => {
                 let name = text(items.get(1));

@@ -235,32 +235,41 @@ impl Subscriber {
     }
 
     fn route(&mut self, msg: &redis::Msg) {
-        let name = msg.get_channel_name();
-        if name == self.control_channel {
-            return command(
-                &self.redis,
-                &mut self.outbox,
-                &mut self.drop_log,
-                msg.get_payload_bytes(),
-            );
-        }
-        let Some(channel) = self.redis.keys.channel_of(name) else {
-            return;
-        };
-        route(
+        received(
             &self.redis,
             &self.routes,
             &mut self.outbox,
             &mut self.drop_log,
-            &channel,
+            &self.control_channel,
+            msg.get_channel_name(),
             msg.get_payload_bytes(),
         );
     }
 }
 
+/// A message Redis delivered on the Pub/Sub channel `name` (plain or sharded): a server API
+/// command on the control channel, otherwise a message for the loops whose clients are on its
+/// channel (a name outside this deployment's prefix is ignored).
+pub(super) fn received(
+    redis: &Shared,
+    routes: &Routes,
+    outbox: &mut Outbox,
+    drop_log: &mut LogThrottle,
+    control_channel: &str,
+    name: &str,
+    payload: &[u8],
+) {
+    if name == control_channel {
+        return command(redis, outbox, drop_log, payload);
+    }
+    if let Some(channel) = redis.keys.channel_of(name) {
+        route(redis, routes, outbox, drop_log, &channel, payload);
+    }
+}
+
 /// Routes a message read from Redis on `channel` to the loops that have members there: a
 /// presence event (re-encoded from a valid entry) or a delivery.
-pub(super) fn route(
+fn route(
     redis: &Shared,
     routes: &Routes,
     outbox: &mut Outbox,
@@ -291,7 +300,7 @@ pub(super) fn route(
 }
 
 /// A server API command from the control channel: to every loop, if it is one.
-pub(super) fn command(redis: &Shared, outbox: &mut Outbox, drop_log: &mut LogThrottle, payload: &[u8]) {
+fn command(redis: &Shared, outbox: &mut Outbox, drop_log: &mut LogThrottle, payload: &[u8]) {
     let admin = match wire::signal(payload) {
         Some(wire::Signal::Command(body)) => wire::decode_admin(body),
         _ => None,
