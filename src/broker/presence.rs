@@ -123,14 +123,15 @@ impl PresenceTable {
         }
     }
 
-    /// Every channel with subscribers waiting for room, and them, longest waiting first.
-    pub fn waiting(&self) -> impl Iterator<Item = (&Channel, &IndexMap<Arc<str>, Arc<str>>)> {
-        self.waiting.iter()
+    /// Every channel with subscribers waiting for room.
+    pub fn waiting_channels(&self) -> impl Iterator<Item = &Channel> {
+        self.waiting.keys()
     }
 
-    /// Whether `channel` has subscribers waiting for room.
-    pub fn has_waiting(&self, channel: &str) -> bool {
-        self.waiting.contains_key(channel)
+    /// The subscribers of `channel` waiting for room (client id → entry), longest waiting
+    /// first, if it has any.
+    pub fn waiting_on(&self, channel: &str) -> Option<&IndexMap<Arc<str>, Arc<str>>> {
+        self.waiting.get(channel)
     }
 
     fn take_waiting(&mut self, channel: &Channel) -> Option<(Arc<str>, Arc<str>)> {
@@ -253,7 +254,7 @@ mod tests {
         // Another store's answers: refused goes back to waiting, taken is listed.
         t.refused_elsewhere(&c, "n-0-3");
         assert_eq!((t.len(), t.waiting_len()), (1, 1));
-        assert!(t.has_waiting("room"));
+        assert_eq!(t.waiting_on("room").map(IndexMap::len), Some(1));
         assert!(t.listed_elsewhere(&c, "n-0-3"));
         assert!(!t.listed_elsewhere(&c, "n-0-3"));
         assert_eq!((t.len(), t.waiting_len()), (2, 0));

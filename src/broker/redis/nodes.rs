@@ -240,7 +240,7 @@ impl NodesThread {
     /// there is room (`presence.lua` "fill"), if it has any.
     fn fill_call(&self, channel: &Channel) -> Option<Call> {
         let max = self.config.presence_max;
-        let (_, waiting) = self.table.waiting().find(|(c, _)| *c == channel)?;
+        let waiting = self.table.waiting_on(channel)?;
         let mut extra = vec![max.to_string().into_bytes()];
         // No more can be listed than the bound.
         for (client, entry) in waiting.iter().take(max) {
@@ -291,7 +291,7 @@ impl NodesThread {
                 self.presence_call(channel, "refresh", pairs)
             })
             .collect();
-        let waiting: Vec<Channel> = self.table.waiting().map(|(c, _)| c.clone()).collect();
+        let waiting: Vec<Channel> = self.table.waiting_channels().cloned().collect();
         let mut fills = Vec::new();
         for channel in waiting {
             if let Some(fill) = self.fill_call(&channel) {
