@@ -171,6 +171,13 @@ impl Routes {
         self.map.get(channel).map_or(&[], Vec::as_slice)
     }
 
+    /// The loops on `channel` with the channel's shared name, if any loop is on it.
+    pub fn route(&self, channel: &str) -> Option<(&Channel, &[usize])> {
+        self.map
+            .get_key_value(channel)
+            .map(|(c, loops)| (c, loops.as_slice()))
+    }
+
     /// Whether any loop is on `channel`.
     pub fn contains(&self, channel: &str) -> bool {
         self.map.contains_key(channel)

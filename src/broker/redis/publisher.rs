@@ -95,8 +95,10 @@ pub(super) struct Publisher {
     queued: PublishQueue,
     batch_max: usize,
     history: Option<History>,
-    /// Prefix of the epochs this node's publishes create (see `publish.lua`).
-    epoch_prefix: String,
+    /// The publish script's arguments that are the same for every publish, packed once.
+    script_args: ScriptArgs,
+    /// The pipeline being packed (kept: its capacity is reused).
+    packed: Vec<u8>,
     /// Channels whose history expiry this node refreshed lately, and when.
     refreshed: HashMap<Channel, Instant>,
     next_prune: Instant,
@@ -127,13 +129,17 @@ impl Publisher {
             Link::Cluster(r) => (None, Some(r)),
         };
         let history = (config.history_size > 0).then(|| History::new(config));
+        // Prefix of the epochs this node's publishes create (see `publish.lua`).
+        let epoch_prefix: String = std::iter::repeat_with(fastrand::alphanumeric).take(4).collect();
+        let script_args = ScriptArgs::new(history, &epoch_prefix, redis.keys.cluster);
         Publisher {
             redis,
             queue,
             queued,
             batch_max: config.publish_batch,
             history,
-            epoch_prefix: std::iter::repeat_with(fastrand::alphanumeric).take(4).collect(),
+            script_args,
+            packed: Vec::new(),
             refreshed: HashMap::new(),
             next_prune: Instant::now(),
             con,
@@ -190,18 +196,18 @@ impl Publisher {
             || (n < MAX_IN_FLIGHT && len == self.batch_max && self.in_flight_bytes < MAX_IN_FLIGHT_BYTES)
     }
 
-    /// The batch as one pipeline. Errors come back per command (`ignore_errors`), so one
-    /// refused publish does not hide the outcome of the others. `rerun`: these publishes were
-    /// not applied before (their expiry refresh did not happen either).
-    fn pipeline<'a>(&mut self, batch: impl IntoIterator<Item = &'a Publish>, rerun: bool) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+    /// The batch as one pipeline, packed straight into `out` (RESP; no allocation per
+    /// argument: this runs for every publish). Errors come back per command, so one refused
+    /// publish does not hide the outcome of the others. `rerun`: these publishes were not
+    /// applied before (their expiry refresh did not happen either).
+    fn pack<'a>(&mut self, out: &mut Vec<u8>, batch: impl IntoIterator<Item = &'a Publish>, rerun: bool) {
         let now = Instant::now();
+        let keys = &self.redis.keys;
         for p in batch {
-            let keys = &self.redis.keys;
-            match self.history {
+            let refresh = match self.history {
+                None => false,
                 Some(h) => {
-                    let refresh = rerun
+                    rerun
                         || match self.refreshed.get_mut(&p.channel) {
                             Some(at) if now.duration_since(*at) < h.refresh_every => false,
                             Some(at) => {
@@ -212,35 +218,12 @@ impl Publisher {
                                 self.refreshed.insert(p.channel.clone(), now);
                                 true
                             }
-                        };
-                    pipe.cmd("EVALSHA")
-                        .arg(PUBLISH_SCRIPT.get_hash())
-                        .arg(2)
-                        .arg(keys.meta(&p.channel))
-                        .arg(keys.stream(&p.channel))
-                        .arg(h.maxlen)
-                        .arg(h.ttl)
-                        .arg(keys.channel(&p.channel))
-                        .arg(&[wire::kind_byte(p.kind)][..])
-                        .arg(&p.data[..])
-                        .arg(self.epoch_prefix.as_str())
-                        .arg(if refresh { "1" } else { "0" })
-                        .arg(h.large_budget)
-                        .arg(h.large);
-                    if keys.cluster {
-                        // ARGV 10 is left to scripts/rooms-compare.sh; 11 the publish
-                        // command, 12 and 13 the replication ids of the primary running it.
-                        pipe.arg("").arg("SPUBLISH").arg(REPLID).arg(REPLID2);
-                    }
+                        }
                 }
-                None => {
-                    pipe.cmd(keys.publish_command())
-                        .arg(keys.channel(&p.channel))
-                        .arg(wire::encode(p.kind, &p.data, None));
-                }
-            }
+            };
+            let script = self.history.is_some().then_some(&self.script_args);
+            pack_one(out, keys, script, p, refresh);
         }
-        pipe
     }
 
     /// Forgets refreshes older than the refresh interval: the map holds only the channels
@@ -262,9 +245,13 @@ impl Publisher {
         if self.con.is_none() {
             return self.resend(batch, false);
         }
-        let packed = self.pipeline(&batch, false).get_packed_pipeline();
+        let mut packed = std::mem::take(&mut self.packed);
+        packed.clear();
+        self.pack(&mut packed, &batch, false);
         let con = self.con.as_mut().expect("checked above");
-        match con.send_packed_command(&packed) {
+        let sent = con.send_packed_command(&packed);
+        self.packed = packed;
+        match sent {
             Ok(()) => {
                 let bytes = batch.iter().map(|p| p.data.len()).sum();
                 self.in_flight_bytes += bytes;
@@ -454,20 +441,33 @@ impl Publisher {
         batch: &[Publish],
         rerun: bool,
     ) -> redis::RedisResult<Vec<Value>> {
-        let mut values: Vec<Value> = self.pipeline(batch, rerun).query(con)?;
+        let mut values = self.exchange(con, batch, rerun)?;
         let missing: Vec<usize> = (0..values.len()).filter(|&i| is_noscript(&values[i])).collect();
         if missing.is_empty() {
             return Ok(values);
         }
         info!("loading the publish script into redis");
         PUBLISH_SCRIPT.prepare_invoke().load(con)?;
-        let answers: Vec<Value> = self
-            .pipeline(missing.iter().map(|&i| &batch[i]), true)
-            .query(con)?;
+        let again: Vec<&Publish> = missing.iter().map(|&i| &batch[i]).collect();
+        let answers = self.exchange(con, again, true)?;
         for (i, v) in missing.into_iter().zip(answers) {
             values[i] = v;
         }
         Ok(values)
+    }
+
+    /// Sends a batch and reads its answers (an error reply is an answer, per publish).
+    fn exchange<'a>(
+        &mut self,
+        con: &mut redis::Connection,
+        batch: impl IntoIterator<Item = &'a Publish>,
+        rerun: bool,
+    ) -> redis::RedisResult<Vec<Value>> {
+        let mut packed = Vec::new();
+        let batch: Vec<&Publish> = batch.into_iter().collect();
+        self.pack(&mut packed, batch.iter().copied(), rerun);
+        con.send_packed_command(&packed)?;
+        batch.iter().map(|_| con.recv_response()).collect()
     }
 
     /// Runs a batch on a cluster and waits for it: each publish on the primary of its channel's
@@ -480,7 +480,8 @@ impl Publisher {
     /// (it may have run, and its message reached subscribers: a retry would deliver it twice
     /// under two offsets) and not delivered locally.
     fn run_cluster(&mut self, batch: Vec<Publish>) {
-        let packed = self.pipeline(&batch, false).get_packed_pipeline();
+        let mut packed = Vec::new();
+        self.pack(&mut packed, &batch, false);
         let router = self.router.as_mut().expect("cluster publisher");
         let outcomes = match super::cluster::split_packed(&packed) {
             Some(commands) => router.run(&commands),
@@ -538,6 +539,10 @@ impl Publisher {
             metrics.writes_accepted();
         }
         for (p, v) in batch.into_iter().zip(results) {
+            if p.ack.is_none() && !matches!(v, Value::ServerError(_)) {
+                // Stored, and nobody to tell (a raw publish): the position is not read.
+                continue;
+            }
             let result = outcome(&v, self.history.is_some());
             if let (Err(PublishError::Refused(reason)), Value::ServerError(e)) = (&result, &v) {
                 inc(&metrics.publish_refused);
@@ -605,6 +610,111 @@ impl Publisher {
         if let Some((_, count)) = &mut self.outage {
             *count += n;
         }
+    }
+}
+
+/// The publish script's arguments that do not change between publishes, packed (RESP) once,
+/// in the order `publish.lua` reads them: the head (EVALSHA, the script, 2 keys) before the
+/// keys; the limits (ARGV 1-2) between the keys and the channel; the epoch prefix (ARGV 6)
+/// after the payload; the byte caps (ARGV 8-9, and in a cluster 10-13) last.
+#[derive(Default)]
+struct ScriptArgs {
+    head: Vec<u8>,
+    limits: Vec<u8>,
+    epoch_prefix: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl ScriptArgs {
+    fn new(history: Option<History>, epoch_prefix: &str, cluster: bool) -> ScriptArgs {
+        let Some(h) = history else {
+            return ScriptArgs::default();
+        };
+        let mut a = ScriptArgs::default();
+        resp::array(&mut a.head, if cluster { 18 } else { 14 });
+        resp::bulk(&mut a.head, &[b"EVALSHA"]);
+        resp::bulk(&mut a.head, &[PUBLISH_SCRIPT.get_hash().as_bytes()]);
+        resp::bulk(&mut a.head, &[b"2"]);
+        resp::bulk(&mut a.limits, &[h.maxlen.to_string().as_bytes()]);
+        resp::bulk(&mut a.limits, &[h.ttl.to_string().as_bytes()]);
+        resp::bulk(&mut a.epoch_prefix, &[epoch_prefix.as_bytes()]);
+        resp::bulk(&mut a.tail, &[h.large_budget.to_string().as_bytes()]);
+        resp::bulk(&mut a.tail, &[h.large.to_string().as_bytes()]);
+        if cluster {
+            // ARGV 10 is left to scripts/rooms-compare.sh; 11 the publish command, 12 and 13
+            // the replication ids of the primary running it.
+            for arg in [&b""[..], b"SPUBLISH", REPLID, REPLID2] {
+                resp::bulk(&mut a.tail, &[arg]);
+            }
+        }
+        a
+    }
+}
+
+/// One publish, packed: the publish script with `script`'s fixed arguments (history on), or a
+/// plain PUBLISH of the wire-encoded payload.
+fn pack_one(out: &mut Vec<u8>, keys: &super::Keys, script: Option<&ScriptArgs>, p: &Publish, refresh: bool) {
+    let Some(fixed) = script else {
+        let name = keys.channel(&p.channel);
+        resp::array(out, 3);
+        resp::bulk(out, &[keys.publish_command().as_bytes()]);
+        resp::bulk(out, &[name.as_bytes()]);
+        resp::bulk(out, &[&wire::encode(p.kind, &p.data, None)]);
+        return;
+    };
+    out.extend_from_slice(&fixed.head);
+    if keys.cluster {
+        resp::bulk(out, &[keys.meta(&p.channel).as_bytes()]);
+        resp::bulk(out, &[keys.stream(&p.channel).as_bytes()]);
+        out.extend_from_slice(&fixed.limits);
+        resp::bulk(out, &[keys.channel(&p.channel).as_bytes()]);
+    } else {
+        // The keys as `Keys::meta`, `Keys::stream` and `Keys::channel` spell them.
+        let (prefix, c) = (keys.prefix.as_bytes(), p.channel.as_bytes());
+        resp::bulk(out, &[prefix, b"wsrelay:{", c, b"}:meta"]);
+        resp::bulk(out, &[prefix, b"wsrelay:{", c, b"}:stream"]);
+        out.extend_from_slice(&fixed.limits);
+        resp::bulk(out, &[prefix, c]);
+    }
+    resp::bulk(out, &[&[wire::kind_byte(p.kind)]]);
+    resp::bulk(out, &[&p.data]);
+    out.extend_from_slice(&fixed.epoch_prefix);
+    resp::bulk(out, &[if refresh { b"1" } else { b"0" }]);
+    out.extend_from_slice(&fixed.tail);
+}
+
+/// RESP, written straight into a buffer.
+mod resp {
+    /// An array header of `n` elements.
+    pub(super) fn array(out: &mut Vec<u8>, n: usize) {
+        out.push(b'*');
+        decimal(out, n);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// One bulk string: the concatenation of `parts`.
+    pub(super) fn bulk(out: &mut Vec<u8>, parts: &[&[u8]]) {
+        out.push(b'$');
+        decimal(out, parts.iter().map(|p| p.len()).sum());
+        out.extend_from_slice(b"\r\n");
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn decimal(out: &mut Vec<u8>, mut n: usize) {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&digits[at..]);
     }
 }
 
@@ -689,6 +799,61 @@ mod tests {
         }
         assert!(!is_noscript(&oom));
         assert!(is_noscript(&server_error("NOSCRIPT No matching script.")));
+    }
+
+    /// The packed publish is, byte for byte, what redis-rs packs for the same command, with
+    /// the keys `Keys` names: on one Redis and in a cluster, history on and off.
+    #[test]
+    fn a_packed_publish_is_the_command_redis_rs_would_send() {
+        let history = History {
+            maxlen: 1000,
+            ttl: 600,
+            refresh_every: REFRESH_EVERY,
+            large_budget: 8 << 20,
+            large: 7206,
+        };
+        let p = Publish {
+            origin: None,
+            channel: std::sync::Arc::from("room {7}"),
+            kind: crate::frame::Kind::Binary,
+            data: bytes::Bytes::from_static(b"\x00hello\r\n"),
+            ack: None,
+        };
+        for cluster in [false, true] {
+            let keys = super::super::Keys {
+                prefix: "app:".into(),
+                cluster,
+            };
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(PUBLISH_SCRIPT.get_hash())
+                .arg(2)
+                .arg(keys.meta(&p.channel))
+                .arg(keys.stream(&p.channel))
+                .arg(1000)
+                .arg(600)
+                .arg(keys.channel(&p.channel))
+                .arg("b")
+                .arg(&p.data[..])
+                .arg("EP12")
+                .arg("1")
+                .arg(8 << 20)
+                .arg(7206);
+            if cluster {
+                cmd.arg("").arg("SPUBLISH").arg(REPLID).arg(REPLID2);
+            }
+            let script = ScriptArgs::new(Some(history), "EP12", cluster);
+            let mut out = Vec::new();
+            pack_one(&mut out, &keys, Some(&script), &p, true);
+            assert_eq!(out, cmd.get_packed_command(), "cluster {cluster}");
+
+            let mut plain = redis::cmd(keys.publish_command());
+            plain
+                .arg(keys.channel(&p.channel))
+                .arg(wire::encode(p.kind, &p.data, None));
+            let mut out = Vec::new();
+            pack_one(&mut out, &keys, None, &p, false);
+            assert_eq!(out, plain.get_packed_command(), "cluster {cluster}");
+        }
     }
 
     #[test]

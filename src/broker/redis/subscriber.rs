@@ -277,10 +277,9 @@ fn route(
     channel: &str,
     payload: &[u8],
 ) {
-    let targets = routes.loops(channel);
-    if targets.is_empty() {
+    let Some((channel, targets)) = routes.route(channel) else {
         return;
-    }
+    };
     if let Some(signal) = wire::signal(payload) {
         let (kind, entry) = match signal {
             wire::Signal::Join(e) => ("join", e),
@@ -288,14 +287,13 @@ fn route(
             wire::Signal::Command(_) => return,
         };
         if let Some(entry) = crate::presence::canonical(entry, redis.entry_size) {
-            let e = crate::broker::presence_event(kind, &Arc::from(channel), &entry);
+            let e = crate::broker::presence_event(kind, channel, &entry);
             outbox.event(&redis.loops, targets, &e, &redis.metrics);
         }
         return;
     }
     let decoded = wire::decode(payload);
-    let channel: Channel = Arc::from(channel);
-    let d = Delivery::new(channel, decoded.kind, decoded.data, decoded.position);
+    let d = Delivery::new(channel.clone(), decoded.kind, decoded.data, decoded.position);
     outbox.fan_out(&redis.loops, targets, &d, &redis.metrics, drop_log);
 }
 
