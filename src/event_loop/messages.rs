@@ -525,7 +525,13 @@ impl EventLoop {
     }
 
     /// Who connection `key` is, for fair shares of bounded stores (see `bridge::Origin`).
+    /// Only the in-process broker's stores use it: with Redis, none (it is not made for every
+    /// publish for nothing).
     pub(super) fn origin(&self, key: usize) -> Option<crate::bridge::Origin> {
+        let config = &self.shared.config;
+        if config.redis.is_some() || config.redis_cluster.is_some() {
+            return None;
+        }
         let conn = self.conns.get(key)?;
         let subject = match &conn.phase {
             Phase::Open(open) => open.session.as_ref().and_then(|s| s.subject.as_deref()),
