@@ -214,11 +214,21 @@ impl OutBuf {
 ///
 /// Invariant: empty between connections. Bytes a connection did not consume (its read budget
 /// ran out) move to that connection's `pending_input` and come back first on its next read.
+///
+/// A read that returns less than the buffer holds emptied the socket: when the loop says so
+/// ([`ReadAhead::trust_short_reads`]), the next read of the same connection answers
+/// `WouldBlock` without a system call. epoll(7) documents this for stream sockets under
+/// edge-triggered polling: anything arriving later raises a new event. Not trusted when the
+/// event reported the peer's close or an error (the end of the stream must still be read).
 #[derive(Debug)]
 pub struct ReadAhead {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    /// Short reads end this connection's read (see above).
+    trust_short: bool,
+    /// The last read of this connection was short.
+    drained: bool,
 }
 
 impl ReadAhead {
@@ -228,7 +238,15 @@ impl ReadAhead {
             buf: vec![0; size].into_boxed_slice(),
             start: 0,
             end: 0,
+            trust_short: false,
+            drained: false,
         }
+    }
+
+    /// Whether the reads of the next connection may end at a short read (set before each
+    /// connection's reads; see the type's documentation).
+    pub fn trust_short_reads(&mut self, yes: bool) {
+        self.trust_short = yes;
     }
 
     /// Bytes read and not consumed yet.
@@ -246,6 +264,8 @@ impl ReadAhead {
     pub fn clear(&mut self) {
         self.start = 0;
         self.end = 0;
+        self.drained = false;
+        self.trust_short = false;
     }
 
     /// Loads bytes saved from an earlier turn; they must fit (they came from this buffer).
@@ -282,10 +302,14 @@ impl Read for Io<'_> {
             return Ok(n);
         };
         if ahead.start == ahead.end {
+            if ahead.drained && ahead.trust_short {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
             // One large read; WouldBlock and EOF pass straight through.
             let n = self.sock.read(&mut ahead.buf)?;
             ahead.start = 0;
             ahead.end = n;
+            ahead.drained = n > 0 && n < ahead.buf.len();
             self.got_input |= n > 0;
         }
         let n = buf.len().min(ahead.end - ahead.start);
@@ -890,5 +914,61 @@ mod tests {
         assert_eq!(conn.deadline(), None, "an open connection has none");
         conn.phase = Phase::closing(now);
         assert_eq!(conn.deadline(), Some(now));
+    }
+
+    /// A short read ends a connection's reads only when the loop trusts short reads: the
+    /// next read then answers WouldBlock without reading the socket (so bytes sent since are
+    /// not seen: they raise a new event). Otherwise the socket is read again.
+    #[test]
+    fn a_short_read_ends_the_read_only_when_trusted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut sock = TcpStream::from_std(server);
+        let mut out = OutBuf::default();
+        let mut ahead = ReadAhead::new(1024);
+        let mut buf = [0u8; 64];
+        let wait_readable = |sock: &TcpStream| {
+            let mut fds = [libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(sock),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: one valid pollfd for the call's duration.
+            assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 5000) }, 1);
+        };
+        for trusted in [true, false] {
+            peer.write_all(b"first").unwrap();
+            wait_readable(&sock);
+            ahead.trust_short_reads(trusted);
+            let mut io = Io {
+                sock: &mut sock,
+                out: &mut out,
+                ahead: Some(&mut ahead),
+                got_input: false,
+            };
+            assert_eq!(io.read(&mut buf).unwrap(), 5);
+            peer.write_all(b"second").unwrap();
+            wait_readable(io.sock);
+            match io.read(&mut buf) {
+                Err(e) if trusted => assert_eq!(e.kind(), io::ErrorKind::WouldBlock),
+                Ok(6) if !trusted => {}
+                other => panic!("trusted {trusted}: {other:?}"),
+            }
+            ahead.clear();
+            if trusted {
+                // What the trusted read left is there for the next one.
+                ahead.trust_short_reads(true);
+                let mut io = Io {
+                    sock: &mut sock,
+                    out: &mut out,
+                    ahead: Some(&mut ahead),
+                    got_input: false,
+                };
+                assert_eq!(io.read(&mut buf).unwrap(), 6);
+                ahead.clear();
+            }
+        }
     }
 }

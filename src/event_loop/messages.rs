@@ -54,12 +54,12 @@ impl EventLoop {
         if !self.may_read(key) {
             return;
         }
-        let (messages, end, nothing_queued) = self.read_messages(key, now);
-        add(&self.metrics().messages_in, messages.len() as u64);
-        let mut messages = messages.into_iter();
+        let (mut read, end, nothing_queued) = self.read_messages(key, now);
+        add(&self.metrics().messages_in, read.len() as u64);
+        let mut messages = read.drain(..);
         while let Some((kind, data)) = messages.next() {
             if !self.on_message(key, kind, data, now) {
-                if !self.keep_unpublished(key, messages) {
+                if !self.keep_unpublished(key, &mut messages) {
                     return;
                 }
                 // Paused: the rest of the input stays in the socket (and in pending_input)
@@ -68,6 +68,10 @@ impl EventLoop {
                 break;
             }
         }
+        // Anything left after a pause went to `keep_unpublished`: the buffer is empty again,
+        // and the next read fills it without allocating.
+        drop(messages);
+        self.read_buf = read;
         self.read_ended(key, end, nothing_queued, now);
     }
 
@@ -111,7 +115,7 @@ impl EventLoop {
             ahead: Some(&mut self.ahead),
             got_input: false,
         };
-        let mut messages = Vec::new();
+        let mut messages = std::mem::take(&mut self.read_buf);
         let end = loop {
             if messages.len() == budget {
                 break ReadEnd::BudgetSpent;

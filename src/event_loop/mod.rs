@@ -125,6 +125,8 @@ pub struct EventLoop {
     reads: u64,
     /// Shared read buffer: one large read per socket, handed to tungstenite in small pieces.
     ahead: ReadAhead,
+    /// The messages of one connection's read (kept empty between reads: its room is reused).
+    read_buf: Vec<(crate::frame::Kind, bytes::Bytes)>,
     next_sweep: Instant,
     sweep_every: Duration,
     /// Set when shutting down: which step of the shutdown the loop is in.
@@ -182,6 +184,7 @@ impl EventLoop {
             next_serial: 0,
             reads: 0,
             ahead: ReadAhead::new(READ_AHEAD),
+            read_buf: Vec::new(),
             next_sweep: Instant::now() + sweep_every,
             sweep_every,
             stopping: None,
@@ -224,7 +227,13 @@ impl EventLoop {
                             self.judge_output(key, now);
                         }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            // A new event follows any input after a short read, unless the
+                            // stream is ending.
+                            self.ahead
+                                .trust_short_reads(!event.is_read_closed() && !event.is_error());
                             self.read(key, now);
+                            // Reads from elsewhere (deferred ones) read until WouldBlock.
+                            self.ahead.trust_short_reads(false);
                         }
                     }
                 }
