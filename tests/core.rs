@@ -615,6 +615,39 @@ fn coalesce_lets_messages_share_writes() {
     assert!(w_patient <= 10, "coalescing: {w_patient} writes");
 }
 
+/// The subscriber connection authenticates as the URL says: with the password alone, and as
+/// an ACL user. A node whose subscriber could not log in would deliver nothing from the other.
+#[test]
+fn redis_behind_a_password_and_as_an_acl_user() {
+    let redis = Redis::start();
+    let mut con = redis.con();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "relay", "on", ">relay-secret-1", "~*", "&*", "+@all"])
+        .query(&mut con)
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "default-secret-1"])
+        .query(&mut con)
+        .unwrap();
+    let a = Node::start(&[
+        "--redis",
+        &format!("redis://:default-secret-1@127.0.0.1:{}", redis.port),
+    ]);
+    let b = Node::start(&[
+        "--redis",
+        &format!("redis://relay:relay-secret-1@127.0.0.1:{}", redis.port),
+    ]);
+    let mut ca = a.client("/locked");
+    ca.sync("a ready", WAIT).unwrap();
+    let mut cb = b.client("/locked");
+    cb.sync("b ready", WAIT).unwrap();
+    // Each node delivers what the other published, through its own subscriber connection.
+    assert_eq!(ca.recv_text(WAIT).unwrap(), "b ready");
+    ca.send_text("from a").unwrap();
+    assert_eq!(cb.recv_text(WAIT).unwrap(), "from a");
+    assert_eq!(ca.recv_text(WAIT).unwrap(), "from a");
+}
+
 #[test]
 fn redis_over_a_unix_socket() {
     let dir = std::env::temp_dir().join(format!("wsrelay-unix-{}", std::process::id()));
