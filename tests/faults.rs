@@ -216,6 +216,58 @@ fn inbox_overflow(node: Node) {
     assert!(node.log().iter().any(|l| l.contains("inbox full")));
 }
 
+/// Publishers whose reads are paused by a full publish queue end their connection (a close
+/// frame, or only a FIN) before the server has published what it read from them: what was
+/// read is still published, in order, before the connection is closed.
+#[test]
+fn a_publisher_that_ends_while_paused_loses_nothing_it_sent() {
+    let redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url(), "--publish-queue", "4"]);
+    let mut sub = V1::connect(node.addr, None).unwrap();
+    sub.subscribe("q", None).unwrap();
+    let mut framed = node.client("/q");
+    framed.sync("framed ready", WAIT).unwrap();
+    let mut fin = node.client("/q");
+    fin.sync("fin ready", WAIT).unwrap();
+    for ready in ["framed ready", "fin ready"] {
+        assert_eq!(sub.message(WAIT).unwrap()["data"], ready);
+    }
+    // SAFETY: kill(2) on our own child process; resumed below, within the publisher's 2 s
+    // command timeout.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    send_burst(&mut framed, "c", 100);
+    send_burst(&mut fin, "f", 100);
+    wait_for("reads paused", WAIT, || {
+        (node.metric("wsrelay_publish_pauses_total") > 0).then_some(())
+    });
+    // One ends with a close frame, the other with a FIN alone, both while paused.
+    let mut close = Vec::new();
+    wire::encode_masked(&mut close, wire::op::CLOSE, &1000u16.to_be_bytes());
+    std::io::Write::write_all(framed.inner().get_mut(), &close).unwrap();
+    fin.inner().get_mut().shutdown(std::net::Shutdown::Write).unwrap();
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    let (mut next_c, mut next_f) = (0, 0);
+    while next_c < 100 || next_f < 100 {
+        let m = sub
+            .message(WAIT)
+            .unwrap_or_else(|e| panic!("{e}: next c{next_c} f{next_f}"));
+        let data = m["data"].as_str().unwrap().to_owned();
+        let (next, i) = match data.split_at(1) {
+            ("c", i) => (&mut next_c, i),
+            ("f", i) => (&mut next_f, i),
+            _ => panic!("unexpected {data}"),
+        };
+        assert_eq!(i.parse::<usize>().unwrap(), *next, "in order, once: {data}");
+        *next += 1;
+    }
+    // Neither connection is left behind once its peer is gone.
+    drop((framed, fin));
+    // The subscriber and the /metrics request itself are left.
+    wait_for("both publishers closed", WAIT, || {
+        (node.metric("wsrelay_connections") == 2).then_some(())
+    });
+}
+
 #[test]
 fn a_full_publish_queue_pauses_publishers_and_loses_nothing() {
     // A queue of two publishes, batches of one (so at most eight in flight): a paused Redis

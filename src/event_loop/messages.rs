@@ -20,7 +20,7 @@ use crate::frame::{self, Kind};
 use crate::metrics::{add, inc};
 
 /// How a read pass over one connection ended.
-enum ReadEnd {
+pub(super) enum ReadEnd {
     /// WouldBlock: everything available was read.
     Drained,
     /// The read budget is spent; more may be waiting.
@@ -154,6 +154,13 @@ impl EventLoop {
     /// the error's close.
     fn read_ended(&mut self, key: usize, end: ReadEnd, nothing_queued: bool, now: Instant) {
         let paused = self.conns[key].unpublished.is_some();
+        if paused && matches!(end, ReadEnd::PeerClosed | ReadEnd::Failed(_)) {
+            // What was read before the end waits for room in the publish queue: the end is
+            // acted on once it is all published (`resume_paused`), so nothing read is lost.
+            let serial = self.conns[key].serial;
+            self.ended_while_paused.insert(key, (serial, end));
+            return;
+        }
         match end {
             ReadEnd::Drained => {}
             ReadEnd::BudgetSpent if paused => {}
@@ -593,6 +600,7 @@ impl EventLoop {
         while let Some(&key) = self.paused.front() {
             let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) else {
                 self.paused.pop_front();
+                self.ended_while_paused.remove(&key);
                 continue;
             };
             let Some(mut waiting) = conn.unpublished.take() else {
@@ -614,6 +622,16 @@ impl EventLoop {
                     }
                     break;
                 }
+            }
+            let conns = &self.conns;
+            let ended = self.ended_while_paused.remove(&key).filter(|(serial, _)| {
+                conns
+                    .get(key)
+                    .is_some_and(|c| !c.dead && c.serial == *serial && c.unpublished.is_none())
+            });
+            if let Some((_, end)) = ended {
+                self.read_ended(key, end, false, now);
+                continue;
             }
             if self.conns.get(key).is_some_and(|c| c.read_pending && !c.dead) {
                 self.read(key, now);
