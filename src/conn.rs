@@ -731,9 +731,33 @@ pub struct Conn {
     pub over_soft_since: Option<Instant>,
     /// Its output as last counted in the loop's total (`OutBuf::held`, after its last write).
     pub accounted: usize,
-    /// Messages read but not published yet because the publish queue was full, oldest
-    /// first. While set, the connection is not read (its sender is slowed by TCP).
-    pub unpublished: Option<Box<std::collections::VecDeque<(crate::frame::Kind, bytes::Bytes)>>>,
+    /// Messages read but not published yet because the publish queue was full. While set,
+    /// the connection is not read (its sender is slowed by TCP).
+    pub unpublished: Option<Box<Unpublished>>,
+}
+
+/// A paused connection's messages, read but not published yet because the publish queue was
+/// full, oldest first; and how its input ended, if it did before they were all published
+/// (acted on once they are: nothing read is dropped).
+#[derive(Debug)]
+pub struct Unpublished {
+    /// The messages, oldest first.
+    pub messages: VecDeque<(crate::frame::Kind, Bytes)>,
+    /// How the connection's input ended while they waited (a close, an error), if it did.
+    pub ended: Option<ReadEnd>,
+}
+
+/// How a read pass over one connection ended.
+#[derive(Debug)]
+pub enum ReadEnd {
+    /// WouldBlock: everything available was read.
+    Drained,
+    /// The read budget is spent; more may be waiting.
+    BudgetSpent,
+    /// The peer sent a close frame.
+    PeerClosed,
+    /// A protocol, size or I/O error.
+    Failed(tungstenite::Error),
 }
 
 impl Conn {

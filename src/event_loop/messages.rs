@@ -14,22 +14,10 @@ use tungstenite::{Error as WsError, Message};
 
 use super::{EventLoop, interrupted, would_block};
 use crate::bridge::{Channel, Publish, PublishAck};
-use crate::conn::{Io, Pending, Phase, Protocol, Stage, Sub, SubState};
+use crate::conn::{Io, Pending, Phase, Protocol, ReadEnd, Stage, Sub, SubState, Unpublished};
 use crate::envelope::{self, Command, Refusal};
 use crate::frame::{self, Kind};
 use crate::metrics::{add, inc};
-
-/// How a read pass over one connection ended.
-pub(super) enum ReadEnd {
-    /// WouldBlock: everything available was read.
-    Drained,
-    /// The read budget is spent; more may be waiting.
-    BudgetSpent,
-    /// The peer sent a close frame.
-    PeerClosed,
-    /// A protocol, size or I/O error.
-    Failed(WsError),
-}
 
 /// Why a client may not publish right now.
 enum Denied {
@@ -154,12 +142,13 @@ impl EventLoop {
     /// the error's close.
     fn read_ended(&mut self, key: usize, end: ReadEnd, nothing_queued: bool, now: Instant) {
         let paused = self.conns[key].unpublished.is_some();
-        if paused && matches!(end, ReadEnd::PeerClosed | ReadEnd::Failed(_)) {
-            // What was read before the end waits for room in the publish queue: the end is
-            // acted on once it is all published (`resume_paused`), so nothing read is lost.
-            let serial = self.conns[key].serial;
-            self.ended_while_paused.insert(key, (serial, end));
-            return;
+        if matches!(end, ReadEnd::PeerClosed | ReadEnd::Failed(_)) {
+            if let Some(waiting) = self.conns[key].unpublished.as_mut() {
+                // What was read before the end waits for room in the publish queue: the end
+                // is acted on once it is all published (`resume_paused`).
+                waiting.ended = Some(end);
+                return;
+            }
         }
         match end {
             ReadEnd::Drained => {}
@@ -566,9 +555,12 @@ impl EventLoop {
         let conn = &mut self.conns[key];
         conn.read_pending = true;
         match &mut conn.unpublished {
-            Some(waiting) => waiting.push_front((kind, data)),
+            Some(waiting) => waiting.messages.push_front((kind, data)),
             None => {
-                conn.unpublished = Some(Box::new(VecDeque::from([(kind, data)])));
+                conn.unpublished = Some(Box::new(Unpublished {
+                    messages: VecDeque::from([(kind, data)]),
+                    ended: None,
+                }));
                 self.paused.push_back(key);
                 inc(&self.metrics().publish_paused);
                 if self.log_limit.allow() {
@@ -585,7 +577,7 @@ impl EventLoop {
     fn keep_unpublished(&mut self, key: usize, rest: impl Iterator<Item = (Kind, Bytes)>) -> bool {
         match self.conns.get_mut(key).and_then(|c| c.unpublished.as_mut()) {
             Some(waiting) => {
-                waiting.extend(rest);
+                waiting.messages.extend(rest);
                 true
             }
             None => false,
@@ -600,7 +592,6 @@ impl EventLoop {
         while let Some(&key) = self.paused.front() {
             let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) else {
                 self.paused.pop_front();
-                self.ended_while_paused.remove(&key);
                 continue;
             };
             let Some(mut waiting) = conn.unpublished.take() else {
@@ -608,29 +599,29 @@ impl EventLoop {
                 continue;
             };
             conn.last_seen = now;
-            let size = waiting.front().map_or(0, |(_, d)| d.len());
+            let size = waiting.messages.front().map_or(0, |(_, d)| d.len());
             if self.link.publish_full(size) {
                 self.conns[key].unpublished = Some(waiting);
                 return;
             }
             self.paused.pop_front();
-            while let Some((kind, data)) = waiting.pop_front() {
+            while let Some((kind, data)) = waiting.messages.pop_front() {
                 if !self.on_message(key, kind, data, now) {
-                    if self.keep_unpublished(key, waiting.drain(..)) {
-                        // Paused again (it is at the back of the line now): the queue is full.
+                    if self.keep_unpublished(key, waiting.messages.drain(..)) {
+                        // Paused again (it is at the back of the line now): the queue is
+                        // full. How the input ended stays with the messages.
+                        let again = self.conns[key].unpublished.as_mut();
+                        again.expect("kept").ended = waiting.ended.take();
                         return;
                     }
                     break;
                 }
             }
-            let conns = &self.conns;
-            let ended = self.ended_while_paused.remove(&key).filter(|(serial, _)| {
-                conns
-                    .get(key)
-                    .is_some_and(|c| !c.dead && c.serial == *serial && c.unpublished.is_none())
-            });
-            if let Some((_, end)) = ended {
-                self.read_ended(key, end, false, now);
+            if let Some(end) = waiting.ended.take() {
+                // Everything read is published: now the end it was read with.
+                if self.conns.get(key).is_some_and(|c| !c.dead) {
+                    self.read_ended(key, end, false, now);
+                }
                 continue;
             }
             if self.conns.get(key).is_some_and(|c| c.read_pending && !c.dead) {

@@ -125,10 +125,6 @@ pub struct EventLoop {
     reads: u64,
     /// Shared read buffer: one large read per socket, handed to tungstenite in small pieces.
     ahead: ReadAhead,
-    /// How the reads of paused connections ended (a close, an error) while messages read
-    /// before it wait to be published; acted on after them. Keyed by slab key, with the
-    /// connection's serial (a key is reused once its connection is gone).
-    ended_while_paused: std::collections::HashMap<usize, (u64, messages::ReadEnd)>,
     /// The messages of one connection's read (kept empty between reads: its room is reused).
     read_buf: Vec<(crate::frame::Kind, bytes::Bytes)>,
     next_sweep: Instant,
@@ -189,7 +185,6 @@ impl EventLoop {
             reads: 0,
             ahead: ReadAhead::new(READ_AHEAD),
             read_buf: Vec::new(),
-            ended_while_paused: std::collections::HashMap::new(),
             next_sweep: Instant::now() + sweep_every,
             sweep_every,
             stopping: None,

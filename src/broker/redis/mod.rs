@@ -374,8 +374,14 @@ impl Keys {
                 self.channel(channel)
             )
         } else {
-            format!("{}wsrelay:{{{channel}}}:{what}", self.prefix)
+            String::from_utf8(self.plain_key(channel, what).concat()).expect("pieces of strings")
         }
+    }
+    /// A key of `channel` on one Redis, as the pieces it is spelled from (no allocation: the
+    /// publisher packs the pieces for every publish).
+    fn plain_key<'a>(&'a self, channel: &'a str, what: &'a str) -> [&'a [u8]; 5] {
+        let (prefix, channel, what) = (self.prefix.as_bytes(), channel.as_bytes(), what.as_bytes());
+        [prefix, b"wsrelay:{", channel, b"}:", what]
     }
     fn meta(&self, channel: &str) -> String {
         self.channel_key(channel, "meta")

@@ -669,12 +669,11 @@ fn pack_one(out: &mut Vec<u8>, keys: &super::Keys, script: Option<&ScriptArgs>, 
         out.extend_from_slice(&fixed.limits);
         resp::bulk(out, &[keys.channel(&p.channel).as_bytes()]);
     } else {
-        // The keys as `Keys::meta`, `Keys::stream` and `Keys::channel` spell them.
-        let (prefix, c) = (keys.prefix.as_bytes(), p.channel.as_bytes());
-        resp::bulk(out, &[prefix, b"wsrelay:{", c, b"}:meta"]);
-        resp::bulk(out, &[prefix, b"wsrelay:{", c, b"}:stream"]);
+        resp::bulk(out, &keys.plain_key(&p.channel, "meta"));
+        resp::bulk(out, &keys.plain_key(&p.channel, "stream"));
         out.extend_from_slice(&fixed.limits);
-        resp::bulk(out, &[prefix, c]);
+        // The channel as `Keys::channel` spells it on one Redis.
+        resp::bulk(out, &[keys.prefix.as_bytes(), p.channel.as_bytes()]);
     }
     resp::bulk(out, &[&[wire::kind_byte(p.kind)]]);
     resp::bulk(out, &[&p.data]);
