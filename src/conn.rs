@@ -725,6 +725,10 @@ pub struct Conn {
     pub read_pending: bool,
     /// Scheduled for removal at the end of this turn; ignore further events.
     pub dead: bool,
+    /// A write to the peer failed (it reset or closed the connection): it gets no more
+    /// output, and is read only for what it sent before (the kernel keeps that after a reset),
+    /// which is published before the connection is removed.
+    pub hung_up: bool,
     /// Input read from the socket but not consumed yet (the read budget ran out).
     pub pending_input: Option<Box<[u8]>>,
     /// When its unsent output went over the soft limit (see `backpressure.rs`).
@@ -780,11 +784,18 @@ impl Conn {
             blocked: false,
             read_pending: false,
             dead: false,
+            hung_up: false,
             pending_input: None,
             over_soft_since: None,
             accounted: 0,
             unpublished: None,
         }
+    }
+
+    /// Whether the peer has everything the connection was sent: nothing is left unsent and
+    /// the kernel has seen all of it acknowledged (never for a connection that hung up).
+    pub fn acknowledged_all(&self) -> bool {
+        !self.dead && !self.hung_up && self.out.is_empty() && unacknowledged(&self.sock) == Some(0)
     }
 
     /// A closing connection whose last bytes (its close frame) are out and acknowledged by the

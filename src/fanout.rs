@@ -74,9 +74,10 @@ pub fn deliver(d: &Arc<Delivery>, members: &Members, conns: &mut Slab<Conn>, tur
             debug_assert!(false, "channel member {key} is not open");
             continue;
         };
-        if conn.dead {
-            // Dropped earlier in this turn (over the budget, a failed write): it leaves its
-            // channels when the turn ends, and gets nothing more meanwhile.
+        if conn.dead || conn.hung_up {
+            // Dropped earlier in this turn (over the budget): it leaves its channels when the
+            // turn ends, and gets nothing more meanwhile. Or a write to it failed: it is read
+            // for what it sent before, and gets nothing more.
             continue;
         }
         let frame = if !open.tracks_offsets {

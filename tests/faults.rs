@@ -268,6 +268,99 @@ fn a_publisher_that_ends_while_paused_loses_nothing_it_sent() {
     });
 }
 
+/// A `wsrelay.v1` subscriber on `q`, and a raw publisher on `/q` whose first message
+/// (`ready`) both have received.
+fn subscriber_and_publisher(node: &Node, ready: &str) -> (V1, Client) {
+    let mut sub = V1::connect(node.addr, None).unwrap();
+    sub.subscribe("q", None).unwrap();
+    let mut raw = node.client("/q");
+    raw.sync(ready, WAIT).unwrap();
+    assert_eq!(sub.message(WAIT).unwrap()["data"], ready);
+    (sub, raw)
+}
+
+/// Makes closing `sock` reset the connection (SO_LINGER 0: the kernel sends RST), once
+/// everything written to it has reached the server's kernel (a reset discards what the
+/// client's kernel still holds; what the server's holds it may still read).
+fn reset_on_close(sock: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    wait_for("everything sent acknowledged", WAIT, || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int; the descriptor is a connected TCP socket.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        (r == 0 && n == 0).then_some(())
+    });
+    socket2::SockRef::from(sock)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+}
+
+/// Takes messages from `sub` until every prefix has its `n` messages, checking each prefix's
+/// messages arrive once and in order.
+fn expect_in_order(sub: &mut V1, prefixes: &[(&str, usize)]) {
+    let mut next: HashMap<String, usize> = prefixes.iter().map(|(p, _)| (p.to_string(), 0)).collect();
+    while prefixes.iter().any(|(p, n)| next[*p] < *n) {
+        let m = sub.message(WAIT).unwrap_or_else(|e| panic!("{e}: next {next:?}"));
+        let data = m["data"].as_str().unwrap().to_owned();
+        let (p, i) = data.split_at(1);
+        let i = i.split(' ').next().unwrap();
+        let want = next.get_mut(p).unwrap_or_else(|| panic!("unexpected {data}"));
+        assert_eq!(i.parse::<usize>().unwrap(), *want, "in order, once: {data}");
+        *want += 1;
+    }
+}
+
+/// Publishers whose reads are paused by a full publish queue, raw and `wsrelay.v1`, are
+/// reset by their peers (RST) with most of what they sent still in the server's socket
+/// buffer: what they sent before the reset is still published, in order.
+#[test]
+fn publishers_reset_while_paused_lose_nothing_they_sent() {
+    let redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url(), "--publish-queue", "4"]);
+    let (mut sub, mut raw) = subscriber_and_publisher(&node, "ready");
+    let mut v1 = V1::connect(node.addr, None).unwrap();
+    // SAFETY: kill(2) on our own child process; resumed below, within the publisher's 2 s
+    // command timeout.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    send_burst(&mut raw, "r", 100);
+    let mut commands = Vec::new();
+    for i in 0..100 {
+        let cmd = serde_json::json!({"op":"publish","channel":"q","data":format!("v{i}"),"ref":i});
+        wire::encode_masked(&mut commands, wire::op::TEXT, cmd.to_string().as_bytes());
+    }
+    std::io::Write::write_all(v1.client.inner().get_mut(), &commands).unwrap();
+    wait_for("reads paused", WAIT, || {
+        (node.metric("wsrelay_publish_pauses_total") > 0).then_some(())
+    });
+    reset_on_close(raw.inner().get_ref());
+    reset_on_close(v1.client.inner().get_ref());
+    drop((raw, v1));
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    expect_in_order(&mut sub, &[("r", 100), ("v", 100)]);
+    // Neither connection is left behind: the subscriber and the /metrics request are left.
+    wait_for("both publishers gone", WAIT, || {
+        (node.metric("wsrelay_connections") == 2).then_some(())
+    });
+}
+
+/// A raw publisher that sends 8 MiB of frames in one write, never reads, and resets its
+/// connection as soon as the server's kernel has all of it: the server is still reading (the
+/// network is faster than publishing), and its writes to the client (the copies of its own
+/// messages) fail. Every frame the client sent is still published.
+#[test]
+fn a_publisher_reset_right_after_sending_loses_nothing() {
+    let redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let (mut sub, mut raw) = subscriber_and_publisher(&node, "ready");
+    send_burst(&mut raw, "r", 100_000);
+    reset_on_close(raw.inner().get_ref());
+    drop(raw);
+    expect_in_order(&mut sub, &[("r", 100_000)]);
+    wait_for("the publisher gone", WAIT, || {
+        (node.metric("wsrelay_connections") == 2).then_some(())
+    });
+}
+
 #[test]
 fn a_full_publish_queue_pauses_publishers_and_loses_nothing() {
     // A queue of two publishes, batches of one (so at most eight in flight): a paused Redis
@@ -277,11 +370,7 @@ fn a_full_publish_queue_pauses_publishers_and_loses_nothing() {
     let redis = Redis::start();
     let flags = ["--publish-queue", "2", "--publish-batch", "1", "--api-key", key];
     let node = Node::start(&[&flags[..], &["--threads", "1", "--redis", &redis.url()]].concat());
-    let mut sub = V1::connect(node.addr, None).unwrap();
-    sub.subscribe("q", None).unwrap();
-    let mut raw = node.client("/q");
-    raw.sync("start", WAIT).unwrap();
-    assert_eq!(sub.message(WAIT).unwrap()["data"], "start");
+    let (mut sub, mut raw) = subscriber_and_publisher(&node, "start");
     let mut v1 = V1::connect(node.addr, None).unwrap();
 
     // SAFETY: kill(2) on our own child process. Resumed below, well within the publisher's

@@ -238,7 +238,7 @@ impl EventLoop {
                 continue;
             }
             let conn = &self.conns[id.key];
-            let acknowledged = conn.out.is_empty() && crate::conn::unacknowledged(&conn.sock) == Some(0);
+            let acknowledged = conn.acknowledged_all();
             if !acknowledged && now < give_up {
                 self.settling.push((id, give_up));
                 continue;

@@ -150,6 +150,11 @@ impl EventLoop {
                 return;
             }
         }
+        if self.conns[key].hung_up && !paused && !matches!(end, ReadEnd::BudgetSpent) {
+            // Everything its peer sent before it went away was read and acted on: nothing
+            // more can come (after a reset the kernel answers an end, never WouldBlock).
+            return self.kill(key);
+        }
         match end {
             ReadEnd::Drained => {}
             ReadEnd::BudgetSpent if paused => {}
@@ -160,7 +165,7 @@ impl EventLoop {
             ReadEnd::PeerClosed => {
                 // A clean close: what the client's TCP acknowledged before it, it has.
                 let conn = &mut self.conns[key];
-                if nothing_queued && crate::conn::unacknowledged(&conn.sock) == Some(0) {
+                if nothing_queued && !conn.hung_up && crate::conn::unacknowledged(&conn.sock) == Some(0) {
                     if let Some(open) = conn.open_mut() {
                         open.subs.iter_mut().for_each(|s| s.delivered_all());
                     }
@@ -633,7 +638,7 @@ impl EventLoop {
     /// Queues a JSON text frame to a v1 connection.
     pub(super) fn send_json(&mut self, key: usize, json: &str) {
         let conn = &mut self.conns[key];
-        if conn.dead || !matches!(conn.phase, Phase::Open(_)) {
+        if conn.dead || conn.hung_up || !matches!(conn.phase, Phase::Open(_)) {
             return;
         }
         conn.out.push_shared(&frame::text(json));

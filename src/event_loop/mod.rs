@@ -517,6 +517,26 @@ impl EventLoop {
 
     // ---- writing -------------------------------------------------------------------------
 
+    /// A write to an open connection failed: its peer reset the connection (or closed it and
+    /// was then sent more). What it sent before may still be in the kernel, readable after the
+    /// reset: the connection gets no more output and is read until its input ends, so that
+    /// everything it sent is acted on (published), and is then removed (`read_ended`). Its
+    /// session keeps the position the peer acknowledged.
+    fn hang_up(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        conn.hung_up = true;
+        conn.blocked = false;
+        conn.out.discard();
+        self.unsent = self.unsent.saturating_sub(conn.accounted);
+        conn.accounted = 0;
+        // A paused connection is read again by `resume_paused`; one already waiting to be
+        // read (budget spent, a subscription not live yet) is read when it would have been.
+        if !conn.read_pending {
+            conn.read_pending = true;
+            self.read_backlog.push(key);
+        }
+    }
+
     fn mark_dirty(&mut self, key: usize) {
         self.turn.mark_dirty(key, &mut self.conns[key]);
     }
@@ -529,6 +549,13 @@ impl EventLoop {
         };
         conn.dirty = false;
         if conn.dead {
+            return;
+        }
+        if conn.hung_up {
+            // Nobody to write to: what was queued since is dropped.
+            conn.out.discard();
+            self.unsent = self.unsent.saturating_sub(conn.accounted);
+            conn.accounted = 0;
             return;
         }
         let result = conn.out.write_to(&mut conn.sock);
@@ -552,7 +579,11 @@ impl EventLoop {
             }
             Err(e) => {
                 debug!("{}: write failed: {e}", conn.peer);
-                self.kill(key);
+                if matches!(conn.phase, Phase::Open(_)) {
+                    self.hang_up(key);
+                } else {
+                    self.kill(key);
+                }
                 return;
             }
         };

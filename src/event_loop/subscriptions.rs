@@ -664,8 +664,7 @@ impl EventLoop {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let acknowledged =
-            !conn.dead && conn.out.is_empty() && crate::conn::unacknowledged(&conn.sock) == Some(0);
+        let acknowledged = conn.acknowledged_all();
         let Phase::Open(open) = &mut conn.phase else {
             return;
         };
