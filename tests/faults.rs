@@ -216,56 +216,57 @@ fn inbox_overflow(node: Node) {
     assert!(node.log().iter().any(|l| l.contains("inbox full")));
 }
 
-/// Publishers whose reads are paused by a full publish queue end their connection (a close
-/// frame, or only a FIN) before the server has published what it read from them: what was
-/// read is still published, in order, before the connection is closed.
+/// Publishers whose reads are paused by a full publish queue, raw and `wsrelay.v1`, end their
+/// connection (a close frame, or only a FIN) before the server has published what it read
+/// from them: what was read is still published, in order, before the connection is closed.
 #[test]
 fn a_publisher_that_ends_while_paused_loses_nothing_it_sent() {
     let redis = Redis::start();
     let node = Node::start(&["--threads", "1", "--redis", &redis.url(), "--publish-queue", "4"]);
-    let mut sub = V1::connect(node.addr, None).unwrap();
-    sub.subscribe("q", None).unwrap();
-    let mut framed = node.client("/q");
-    framed.sync("framed ready", WAIT).unwrap();
+    let (mut sub, mut framed) = subscriber_and_publisher(&node, "framed ready");
     let mut fin = node.client("/q");
     fin.sync("fin ready", WAIT).unwrap();
-    for ready in ["framed ready", "fin ready"] {
-        assert_eq!(sub.message(WAIT).unwrap()["data"], ready);
-    }
+    assert_eq!(sub.message(WAIT).unwrap()["data"], "fin ready");
+    let mut v1_framed = V1::connect(node.addr, None).unwrap();
+    let mut v1_fin = V1::connect(node.addr, None).unwrap();
     // SAFETY: kill(2) on our own child process; resumed below, within the publisher's 2 s
     // command timeout.
     unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
     send_burst(&mut framed, "c", 100);
     send_burst(&mut fin, "f", 100);
+    send_publishes(&mut v1_framed, "C", 100);
+    send_publishes(&mut v1_fin, "F", 100);
     wait_for("reads paused", WAIT, || {
         (node.metric("wsrelay_publish_pauses_total") > 0).then_some(())
     });
-    // One ends with a close frame, the other with a FIN alone, both while paused.
+    // Each protocol: one ends with a close frame, the other with a FIN alone, while paused.
     let mut close = Vec::new();
     wire::encode_masked(&mut close, wire::op::CLOSE, &1000u16.to_be_bytes());
-    std::io::Write::write_all(framed.inner().get_mut(), &close).unwrap();
-    fin.inner().get_mut().shutdown(std::net::Shutdown::Write).unwrap();
-    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
-    let (mut next_c, mut next_f) = (0, 0);
-    while next_c < 100 || next_f < 100 {
-        let m = sub
-            .message(WAIT)
-            .unwrap_or_else(|e| panic!("{e}: next c{next_c} f{next_f}"));
-        let data = m["data"].as_str().unwrap().to_owned();
-        let (next, i) = match data.split_at(1) {
-            ("c", i) => (&mut next_c, i),
-            ("f", i) => (&mut next_f, i),
-            _ => panic!("unexpected {data}"),
-        };
-        assert_eq!(i.parse::<usize>().unwrap(), *next, "in order, once: {data}");
-        *next += 1;
+    for framed in [framed.inner().get_mut(), v1_framed.client.inner().get_mut()] {
+        std::io::Write::write_all(framed, &close).unwrap();
     }
-    // Neither connection is left behind once its peer is gone.
-    drop((framed, fin));
+    for fin in [fin.inner().get_mut(), v1_fin.client.inner().get_mut()] {
+        fin.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    expect_in_order(&mut sub, &[("c", 100), ("f", 100), ("C", 100), ("F", 100)]);
+    // No connection is left behind once its peer is gone.
+    drop((framed, fin, v1_framed, v1_fin));
     // The subscriber and the /metrics request itself are left.
-    wait_for("both publishers closed", WAIT, || {
+    wait_for("the publishers closed", WAIT, || {
         (node.metric("wsrelay_connections") == 2).then_some(())
     });
+}
+
+/// Sends `wsrelay.v1` publishes of `{prefix}0` … `{prefix}{n-1}` to `q`, each with a `ref`,
+/// in one write.
+fn send_publishes(v1: &mut V1, prefix: &str, n: usize) {
+    let mut commands = Vec::new();
+    for i in 0..n {
+        let cmd = serde_json::json!({"op":"publish","channel":"q","data":format!("{prefix}{i}"),"ref":i});
+        wire::encode_masked(&mut commands, wire::op::TEXT, cmd.to_string().as_bytes());
+    }
+    std::io::Write::write_all(v1.client.inner().get_mut(), &commands).unwrap();
 }
 
 /// A `wsrelay.v1` subscriber on `q`, and a raw publisher on `/q` whose first message
@@ -323,12 +324,7 @@ fn publishers_reset_while_paused_lose_nothing_they_sent() {
     // command timeout.
     unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
     send_burst(&mut raw, "r", 100);
-    let mut commands = Vec::new();
-    for i in 0..100 {
-        let cmd = serde_json::json!({"op":"publish","channel":"q","data":format!("v{i}"),"ref":i});
-        wire::encode_masked(&mut commands, wire::op::TEXT, cmd.to_string().as_bytes());
-    }
-    std::io::Write::write_all(v1.client.inner().get_mut(), &commands).unwrap();
+    send_publishes(&mut v1, "v", 100);
     wait_for("reads paused", WAIT, || {
         (node.metric("wsrelay_publish_pauses_total") > 0).then_some(())
     });
