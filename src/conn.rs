@@ -486,6 +486,17 @@ pub fn unacknowledged(sock: &TcpStream) -> Option<usize> {
     (r == 0).then(|| usize::try_from(n).ok()).flatten()
 }
 
+/// Bytes received on the socket that have not been read yet, or `None` when the kernel
+/// cannot tell.
+pub fn unread(sock: &TcpStream) -> Option<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer; the descriptor is a connected TCP
+    // socket owned by `sock`.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) };
+    (r == 0).then(|| usize::try_from(n).ok()).flatten()
+}
+
 /// A connection's session: stored so that another connection can resume it.
 #[derive(Debug)]
 pub struct SessionLink {

@@ -339,6 +339,98 @@ fn publishers_reset_while_paused_lose_nothing_they_sent() {
     });
 }
 
+/// The server closes publishers whose reads are paused by a full publish queue (here all at
+/// once, for SIGINT): what it read from them is still published, in order; what it had not
+/// read is dropped with the connection. A second node's subscriber sees what was published.
+#[test]
+fn paused_publishers_the_server_closes_keep_what_was_read() {
+    let redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url(), "--publish-queue", "4"]);
+    let other = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let mut sub = V1::connect(other.addr, None).unwrap();
+    sub.subscribe("q", None).unwrap();
+    let mut raw = node.client("/q");
+    raw.sync("ready", WAIT).unwrap();
+    assert_eq!(sub.message(WAIT).unwrap()["data"], "ready");
+    let mut v1 = V1::connect(node.addr, None).unwrap();
+    let before = node.metric("wsrelay_messages_received_total");
+    // SAFETY: kill(2) on our own child process; resumed below, within the publisher's 2 s
+    // command timeout.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    send_burst(&mut raw, "r", 1_000);
+    send_publishes(&mut v1, "v", 1_000);
+    // Each publisher holds far more than the queue and the batches in flight take.
+    wait_for("both paused", WAIT, || {
+        (node.metric("wsrelay_publish_pauses_total") >= 2).then_some(())
+    });
+    // Paused connections are not read while Redis is stopped (at most a pause more).
+    let read = node.metric("wsrelay_messages_received_total") - before;
+    node.signal(libc::SIGINT);
+    node.wait_log("closing 2 connections");
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    let mut marker = V1::connect(other.addr, None).unwrap();
+    // Everything read, once and in each publisher's order.
+    let (mut next_r, mut next_v) = (0, 0);
+    let mut marked = false;
+    loop {
+        if next_r + next_v >= read && !marked {
+            assert_eq!(marker.publish("q", "marker").unwrap()["type"], "published");
+            marked = true;
+        }
+        let m = sub
+            .message(WAIT)
+            .unwrap_or_else(|e| panic!("{e}: {next_r} + {next_v} of {read}"));
+        let data = m["data"].as_str().unwrap().to_owned();
+        let (next, i) = match data.split_at(1) {
+            ("r", i) => (&mut next_r, i),
+            ("v", i) => (&mut next_v, i),
+            ("m", _) if marked => break,
+            _ => panic!("unexpected {data}"),
+        };
+        assert_eq!(i.parse::<u64>().unwrap(), *next, "in order, once: {data}");
+        *next += 1;
+    }
+    drop((raw, v1));
+}
+
+/// A raw client on a channel whose subscription cannot go live (Redis stopped) is not read
+/// yet, but it is not silent: its messages wait in the kernel. It is not closed at a short
+/// `--idle-timeout`, and its messages are published once the subscription is live.
+#[test]
+fn a_client_waiting_for_its_subscription_is_not_idle() {
+    let redis = Redis::start();
+    let flags = [
+        "--idle-timeout",
+        "1s",
+        "--ping-interval",
+        "200ms",
+        "--redis",
+        &redis.url(),
+    ];
+    let node = Node::start(&[&flags[..], &["--threads", "1"]].concat());
+    let other = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let mut sub = V1::connect(other.addr, None).unwrap();
+    sub.subscribe("fresh", None).unwrap();
+    // SAFETY: kill(2) on our own child process; resumed below.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    let mut raw = node.client("/fresh");
+    send_burst(&mut raw, "m", 20);
+    // Pings for longer than the idle timeout (each answered; the answers are not read
+    // either): the client is past `--idle-timeout` without being read.
+    let ws = raw.inner();
+    let mut pings = 0;
+    while pings < 8 {
+        ws.get_ref().set_read_timeout(Some(WAIT)).unwrap();
+        match ws.read().unwrap() {
+            tungstenite::Message::Ping(_) => pings += 1,
+            other => panic!("while Redis is stopped: {other:?}"),
+        }
+    }
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    expect_in_order(&mut sub, &[("m", 20)]);
+    assert_eq!(node.metric("wsrelay_idle_closes_total"), 0);
+}
+
 /// A raw publisher that sends 8 MiB of frames in one write, never reads, and resets its
 /// connection as soon as the server's kernel has all of it: the server is still reading (the
 /// network is faster than publishing), and its writes to the client (the copies of its own
@@ -393,6 +485,12 @@ fn a_full_publish_queue_pauses_publishers_and_loses_nothing() {
     unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
     assert!(response.starts_with("HTTP/1.1 503"), "{response}");
     assert!(response.contains("\r\nRetry-After: 1\r\n"), "{response}");
+    // The body is a v1 error, like the server API's other errors.
+    let body: Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(
+        (body["type"].as_str(), body["code"].as_str()),
+        (Some("error"), Some("unavailable"))
+    );
 
     for i in 0..50 {
         let ack = v1.next(WAIT).unwrap();

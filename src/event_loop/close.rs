@@ -199,8 +199,14 @@ impl EventLoop {
                             due.sessions.push(key);
                         }
                     }
-                    // A connection paused by a full publish queue is not read: it is not idle.
-                    if now.duration_since(conn.last_seen) >= idle_timeout && conn.unpublished.is_none() {
+                    // A connection the loop is not reading (paused by a full publish queue,
+                    // waiting for its subscription or its session) is not silent if input
+                    // waits for it in the kernel.
+                    let waiting_input = || {
+                        conn.unpublished.is_some()
+                            || (conn.read_pending && crate::conn::unread(&conn.sock).is_some_and(|n| n > 0))
+                    };
+                    if now.duration_since(conn.last_seen) >= idle_timeout && !waiting_input() {
                         due.idle.push(key);
                     } else if now.duration_since(conn.last_seen.max(open.last_ping)) >= ping_interval {
                         open.last_ping = now;

@@ -105,8 +105,10 @@ impl EventLoop {
         match self.stopping {
             // Done when every client has our close frame: the peer's own FIN is not waited
             // for (a client may keep its socket open after the close handshake).
+            // Messages read from closed connections are published first.
             Some(Stopping::Finishing { deadline }) => {
-                now >= deadline || self.conns.iter().all(|(_, c)| c.closed_and_delivered())
+                now >= deadline
+                    || (self.orphans.is_empty() && self.conns.iter().all(|(_, c)| c.closed_and_delivered()))
             }
             _ => false,
         }

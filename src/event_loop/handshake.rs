@@ -575,9 +575,13 @@ impl EventLoop {
             }
             Err(super::messages::Refused::QueueFull) => {
                 crate::metrics::inc(&self.metrics().publish_dropped);
-                let body = b"{\"error\":\"publish queue full; retry later\"}";
-                let response =
-                    http::response_with(Status::Unavailable, "application/json", &["Retry-After: 1"], body);
+                let body = crate::envelope::error(None, "unavailable", "publish queue full; retry later");
+                let response = http::response_with(
+                    Status::Unavailable,
+                    "application/json",
+                    &["Retry-After: 1"],
+                    body.as_bytes(),
+                );
                 self.respond(key, response, now);
             }
         }

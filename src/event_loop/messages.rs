@@ -589,11 +589,63 @@ impl EventLoop {
         }
     }
 
-    /// Publishes what paused connections kept, oldest pause first, while the queue has room;
-    /// a connection whose messages all went out is read again. Runs every turn while any
-    /// connection is paused (the poll timeout is then 1 ms). A paused connection counts as
-    /// active: it is not closed as idle.
+    /// A paused connection stops being open (the server closes it: a slow consumer, an
+    /// expired token, a backend's disconnect, a shutdown; or drops it) while it holds
+    /// messages it read but could not publish yet: they are still published, after the grant
+    /// and rate checks they would have had, without acknowledgement (nothing is left to
+    /// answer). Nothing read is dropped. What the connection sent and was not read is dropped
+    /// with it.
+    pub(super) fn orphan_unpublished(&mut self, key: usize, now: Instant) {
+        let Some(waiting) = self.conns[key].unpublished.take() else {
+            return;
+        };
+        for (kind, data) in waiting.messages {
+            let Some(open) = self.conns[key].open_mut() else {
+                return;
+            };
+            let (channel, kind, data) = match open.protocol {
+                Protocol::Raw => match open.subs.first() {
+                    Some(sub) => (sub.channel.clone(), kind, data),
+                    None => return,
+                },
+                Protocol::V1 => match envelope::parse(&data).command {
+                    Ok(Command::Publish { channel, kind, data }) => match self.channel_name(&channel) {
+                        Ok(channel) => (channel, kind, data),
+                        Err(_) => continue,
+                    },
+                    // Other commands have no effect on a connection that is gone.
+                    _ => continue,
+                },
+            };
+            if self.may_publish_now(key, &channel, now).is_err() {
+                continue;
+            }
+            self.orphans.push_back(Publish {
+                origin: self.origin(key),
+                channel,
+                kind,
+                data,
+                ack: None,
+            });
+        }
+    }
+
+    /// Publishes what closed connections left (`orphan_unpublished`), then what paused
+    /// connections kept, oldest pause first, while the queue has room; a connection whose
+    /// messages all went out is read again. Runs every turn while any are waiting (the poll
+    /// timeout is then 1 ms). A paused connection counts as active: it is not closed as idle.
     pub(super) fn resume_paused(&mut self, now: Instant) {
+        while let Some(p) = self.orphans.pop_front() {
+            match self.link.publish(p) {
+                Ok(()) => {}
+                Err(crossbeam_channel::TrySendError::Full(p)) => {
+                    self.orphans.push_front(p);
+                    return;
+                }
+                // Shutting down: the message has nowhere to go.
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {}
+            }
+        }
         while let Some(&key) = self.paused.front() {
             let Some(conn) = self.conns.get_mut(key).filter(|c| !c.dead) else {
                 self.paused.pop_front();

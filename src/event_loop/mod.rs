@@ -113,6 +113,10 @@ pub struct EventLoop {
     read_backlog: Vec<usize>,
     /// Connections not read because the publish queue was full, in the order they paused.
     paused: VecDeque<usize>,
+    /// Messages read from paused connections that are no longer open (closed by the server,
+    /// dropped), waiting for room in the publish queue; published before the paused
+    /// connections' (`resume_paused`). At most what those connections held.
+    orphans: VecDeque<crate::bridge::Publish>,
     /// Connections to drop at the end of the turn.
     dead: Vec<usize>,
     /// Connections whose subscriptions changed: their sessions are written at the end of the turn.
@@ -178,6 +182,7 @@ impl EventLoop {
             limits,
             read_backlog: Vec::new(),
             paused: VecDeque::new(),
+            orphans: VecDeque::new(),
             dead: Vec::new(),
             session_changed: Vec::new(),
             flush_at: None,
@@ -259,7 +264,7 @@ impl EventLoop {
     /// one flush per connection and then the slow-consumer judgement, subscription requests,
     /// session writes, removals.
     fn end_turn(&mut self, now: Instant) {
-        if !self.paused.is_empty() {
+        if !self.paused.is_empty() || !self.orphans.is_empty() {
             self.resume_paused(now);
         }
         for key in std::mem::take(&mut self.read_backlog) {
@@ -309,7 +314,7 @@ impl EventLoop {
             until = until.min(t);
         }
         let mut timeout = until.saturating_duration_since(now);
-        if self.link.has_queued() || !self.paused.is_empty() {
+        if self.link.has_queued() || !self.paused.is_empty() || !self.orphans.is_empty() {
             // Retry soon: the control queue, or the publish queue paused connections wait for.
             timeout = timeout.min(Duration::from_millis(1));
         }

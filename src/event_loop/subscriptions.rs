@@ -706,6 +706,7 @@ impl EventLoop {
         if !matches!(self.conns[key].phase, Phase::Open(_)) {
             return;
         }
+        self.orphan_unpublished(key, now);
         self.save_session(key, now, false);
         let Some(open) = self.conns[key].open_mut() else {
             return;
