@@ -219,6 +219,10 @@ fn metrics_of(addr: SocketAddr) -> std::io::Result<String> {
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp)?;
+    if resp.is_empty() {
+        // Killed between reading the request and answering it: the kernel closed the socket.
+        return Err(std::io::Error::other("/metrics: closed without an answer"));
+    }
     match parse_response(&resp) {
         (200, body) => Ok(body),
         (status, _) => Err(std::io::Error::other(format!("/metrics: {status}"))),
