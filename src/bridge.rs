@@ -486,6 +486,10 @@ pub enum ToLoop {
         channel: Channel,
         /// The generation from the matching [`Control::Subscribe`].
         generation: u64,
+        /// Confirmed while the Redis subscriber connection is down (so that local delivery
+        /// goes on): in effect upstream only once that connection is back, which the loop
+        /// learns from the [`ToLoop::Lost`] that follows every reconnect.
+        offline: bool,
     },
     /// Deliveries on `channel` were dropped on their way to this loop (its inbox was full, or
     /// the Redis subscriber was reconnecting): connections that track offsets re-read history.
@@ -793,6 +797,7 @@ mod tests {
         let live = |g| ToLoop::Live {
             channel: Arc::from("c"),
             generation: g,
+            offline: false,
         };
         h.try_send(live(1)).unwrap();
         assert!(h.wake_pending.load(Ordering::Acquire));

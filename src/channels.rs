@@ -51,6 +51,9 @@ struct Entry {
     members: Members,
     generation: u64,
     live: bool,
+    /// Live, but confirmed while the Redis subscriber connection was down (see
+    /// `ToLoop::Live`): not in effect upstream until that connection is back.
+    offline: bool,
 }
 
 /// Channel name → local members, with the upstream subscription state per channel.
@@ -80,6 +83,7 @@ impl ChannelIndex {
                 members,
                 generation: self.next_generation,
                 live: false,
+                offline: false,
             },
         );
         Joined::First(self.next_generation)
@@ -102,12 +106,23 @@ impl ChannelIndex {
 
     /// Marks the subscription of `generation` live. Returns the members (to resume anything
     /// that waited for it), or `None` when the confirmation is stale or the channel is gone.
-    pub fn set_live(&mut self, channel: &str, generation: u64) -> Option<&Members> {
+    pub fn set_live(&mut self, channel: &str, generation: u64, offline: bool) -> Option<&Members> {
         let e = self.map.get_mut(channel)?;
         if e.generation != generation || e.live {
             return None;
         }
         e.live = true;
+        e.offline = offline;
+        Some(&e.members)
+    }
+
+    /// A channel confirmed offline is now subscribed upstream (the subscriber connection is
+    /// back): its members, if it was offline.
+    pub fn set_online(&mut self, channel: &str) -> Option<&Members> {
+        let e = self.map.get_mut(channel)?;
+        if !std::mem::replace(&mut e.offline, false) {
+            return None;
+        }
         Some(&e.members)
     }
 
@@ -128,6 +143,11 @@ impl ChannelIndex {
     /// Whether `channel`'s upstream subscription is confirmed.
     pub fn is_live(&self, channel: &str) -> bool {
         self.map.get(channel).is_some_and(|e| e.live)
+    }
+
+    /// Whether `channel` is live and in effect upstream (not only confirmed offline).
+    pub fn is_online(&self, channel: &str) -> bool {
+        self.map.get(channel).is_some_and(|e| e.live && !e.offline)
     }
 
     /// Every channel with its number of members.
@@ -198,7 +218,7 @@ mod tests {
         assert!(idx.is_empty());
         // Leaving a channel that is not there is harmless.
         assert!(!idx.leave("a", 2));
-        assert!(idx.set_live("a", g).is_none());
+        assert!(idx.set_live("a", g, false).is_none());
     }
 
     #[test]
@@ -213,9 +233,9 @@ mod tests {
             panic!()
         };
         assert_ne!(g1, g2);
-        assert!(idx.set_live("a", g1).is_none());
+        assert!(idx.set_live("a", g1, false).is_none());
         assert!(!idx.is_live("a"));
-        assert_eq!(idx.set_live("a", g2).unwrap().len(), 1);
+        assert_eq!(idx.set_live("a", g2, false).unwrap().len(), 1);
         assert!(idx.is_live("a"));
         assert_eq!(idx.join(&a, 5), Joined::Existing { live: true });
         assert!(Arc::ptr_eq(&idx.intern("a"), &a));

@@ -579,6 +579,31 @@ fn subscriber_cut_off_for_its_output_buffer_recovers_by_offset() {
 /// A subscribe sent while Redis is stalled: the subscriber's SUBSCRIBE times out and its
 /// connection is given up. The subscribe is still answered, and delivery starts once Redis is
 /// back.
+/// A raw client that connects while Redis is stalled, long enough for the subscriber to give
+/// its connection up, is read only once its channel's subscription is in effect in Redis
+/// again: it receives its own messages.
+#[test]
+fn a_raw_client_that_joins_while_redis_is_stalled_receives_its_own() {
+    let mut redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    wait_for("subscriber up", WAIT, || {
+        (node.metric("wsrelay_redis_subscriber_up") == 1).then_some(())
+    });
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    let mut raw = node.client("/stalled");
+    send_burst(&mut raw, "m", 20);
+    // The SUBSCRIBE waits out its timeout and the subscriber gives the connection up.
+    wait_for("subscriber down", Duration::from_secs(20), || {
+        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
+    });
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    for i in 0..20 {
+        assert_eq!(raw.recv_text(Duration::from_secs(20)).unwrap(), format!("m{i}"));
+    }
+    redis.kill();
+}
+
 #[test]
 fn a_subscribe_sent_while_redis_is_stalled_is_answered() {
     let mut redis = Redis::start();

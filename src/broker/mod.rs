@@ -248,7 +248,29 @@ impl Outbox {
 
     /// Confirms to `loop_id` that its subscription `generation` to `channel` is live.
     pub fn confirm(&mut self, loops: &[LoopHandle], loop_id: usize, channel: Channel, generation: u64) {
-        self.send(loops, loop_id, ToLoop::Live { channel, generation });
+        let live = ToLoop::Live {
+            channel,
+            generation,
+            offline: false,
+        };
+        self.send(loops, loop_id, live);
+    }
+
+    /// Like [`Outbox::confirm`], while the Redis subscriber connection is down (see
+    /// [`ToLoop::Live`]).
+    pub fn confirm_offline(
+        &mut self,
+        loops: &[LoopHandle],
+        loop_id: usize,
+        channel: Channel,
+        generation: u64,
+    ) {
+        let live = ToLoop::Live {
+            channel,
+            generation,
+            offline: true,
+        };
+        self.send(loops, loop_id, live);
     }
 
     /// Sends an event to each of `targets`. Like a delivery, it is dropped for a loop whose

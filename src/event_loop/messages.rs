@@ -77,7 +77,7 @@ impl EventLoop {
                 && !open
                     .subs
                     .iter()
-                    .all(|s| self.index.is_live(&s.channel) && matches!(s.state, SubState::Live)))
+                    .all(|s| self.index.is_online(&s.channel) && matches!(s.state, SubState::Live)))
             || conn.unpublished.is_some();
         conn.read_pending = waiting;
         !waiting

@@ -442,7 +442,11 @@ impl EventLoop {
                 }
                 ToLoop::Event(e) => self.on_event(&e),
                 ToLoop::Admin(a) => self.on_admin(&a, now),
-                ToLoop::Live { channel, generation } => self.channel_live(&channel, generation),
+                ToLoop::Live {
+                    channel,
+                    generation,
+                    offline,
+                } => self.channel_live(&channel, generation, offline),
                 ToLoop::Lost { channel } => self.channel_lost(&channel),
                 ToLoop::Reply { conn, reply } => self.on_reply(conn, reply, now),
                 ToLoop::Barrier { conn } => self.on_barrier(conn, now),

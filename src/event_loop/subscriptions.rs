@@ -62,9 +62,11 @@ impl EventLoop {
         }
     }
 
-    /// The broker confirmed the loop's subscription: waiting reads and subscriptions go on.
-    pub(super) fn channel_live(&mut self, channel: &Channel, generation: u64) {
-        let Some(members) = self.index.set_live(channel, generation) else {
+    /// The broker confirmed the loop's subscription: waiting reads and subscriptions go on
+    /// (a raw connection's reads only once the subscription is in effect upstream: see
+    /// `may_read`).
+    pub(super) fn channel_live(&mut self, channel: &Channel, generation: u64, offline: bool) {
+        let Some(members) = self.index.set_live(channel, generation, offline) else {
             return;
         };
         let members: Vec<usize> = members.iter().copied().collect();
@@ -114,6 +116,16 @@ impl EventLoop {
     /// Deliveries on `channel` were dropped before reaching this loop: every member that
     /// tracks offsets re-reads the history after its last delivered offset.
     pub(super) fn channel_lost(&mut self, channel: &Channel) {
+        // After a reconnect of the Redis subscriber: a channel confirmed while it was down is
+        // now subscribed, and raw connections waiting for that are read.
+        if let Some(members) = self.index.set_online(channel) {
+            let waiting: Vec<usize> = members
+                .iter()
+                .copied()
+                .filter(|&k| self.conns[k].read_pending)
+                .collect();
+            self.read_backlog.extend(waiting);
+        }
         let Some(members) = self.index.members(channel) else {
             return;
         };

@@ -83,7 +83,7 @@ impl Subscriber {
                         );
                         for (loop_id, channel, generation) in self.awaiting.drain(..) {
                             self.outbox
-                                .confirm(&self.redis.loops, loop_id, channel, generation);
+                                .confirm_offline(&self.redis.loops, loop_id, channel, generation);
                         }
                     }
                 },
@@ -106,7 +106,7 @@ impl Subscriber {
                         // Offline, a route is live as soon as it is in the table.
                         if let (channel, Some((loop_id, generation))) = self.routes.apply(c) {
                             self.outbox
-                                .confirm(&self.redis.loops, loop_id, channel, generation);
+                                .confirm_offline(&self.redis.loops, loop_id, channel, generation);
                         }
                     }
                     Err(RecvTimeoutError::Timeout) => {}
@@ -170,13 +170,15 @@ impl Subscriber {
             .subscriber_up
             .store(true, Ordering::Relaxed);
         self.redis.backoff.reset();
-        if self.connected_before {
-            // Whatever was published while the subscriber was away never reached the loops.
-            for channel in self.routes.channels().cloned().collect::<Vec<_>>() {
-                for &loop_id in self.routes.loops(&channel) {
-                    self.outbox.lost(loop_id, channel.clone());
-                }
+        // Whatever was published while the subscriber was away never reached the loops, and
+        // subscriptions confirmed meanwhile are in effect only now (also on a first
+        // connection, after an outage at start).
+        for channel in self.routes.channels().cloned().collect::<Vec<_>>() {
+            for &loop_id in self.routes.loops(&channel) {
+                self.outbox.lost(loop_id, channel.clone());
             }
+        }
+        if self.connected_before {
             inc(&self.redis.metrics.broker.redis_reconnects);
             info!(
                 "redis subscriber reconnected; resubscribed {} channels",
