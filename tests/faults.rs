@@ -601,6 +601,8 @@ fn a_raw_client_that_joins_while_redis_is_stalled_receives_its_own() {
     for i in 0..20 {
         assert_eq!(raw.recv_text(Duration::from_secs(20)).unwrap(), format!("m{i}"));
     }
+    // The reconnected subscriber counts the channel it subscribed.
+    assert_eq!(node.metric("wsrelay_channels_subscribed"), 1);
     redis.kill();
 }
 

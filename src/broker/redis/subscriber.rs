@@ -164,11 +164,9 @@ impl Subscriber {
             ps.subscribe(chunk)?;
         }
         ps.set_read_timeout(Some(READ_TIMEOUT))?;
-        self.redis
-            .metrics
-            .broker
-            .subscriber_up
-            .store(true, Ordering::Relaxed);
+        let broker = &self.redis.metrics.broker;
+        broker.subscriber_up.store(true, Ordering::Relaxed);
+        broker.channels.store(upstream.len() as u64, Ordering::Relaxed);
         self.redis.backoff.reset();
         // Whatever was published while the subscriber was away never reached the loops, and
         // subscriptions confirmed meanwhile are in effect only now (also on a first
