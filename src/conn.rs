@@ -478,22 +478,22 @@ impl Sub {
 /// Bytes the socket has queued that its peer has not acknowledged yet (sent or not), or
 /// `None` when the kernel cannot tell.
 pub fn unacknowledged(sock: &TcpStream) -> Option<usize> {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer; the descriptor is a
-    // connected TCP socket owned by `sock`.
-    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-    (r == 0).then(|| usize::try_from(n).ok()).flatten()
+    queued(sock, libc::TIOCOUTQ)
 }
 
 /// Bytes received on the socket that have not been read yet, or `None` when the kernel
 /// cannot tell.
 pub fn unread(sock: &TcpStream) -> Option<usize> {
+    queued(sock, libc::FIONREAD)
+}
+
+/// One of the socket's queue lengths, by `ioctl` request (TIOCOUTQ, FIONREAD).
+fn queued(sock: &TcpStream, request: libc::Ioctl) -> Option<usize> {
     use std::os::fd::AsRawFd;
     let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the pointer; the descriptor is a connected TCP
-    // socket owned by `sock`.
-    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) };
+    // SAFETY: both requests write one int through the pointer; the descriptor is a connected
+    // TCP socket owned by `sock`.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), request, &mut n) };
     (r == 0).then(|| usize::try_from(n).ok()).flatten()
 }
 

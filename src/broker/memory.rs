@@ -124,7 +124,8 @@ impl MemoryBroker {
     fn control(&mut self, c: Control) {
         // In-process, a route is live as soon as it is in the table.
         if let (channel, Some((loop_id, generation))) = self.routes.apply(c) {
-            self.outbox.confirm(&self.loops, loop_id, channel, generation);
+            self.outbox
+                .confirm(&self.loops, loop_id, channel, generation, false);
         }
         self.metrics
             .broker

@@ -246,29 +246,20 @@ impl Outbox {
         self.lost.insert((loop_id, channel));
     }
 
-    /// Confirms to `loop_id` that its subscription `generation` to `channel` is live.
-    pub fn confirm(&mut self, loops: &[LoopHandle], loop_id: usize, channel: Channel, generation: u64) {
-        let live = ToLoop::Live {
-            channel,
-            generation,
-            offline: false,
-        };
-        self.send(loops, loop_id, live);
-    }
-
-    /// Like [`Outbox::confirm`], while the Redis subscriber connection is down (see
-    /// [`ToLoop::Live`]).
-    pub fn confirm_offline(
+    /// Confirms to `loop_id` that its subscription `generation` to `channel` is live;
+    /// `offline` while the Redis subscriber connection is down (see [`ToLoop::Live`]).
+    pub fn confirm(
         &mut self,
         loops: &[LoopHandle],
         loop_id: usize,
         channel: Channel,
         generation: u64,
+        offline: bool,
     ) {
         let live = ToLoop::Live {
             channel,
             generation,
-            offline: true,
+            offline,
         };
         self.send(loops, loop_id, live);
     }

@@ -516,9 +516,7 @@ impl EventLoop {
                 conn.out.len(),
                 self.unsent
             );
-            conn.out.discard();
-            self.unsent = self.unsent.saturating_sub(conn.accounted);
-            conn.accounted = 0;
+            self.discard_output(key);
             self.kill(key);
         }
         let _ = now;
@@ -532,18 +530,24 @@ impl EventLoop {
     /// everything it sent is acted on (published), and is then removed (`read_ended`). Its
     /// session keeps the position the peer acknowledged.
     fn hang_up(&mut self, key: usize) {
+        self.discard_output(key);
         let conn = &mut self.conns[key];
         conn.hung_up = true;
         conn.blocked = false;
-        conn.out.discard();
-        self.unsent = self.unsent.saturating_sub(conn.accounted);
-        conn.accounted = 0;
         // A paused connection is read again by `resume_paused`; one already waiting to be
         // read (budget spent, a subscription not live yet) is read when it would have been.
         if !conn.read_pending {
             conn.read_pending = true;
             self.read_backlog.push(key);
         }
+    }
+
+    /// Drops the connection's unsent output and takes it out of the loop's total.
+    fn discard_output(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        conn.out.discard();
+        self.unsent = self.unsent.saturating_sub(conn.accounted);
+        conn.accounted = 0;
     }
 
     fn mark_dirty(&mut self, key: usize) {
@@ -562,10 +566,7 @@ impl EventLoop {
         }
         if conn.hung_up {
             // Nobody to write to: what was queued since is dropped.
-            conn.out.discard();
-            self.unsent = self.unsent.saturating_sub(conn.accounted);
-            conn.accounted = 0;
-            return;
+            return self.discard_output(key);
         }
         let result = conn.out.write_to(&mut conn.sock);
         // The loop's total follows every connection's output after each write.

@@ -214,7 +214,7 @@ impl ShardSubscriber {
             match self.subs.get(&name) {
                 Some(s) if s.confirmed => {
                     self.outbox
-                        .confirm(&self.redis.loops, loop_id, channel.clone(), generation)
+                        .confirm(&self.redis.loops, loop_id, channel.clone(), generation, false)
                 }
                 Some(_) => self
                     .awaiting
@@ -224,7 +224,7 @@ impl ShardSubscriber {
                 // Offline: live as soon as routed; recovered once subscribed.
                 None if self.orphans.contains(&name) => {
                     self.outbox
-                        .confirm(&self.redis.loops, loop_id, channel.clone(), generation)
+                        .confirm(&self.redis.loops, loop_id, channel.clone(), generation, false)
                 }
                 None => self
                     .awaiting
@@ -299,7 +299,7 @@ impl ShardSubscriber {
         let channel: Channel = channel.as_ref().into();
         for (loop_id, generation) in waiters {
             self.outbox
-                .confirm(&self.redis.loops, loop_id, channel.clone(), generation);
+                .confirm(&self.redis.loops, loop_id, channel.clone(), generation, false);
         }
     }
 

@@ -83,7 +83,7 @@ impl Subscriber {
                         );
                         for (loop_id, channel, generation) in self.awaiting.drain(..) {
                             self.outbox
-                                .confirm_offline(&self.redis.loops, loop_id, channel, generation);
+                                .confirm(&self.redis.loops, loop_id, channel, generation, true);
                         }
                     }
                 },
@@ -106,7 +106,7 @@ impl Subscriber {
                         // Offline, a route is live as soon as it is in the table.
                         if let (channel, Some((loop_id, generation))) = self.routes.apply(c) {
                             self.outbox
-                                .confirm_offline(&self.redis.loops, loop_id, channel, generation);
+                                .confirm(&self.redis.loops, loop_id, channel, generation, true);
                         }
                     }
                     Err(RecvTimeoutError::Timeout) => {}
@@ -229,7 +229,8 @@ impl Subscriber {
             .store(upstream.len() as u64, Ordering::Relaxed);
         // Redis has answered: the subscriptions are in effect.
         for (loop_id, ch, generation) in self.awaiting.drain(..) {
-            self.outbox.confirm(&self.redis.loops, loop_id, ch, generation);
+            self.outbox
+                .confirm(&self.redis.loops, loop_id, ch, generation, false);
         }
         Ok(true)
     }
