@@ -16,7 +16,7 @@ use common::cluster::Cluster;
 use common::delivery::{Gap, Position, gaps, position, subscriber};
 use common::*;
 use serde_json::Value;
-use wsrelay_client::V1;
+use wsrelay_client::{V1, wire};
 
 fn nodes(cluster: &Cluster) -> (Node, Node) {
     let seeds = cluster.seeds();
@@ -416,5 +416,43 @@ fn a_node_started_during_a_failover_waits_for_it() {
     for (channel, _) in &channels {
         let r = p.publish(channel, "hello").unwrap();
         assert_eq!(r["type"], "published", "{channel}: {r}");
+    }
+}
+
+/// A raw client that joins a channel while its shard's primary answers nothing (its Pub/Sub
+/// connection given up) is read only once the channel is subscribed on that primary again: its
+/// own messages come back to it, none published before anyone could hear them.
+#[test]
+fn a_raw_client_that_joins_while_its_primary_is_stalled_receives_its_own() {
+    // A long node timeout: the paused primary stays a primary for the whole test.
+    let cluster = Cluster::start_with_node_timeout(30_000);
+    let seeds = cluster.seeds();
+    let node = Node::start(&[
+        "--threads",
+        "1",
+        "--redis-cluster",
+        &seeds,
+        "--redis-backoff-max",
+        "300ms",
+    ]);
+    wait_for("/healthz 200", WAIT, || {
+        (node.http_get("/healthz").0 == 200).then_some(())
+    });
+    let (channel, primary) = cluster.channels_on_every_primary("stalled", 1)[0].clone();
+    let reconnects = node.metric("wsrelay_redis_reconnects_total");
+    cluster.signal(primary, libc::SIGSTOP);
+    let mut raw = node.client(&format!("/{channel}"));
+    let mut burst = Vec::new();
+    for i in 0..20 {
+        wire::encode_masked(&mut burst, wire::op::TEXT, format!("m{i}").as_bytes());
+    }
+    std::io::Write::write_all(raw.inner().get_mut(), &burst).unwrap();
+    // The SSUBSCRIBE and PINGs go unanswered; the node gives that connection up.
+    wait_for("the Pub/Sub connection given up", Duration::from_secs(20), || {
+        (node.metric("wsrelay_redis_reconnects_total") > reconnects).then_some(())
+    });
+    cluster.signal(primary, libc::SIGCONT);
+    for i in 0..20 {
+        assert_eq!(raw.recv_text(Duration::from_secs(30)).unwrap(), format!("m{i}"));
     }
 }

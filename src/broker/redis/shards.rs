@@ -19,8 +19,10 @@
 //! every [`MAP_CHECK_EVERY`] in case a move went unannounced; once that owner confirms, the loops are told the channel may
 //! have lost messages ([`Outbox::lost`], as after a reconnect to one Redis), so their
 //! offset-tracking clients recover what was published in between from history. While a channel
-//! has no reachable owner, its subscriptions are confirmed to loops at once (local delivery goes
-//! on) and it is tried again on every refresh of the slot map (with the reconnect backoff).
+//! has no reachable owner, its subscriptions are confirmed to loops at once, marked offline
+//! (local delivery goes on; a raw connection is read only once the channel is subscribed again
+//! and the `Lost` notice arrives, so nothing it sends is published before anyone could hear it),
+//! and it is tried again on every refresh of the slot map (with the reconnect backoff).
 //!
 //! Health: up while every primary has a connection, every slot a primary and every wanted
 //! channel a subscription; each connection is PINGed every [`PROBE_EVERY`] and dropped when
@@ -221,10 +223,11 @@ impl ShardSubscriber {
                     .entry(name.clone())
                     .or_default()
                     .push((loop_id, generation)),
-                // Offline: live as soon as routed; recovered once subscribed.
+                // Offline: live as soon as routed; recovered once subscribed (raw connections
+                // are read from then on: the `Lost` notice sent after the SSUBSCRIBE says so).
                 None if self.orphans.contains(&name) => {
                     self.outbox
-                        .confirm(&self.redis.loops, loop_id, channel.clone(), generation, false)
+                        .confirm(&self.redis.loops, loop_id, channel.clone(), generation, true)
                 }
                 None => self
                     .awaiting
@@ -278,7 +281,7 @@ impl ShardSubscriber {
     fn orphan(&mut self, name: String, why: &str) {
         debug!("redis cluster: {name:?} not subscribed for now: {why}");
         self.subs.remove(&name);
-        self.confirm_waiters(&name);
+        self.confirm_waiters(&name, true);
         self.lost.insert(name.clone());
         self.orphans.insert(name);
         self.refresh_due = true;
@@ -289,7 +292,9 @@ impl ShardSubscriber {
             .store(false, Ordering::Relaxed);
     }
 
-    fn confirm_waiters(&mut self, name: &str) {
+    /// Confirms the loops waiting for `name`; `offline` when it is not subscribed (a `Lost`
+    /// notice follows once it is).
+    fn confirm_waiters(&mut self, name: &str, offline: bool) {
         let Some(waiters) = self.awaiting.remove(name) else {
             return;
         };
@@ -299,7 +304,7 @@ impl ShardSubscriber {
         let channel: Channel = channel.as_ref().into();
         for (loop_id, generation) in waiters {
             self.outbox
-                .confirm(&self.redis.loops, loop_id, channel.clone(), generation, false);
+                .confirm(&self.redis.loops, loop_id, channel.clone(), generation, offline);
         }
     }
 
@@ -322,6 +327,7 @@ impl ShardSubscriber {
                 let addr = addr.clone();
                 if let Sent::Subscribe(name) = what {
                     self.subs.remove(&name);
+                    self.lost.insert(name.clone());
                     self.orphans.insert(name);
                 }
                 self.drop_link(&addr, &e.to_string());
@@ -484,7 +490,7 @@ impl ShardSubscriber {
                     s.confirmed = true;
                 }
                 self.left.remove(&name);
-                self.confirm_waiters(&name);
+                self.confirm_waiters(&name, false);
                 if self.lost.remove(&name)
                     && let Some(channel) = self.redis.keys.channel_of(&name)
                 {
