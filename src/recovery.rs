@@ -141,6 +141,29 @@ pub fn settle(offset: u64, epoch: Option<&str>, pending: &Pending, h: &History) 
 
 /// Whether history `h` (of the subscription's epoch) continues from `offset`: it starts right
 /// after it, or nothing came since.
+/// Settles a quiet recovery (lost deliveries) of a subscription that has no position: it was
+/// answered while the history could not be read, so which stored messages came after it is
+/// unknown. `held` are the deliveries that arrived during the read, all of them after the
+/// subscription: they are delivered, never covered by the notice. The subscription takes the
+/// position just before the first of them in the history's epoch (or the newest, when none
+/// is). Everything before that position may have been missed, so a v1 client is told
+/// (`recovered: false`) unless that position is the start of the epoch (nothing to miss).
+pub fn settle_unplaced(h: &History, held: &[Arc<Delivery>]) -> Settled {
+    let first_held = held.iter().find_map(|d| d.offset_in(&h.epoch));
+    let offset = first_held.map_or(h.top, |o| o.saturating_sub(1).min(h.top));
+    let position = Position {
+        offset,
+        epoch: h.epoch.clone(),
+    };
+    Settled::Done {
+        notice: (offset > 0).then(|| (position.clone(), Some(false))),
+        replay: Vec::new(),
+        recovered: offset == 0,
+        position,
+        more: false,
+    }
+}
+
 fn covers(offset: u64, h: &History) -> bool {
     let first = h
         .entries
@@ -289,6 +312,35 @@ mod tests {
         assert_eq!(
             done(settle(6, Some("e"), &Pending::quiet(), &trimmed)),
             (Some((9, Some(false))), vec![], false, 9)
+        );
+    }
+
+    #[test]
+    fn a_subscription_without_a_position_keeps_what_arrived_during_its_recovery() {
+        // Published after the read was asked for, before it ran: held, and delivered after a
+        // notice that covers only what came before it.
+        let h = history("e", 5, 1..6);
+        let held = history("e", 5, 4..6).entries;
+        assert_eq!(
+            done(settle_unplaced(&h, &held)),
+            (Some((3, Some(false))), vec![], false, 3)
+        );
+        // The first message of the epoch held: nothing before it to miss, no notice.
+        let h = history("e", 2, 1..3);
+        let held = history("e", 2, 1..3).entries;
+        assert_eq!(done(settle_unplaced(&h, &held)), (None, vec![], true, 0));
+        // Nothing held: everything stored may have been missed.
+        assert_eq!(
+            done(settle_unplaced(&h, &[])),
+            (Some((2, Some(false))), vec![], false, 2)
+        );
+        let empty = history("e", 0, 0..0);
+        assert_eq!(done(settle_unplaced(&empty, &[])), (None, vec![], true, 0));
+        // Held deliveries of another epoch do not place it.
+        let other = history("f", 5, 4..6).entries;
+        assert_eq!(
+            done(settle_unplaced(&history("e", 2, 1..3), &other)),
+            (Some((2, Some(false))), vec![], false, 2)
         );
     }
 

@@ -262,7 +262,15 @@ impl EventLoop {
         else {
             return;
         };
+        // A quiet recovery of a subscription answered without a position (see
+        // `recovery::settle_unplaced`).
+        let unplaced =
+            sub.epoch.is_none() && pending.recover && !pending.announce && pending.checked.is_none();
         match result {
+            Ok(h) if unplaced => {
+                let done = recovery::settle_unplaced(&h, &held);
+                self.history_settled(key, channel, done, h.top, pending, held)
+            }
             Ok(h) => match recovery::settle(sub.offset, sub.epoch.as_deref(), &pending, &h) {
                 Settled::Restart { epoch, notify } => {
                     self.history_restarted(key, channel, epoch, notify, pending, held)
