@@ -346,15 +346,8 @@ impl ShardSubscriber {
         stream.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
         let mut parser = redis::Parser::new();
-        let info = self.seeds.info(addr);
-        let settings = info.redis_settings();
-        if let Some(password) = settings.password() {
-            let mut auth = redis::cmd("AUTH");
-            if let Some(user) = settings.username() {
-                auth.arg(user);
-            }
-            auth.arg(password);
-            (&stream).write_all(&auth.get_packed_command())?;
+        if let Some(auth) = super::pubsub::auth_command(&self.seeds.info(addr)) {
+            (&stream).write_all(&auth)?;
             match parser.parse_value(&stream) {
                 Ok(Value::Okay) | Ok(Value::SimpleString(_)) => {}
                 Ok(v) => return Err(std::io::Error::other(format!("AUTH refused: {v:?}"))),

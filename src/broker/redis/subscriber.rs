@@ -11,14 +11,17 @@
 //! server API could have sent, an event passed on only re-encoded from a valid entry.
 
 use std::collections::HashSet;
+use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use log::{debug, info, warn};
+use redis::Value;
 
-use super::{COMMAND_TIMEOUT, Shared, connect};
+use super::pubsub::{Frame, PubSub};
+use super::{COMMAND_TIMEOUT, CONNECT_TIMEOUT, Shared};
 use crate::bridge::{Channel, Control, Delivery};
 use crate::broker::{Outbox, Routes, wire};
 use crate::log_throttle::LogThrottle;
@@ -36,7 +39,7 @@ enum Exit {
     /// Every loop is gone: the process is shutting down.
     Stop,
     /// The connection failed; reconnect.
-    Lost(redis::RedisError),
+    Lost(io::Error),
 }
 
 pub(super) struct Subscriber {
@@ -74,8 +77,8 @@ impl Subscriber {
             let super::Backend::One(client) = &self.redis.backend else {
                 unreachable!("a cluster has its own subscriber (shards.rs)")
             };
-            match connect(client) {
-                Ok(mut con) => match self.serve(&mut con) {
+            match PubSub::open(client.get_connection_info(), CONNECT_TIMEOUT, COMMAND_TIMEOUT) {
+                Ok(mut ps) => match self.serve(&mut ps) {
                     Exit::Stop => return,
                     Exit::Lost(e) => {
                         warn!(
@@ -117,17 +120,16 @@ impl Subscriber {
         }
     }
 
-    fn serve(&mut self, con: &mut redis::Connection) -> Exit {
-        let mut ps = con.as_pubsub();
+    fn serve(&mut self, ps: &mut PubSub) -> Exit {
         // Everything currently routed is subscribed on this new connection.
         let mut upstream: HashSet<Channel> = self.routes.channels().cloned().collect();
-        if let Err(e) = self.subscribe_all(&mut ps, &upstream) {
+        if let Err(e) = self.subscribe_all(ps, &upstream) {
             return Exit::Lost(e);
         }
         let mut last_probe = Instant::now();
         self.redis.metrics.broker.probe_ok(PROBE_EVERY);
         loop {
-            match self.take_requests(&mut ps, &mut upstream) {
+            match self.take_requests(ps, &mut upstream) {
                 Ok(true) => {}
                 Ok(false) => return Exit::Stop,
                 Err(e) => return Exit::Lost(e),
@@ -136,16 +138,16 @@ impl Subscriber {
             if last_probe.elapsed() >= PROBE_EVERY {
                 // A Pub/Sub connection can stop delivering without an error (a stalled or
                 // half-dead Redis): an answered PING is the proof that it still works.
-                if let Err(e) = probe(&mut ps) {
+                if let Err(e) = self.command(ps, &redis::cmd("PING"), 1) {
                     return Exit::Lost(e);
                 }
                 last_probe = Instant::now();
                 self.redis.metrics.broker.probe_ok(PROBE_EVERY);
             }
-
-            match ps.get_message() {
-                Ok(msg) => self.route(&msg),
-                Err(e) if e.is_timeout() => {}
+            match ps.next() {
+                Ok(Some(Frame::Message { channel, payload })) => self.route(channel, payload),
+                Ok(Some(Frame::Other(v))) => debug!("redis subscriber: unexpected {v:?}"),
+                Ok(None) => {}
                 Err(e) => return Exit::Lost(e),
             }
         }
@@ -153,17 +155,13 @@ impl Subscriber {
 
     /// A new connection: subscribes `upstream` and the control channel; after a reconnect,
     /// the loops' offset-tracking connections catch up from history.
-    fn subscribe_all(
-        &mut self,
-        ps: &mut redis::PubSub<'_>,
-        upstream: &HashSet<Channel>,
-    ) -> redis::RedisResult<()> {
+    fn subscribe_all(&mut self, ps: &mut PubSub, upstream: &HashSet<Channel>) -> io::Result<()> {
         let mut names: Vec<String> = upstream.iter().map(|c| self.redis.keys.channel(c)).collect();
         names.push(self.control_channel.clone());
         for chunk in names.chunks(RESUBSCRIBE_CHUNK) {
-            ps.subscribe(chunk)?;
+            self.command(ps, redis::cmd("SUBSCRIBE").arg(chunk), chunk.len())?;
         }
-        ps.set_read_timeout(Some(READ_TIMEOUT))?;
+        ps.set_read_timeout(READ_TIMEOUT)?;
         let broker = &self.redis.metrics.broker;
         broker.subscriber_up.store(true, Ordering::Relaxed);
         broker.channels.store(upstream.len() as u64, Ordering::Relaxed);
@@ -190,11 +188,7 @@ impl Subscriber {
     /// Takes every pending request, then brings Redis to the resulting state in at most one
     /// SUBSCRIBE and one UNSUBSCRIBE, and confirms the waiting loops. False when the loops are
     /// gone (shutdown).
-    fn take_requests(
-        &mut self,
-        ps: &mut redis::PubSub<'_>,
-        upstream: &mut HashSet<Channel>,
-    ) -> redis::RedisResult<bool> {
+    fn take_requests(&mut self, ps: &mut PubSub, upstream: &mut HashSet<Channel>) -> io::Result<bool> {
         let mut touched = Vec::new();
         loop {
             match self.control.try_recv() {
@@ -221,7 +215,12 @@ impl Subscriber {
                 unsub.push(self.redis.keys.channel(&ch));
             }
         }
-        update_subscriptions(ps, &sub, &unsub)?;
+        if !sub.is_empty() {
+            self.command(ps, redis::cmd("SUBSCRIBE").arg(&sub), sub.len())?;
+        }
+        if !unsub.is_empty() {
+            self.command(ps, redis::cmd("UNSUBSCRIBE").arg(&unsub), unsub.len())?;
+        }
         self.redis
             .metrics
             .broker
@@ -235,15 +234,39 @@ impl Subscriber {
         Ok(true)
     }
 
-    fn route(&mut self, msg: &redis::Msg) {
+    /// Sends a command and waits, at most a command's time for each, for its `answers`
+    /// (SUBSCRIBE and UNSUBSCRIBE answer once per channel), routing the messages that arrive
+    /// meanwhile. An error answer ends the connection.
+    fn command(&mut self, ps: &mut PubSub, cmd: &redis::Cmd, answers: usize) -> io::Result<()> {
+        ps.send(&cmd.get_packed_command())?;
+        ps.set_read_timeout(COMMAND_TIMEOUT)?;
+        let mut left = answers;
+        while left > 0 {
+            match ps.next()? {
+                Some(Frame::Message { channel, payload }) => self.route(channel, payload),
+                Some(Frame::Other(Value::ServerError(e))) => {
+                    return Err(io::Error::other(format!("redis refused {e:?}")));
+                }
+                Some(Frame::Other(_)) => left -= 1,
+                None => return Err(io::ErrorKind::TimedOut.into()),
+            }
+        }
+        ps.set_read_timeout(READ_TIMEOUT)
+    }
+
+    fn route(&mut self, channel: &[u8], payload: &[u8]) {
+        // Every name this node subscribes is UTF-8.
+        let Ok(name) = std::str::from_utf8(channel) else {
+            return;
+        };
         received(
             &self.redis,
             &self.routes,
             &mut self.outbox,
             &mut self.drop_log,
             &self.control_channel,
-            msg.get_channel_name(),
-            msg.get_payload_bytes(),
+            name,
+            payload,
         );
     }
 }
@@ -312,30 +335,4 @@ fn command(redis: &Shared, outbox: &mut Outbox, drop_log: &mut LogThrottle, payl
             }
         }
     }
-}
-
-/// Sends SUBSCRIBE/UNSUBSCRIBE and waits for Redis's reply, with a command-length timeout.
-/// PINGs the Pub/Sub connection, waiting at most a command's time for the answer.
-fn probe(ps: &mut redis::PubSub<'_>) -> redis::RedisResult<()> {
-    ps.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-    ps.ping::<redis::Value>()?;
-    ps.set_read_timeout(Some(READ_TIMEOUT))
-}
-
-fn update_subscriptions(
-    ps: &mut redis::PubSub<'_>,
-    sub: &[String],
-    unsub: &[String],
-) -> redis::RedisResult<()> {
-    if sub.is_empty() && unsub.is_empty() {
-        return Ok(());
-    }
-    ps.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-    if !sub.is_empty() {
-        ps.subscribe(sub)?;
-    }
-    if !unsub.is_empty() {
-        ps.unsubscribe(unsub)?;
-    }
-    ps.set_read_timeout(Some(READ_TIMEOUT))
 }
