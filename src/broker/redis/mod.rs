@@ -3,7 +3,7 @@
 //! - `subscriber.rs`: one blocking Pub/Sub connection. SUBSCRIBEs only to channels some local
 //!   loop has members on (refcounted over loops), routes each message only to the loops that
 //!   need it, reconnects with jittered backoff and resubscribes everything. Its connection
-//!   (`pubsub.rs`) parses each message in place, without redis-rs's value tree.
+//!   (`resp.rs`) parses each message in place, without redis-rs's value tree.
 //! - `publisher.rs`: drains the loops' bounded publish queue in batches and pipelines them,
 //!   several batches in flight on one connection (so order is kept). With history on, each publish is one atomic Lua script
 //!   (`publish.lua`): offset, stream append, expiry and PUBLISH together. What cannot reach
@@ -55,8 +55,8 @@ use crate::metrics::Metrics;
 pub mod cluster;
 mod nodes;
 mod publisher;
-mod pubsub;
 mod requests;
+mod resp;
 mod shards;
 mod subscriber;
 

@@ -23,15 +23,16 @@ use log::{debug, info, warn};
 use redis::Value;
 
 use super::cluster::{Outcome, REPLID, REPLID2, Router};
-use super::{Backend, Link, Shared, connect, ttl_secs};
+use super::resp::Conn;
+use super::{Backend, COMMAND_TIMEOUT, CONNECT_TIMEOUT, Link, Shared, ttl_secs};
 use crate::bridge::{Channel, Delivery, Position, Publish, PublishError, PublishQueue, Reply};
 use crate::broker::{Outbox, wire};
 use crate::config::Config;
 use crate::log_throttle::LogThrottle as RateLimit;
 use crate::metrics::{add, inc};
 
-pub(super) static PUBLISH_SCRIPT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("publish.lua")));
+const PUBLISH_LUA: &str = include_str!("publish.lua");
+pub(super) static PUBLISH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(PUBLISH_LUA));
 
 /// Most batches sent and not yet answered. Two keep Redis busy (it runs one while the next
 /// waits in its input buffer); more only help when batches are full.
@@ -102,7 +103,9 @@ pub(super) struct Publisher {
     /// Channels whose history expiry this node refreshed lately, and when.
     refreshed: HashMap<Channel, Instant>,
     next_prune: Instant,
-    con: Option<redis::Connection>,
+    /// One Redis: the connection of the server's own (`resp.rs`: answers parsed without
+    /// redis-rs's combinator parser, one per publish).
+    con: Option<Conn>,
     /// In a cluster: the router over the primaries (and no `con`).
     router: Option<Router>,
     in_flight: VecDeque<Batch>,
@@ -124,9 +127,11 @@ impl Publisher {
         queued: PublishQueue,
         link: Link,
     ) -> Self {
-        let (con, router) = match link {
-            Link::One(con) => (Some(con), None),
-            Link::Cluster(r) => (None, Some(r)),
+        // One Redis: the start-up connection (which loaded the script) is not the kind this
+        // thread keeps; the first batch opens one, at once.
+        let router = match link {
+            Link::One(_) => None,
+            Link::Cluster(r) => Some(r),
         };
         let history = (config.history_size > 0).then(|| History::new(config));
         // Prefix of the epochs this node's publishes create (see `publish.lua`).
@@ -142,7 +147,7 @@ impl Publisher {
             packed: Vec::new(),
             refreshed: HashMap::new(),
             next_prune: Instant::now(),
-            con,
+            con: None,
             router,
             in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT),
             in_flight_bytes: 0,
@@ -249,7 +254,7 @@ impl Publisher {
         packed.clear();
         self.pack(&mut packed, &batch, false);
         let con = self.con.as_mut().expect("checked above");
-        let sent = con.send_packed_command(&packed);
+        let sent = con.send(&packed);
         self.packed = packed;
         match sent {
             Ok(()) => {
@@ -273,7 +278,7 @@ impl Publisher {
     /// Reads one answer, for the oldest batch in flight; a complete batch is acknowledged.
     fn receive(&mut self) {
         let con = self.con.as_mut().expect("batches in flight have a connection");
-        match con.recv_response() {
+        match con.value() {
             Ok(v) => {
                 let front = self.in_flight.front_mut().expect("a batch is in flight");
                 front.answers.push(v);
@@ -288,7 +293,12 @@ impl Publisher {
                     self.answered(b.publishes, b.answers);
                 }
             }
-            Err(e) if e.is_timeout() => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
                 // Connected but no answer (a stalled Redis): the commands may still run later,
                 // so neither retrying nor delivering them locally is safe.
                 let pending = self.abandon_connection();
@@ -347,7 +357,7 @@ impl Publisher {
             self.in_flight_bytes -= b.bytes;
             while b.answers.len() < b.publishes.len() {
                 let con = self.con.as_mut().expect("batches in flight have a connection");
-                match con.recv_response() {
+                match con.value() {
                     Ok(v) => b.answers.push(v),
                     Err(e) => {
                         debug!("redis publish failed: {e}; retrying on a new connection");
@@ -393,7 +403,12 @@ impl Publisher {
         let Backend::One(client) = &self.redis.backend else {
             unreachable!("only the one-Redis publisher reconnects here")
         };
-        let mut con = match connect(client) {
+        // Connected means answering: a stalled Redis (the kernel still accepts connections)
+        // counts as unreachable, so nothing is sent that might run later unseen.
+        let ping = redis::cmd("PING").get_packed_command();
+        let opened = Conn::open(client.get_connection_info(), CONNECT_TIMEOUT, COMMAND_TIMEOUT)
+            .and_then(|mut con| con.command(&ping, "PING").map(|_| con));
+        let mut con = match opened {
             Ok(con) => con,
             Err(e) => {
                 self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
@@ -435,19 +450,18 @@ impl Publisher {
     /// Runs a pipeline and waits for it, on a connection with nothing in flight. Commands that
     /// failed with NOSCRIPT ran nothing: the script is loaded and exactly those run again, in
     /// order.
-    fn query(
-        &mut self,
-        con: &mut redis::Connection,
-        batch: &[Publish],
-        rerun: bool,
-    ) -> redis::RedisResult<Vec<Value>> {
+    fn query(&mut self, con: &mut Conn, batch: &[Publish], rerun: bool) -> std::io::Result<Vec<Value>> {
         let mut values = self.exchange(con, batch, rerun)?;
         let missing: Vec<usize> = (0..values.len()).filter(|&i| is_noscript(&values[i])).collect();
         if missing.is_empty() {
             return Ok(values);
         }
         info!("loading the publish script into redis");
-        PUBLISH_SCRIPT.prepare_invoke().load(con)?;
+        let load = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(PUBLISH_LUA)
+            .get_packed_command();
+        con.command(&load, "SCRIPT LOAD")?;
         let again: Vec<&Publish> = missing.iter().map(|&i| &batch[i]).collect();
         let answers = self.exchange(con, again, true)?;
         for (i, v) in missing.into_iter().zip(answers) {
@@ -459,15 +473,15 @@ impl Publisher {
     /// Sends a batch and reads its answers (an error reply is an answer, per publish).
     fn exchange<'a>(
         &mut self,
-        con: &mut redis::Connection,
+        con: &mut Conn,
         batch: impl IntoIterator<Item = &'a Publish>,
         rerun: bool,
-    ) -> redis::RedisResult<Vec<Value>> {
+    ) -> std::io::Result<Vec<Value>> {
         let mut packed = Vec::new();
         let batch: Vec<&Publish> = batch.into_iter().collect();
         self.pack(&mut packed, batch.iter().copied(), rerun);
-        con.send_packed_command(&packed)?;
-        batch.iter().map(|_| con.recv_response()).collect()
+        con.send(&packed)?;
+        batch.iter().map(|_| con.value()).collect()
     }
 
     /// Runs a batch on a cluster and waits for it: each publish on the primary of its channel's

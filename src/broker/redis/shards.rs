@@ -346,7 +346,7 @@ impl ShardSubscriber {
         stream.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
         let mut parser = redis::Parser::new();
-        if let Some(auth) = super::pubsub::auth_command(&self.seeds.info(addr)) {
+        if let Some(auth) = super::resp::auth_command(&self.seeds.info(addr)) {
             (&stream).write_all(&auth)?;
             match parser.parse_value(&stream) {
                 Ok(Value::Okay) | Ok(Value::SimpleString(_)) => {}

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use log::{debug, info, warn};
 use redis::Value;
 
-use super::pubsub::{Frame, PubSub};
+use super::resp::{Conn, Frame};
 use super::{COMMAND_TIMEOUT, CONNECT_TIMEOUT, Shared};
 use crate::bridge::{Channel, Control, Delivery};
 use crate::broker::{Outbox, Routes, wire};
@@ -77,7 +77,7 @@ impl Subscriber {
             let super::Backend::One(client) = &self.redis.backend else {
                 unreachable!("a cluster has its own subscriber (shards.rs)")
             };
-            match PubSub::open(client.get_connection_info(), CONNECT_TIMEOUT, COMMAND_TIMEOUT) {
+            match Conn::open(client.get_connection_info(), CONNECT_TIMEOUT, COMMAND_TIMEOUT) {
                 Ok(mut ps) => match self.serve(&mut ps) {
                     Exit::Stop => return,
                     Exit::Lost(e) => {
@@ -120,7 +120,7 @@ impl Subscriber {
         }
     }
 
-    fn serve(&mut self, ps: &mut PubSub) -> Exit {
+    fn serve(&mut self, ps: &mut Conn) -> Exit {
         // Everything currently routed is subscribed on this new connection.
         let mut upstream: HashSet<Channel> = self.routes.channels().cloned().collect();
         if let Err(e) = self.subscribe_all(ps, &upstream) {
@@ -144,7 +144,7 @@ impl Subscriber {
                 last_probe = Instant::now();
                 self.redis.metrics.broker.probe_ok(PROBE_EVERY);
             }
-            match ps.next() {
+            match ps.frame() {
                 Ok(Some(Frame::Message { channel, payload })) => self.route(channel, payload),
                 Ok(Some(Frame::Other(v))) => debug!("redis subscriber: unexpected {v:?}"),
                 Ok(None) => {}
@@ -155,7 +155,7 @@ impl Subscriber {
 
     /// A new connection: subscribes `upstream` and the control channel; after a reconnect,
     /// the loops' offset-tracking connections catch up from history.
-    fn subscribe_all(&mut self, ps: &mut PubSub, upstream: &HashSet<Channel>) -> io::Result<()> {
+    fn subscribe_all(&mut self, ps: &mut Conn, upstream: &HashSet<Channel>) -> io::Result<()> {
         let mut names: Vec<String> = upstream.iter().map(|c| self.redis.keys.channel(c)).collect();
         names.push(self.control_channel.clone());
         for chunk in names.chunks(RESUBSCRIBE_CHUNK) {
@@ -188,7 +188,7 @@ impl Subscriber {
     /// Takes every pending request, then brings Redis to the resulting state in at most one
     /// SUBSCRIBE and one UNSUBSCRIBE, and confirms the waiting loops. False when the loops are
     /// gone (shutdown).
-    fn take_requests(&mut self, ps: &mut PubSub, upstream: &mut HashSet<Channel>) -> io::Result<bool> {
+    fn take_requests(&mut self, ps: &mut Conn, upstream: &mut HashSet<Channel>) -> io::Result<bool> {
         let mut touched = Vec::new();
         loop {
             match self.control.try_recv() {
@@ -237,12 +237,12 @@ impl Subscriber {
     /// Sends a command and waits, at most a command's time for each, for its `answers`
     /// (SUBSCRIBE and UNSUBSCRIBE answer once per channel), routing the messages that arrive
     /// meanwhile. An error answer ends the connection.
-    fn command(&mut self, ps: &mut PubSub, cmd: &redis::Cmd, answers: usize) -> io::Result<()> {
+    fn command(&mut self, ps: &mut Conn, cmd: &redis::Cmd, answers: usize) -> io::Result<()> {
         ps.send(&cmd.get_packed_command())?;
         ps.set_read_timeout(COMMAND_TIMEOUT)?;
         let mut left = answers;
         while left > 0 {
-            match ps.next()? {
+            match ps.frame()? {
                 Some(Frame::Message { channel, payload }) => self.route(channel, payload),
                 Some(Frame::Other(Value::ServerError(e))) => {
                     return Err(io::Error::other(format!("redis refused {e:?}")));

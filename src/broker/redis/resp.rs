@@ -1,10 +1,11 @@
-//! The subscriber's Pub/Sub connection to one Redis. Every message Redis delivers passes
-//! through here, so a message (`*3`, `message`, channel, payload) is parsed in place in one
-//! read buffer and handed over as two slices: no value tree, no allocation per message.
-//! Anything else Redis sends on the connection (subscription confirmations, PING answers,
-//! errors) is rare and parsed by redis-rs. The connection speaks RESP2 whatever the URL asks
-//! (Pub/Sub needs nothing newer) and authenticates as the URL says; a database number does not
-//! matter to Pub/Sub.
+//! wsrelay's own connections to one Redis for its two hot paths: the subscriber's Pub/Sub
+//! connection and the publisher's pipeline. Every message Redis delivers and every publish's
+//! answer passes through here, so values are framed in one read buffer instead of redis-rs's
+//! combinator parser: a Pub/Sub message (`*3`, `message`, channel, payload) is handed over as
+//! two slices (no allocation), any other value is parsed by a small RESP2 parser into a
+//! redis-rs [`Value`] (the same values redis-rs gives; errors through redis-rs itself). The
+//! connections speak RESP2 whatever the URL asks (nothing here needs newer), authenticate and
+//! select the database as the URL says, over TCP or a Unix socket.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -42,14 +43,15 @@ impl Stream {
     }
 }
 
-/// What Redis sent: a message on a subscribed channel, or anything else.
+/// What Redis sent on a Pub/Sub connection: a message on a subscribed channel, or anything
+/// else.
 pub(super) enum Frame<'a> {
     Message { channel: &'a [u8], payload: &'a [u8] },
     Other(Value),
 }
 
 /// See the module documentation.
-pub(super) struct PubSub {
+pub(super) struct Conn {
     stream: Stream,
     buf: Vec<u8>,
     /// Unparsed bytes are `buf[start..end]`.
@@ -57,10 +59,10 @@ pub(super) struct PubSub {
     end: usize,
 }
 
-impl PubSub {
-    /// Connects (within `connect`) and authenticates, with `timeout` for every write, and for
-    /// answers until [`PubSub::set_read_timeout`].
-    pub(super) fn open(info: &ConnectionInfo, connect: Duration, timeout: Duration) -> io::Result<PubSub> {
+impl Conn {
+    /// Connects (within `connect`), authenticates and selects the database, with `timeout`
+    /// for every write, and for answers until [`Conn::set_read_timeout`].
+    pub(super) fn open(info: &ConnectionInfo, connect: Duration, timeout: Duration) -> io::Result<Conn> {
         let stream = match info.addr() {
             ConnectionAddr::Tcp(host, port) => {
                 let mut last = io::Error::other(format!("{host}:{port} has no address"));
@@ -87,43 +89,67 @@ impl PubSub {
             _ => return Err(io::Error::other("TLS connections to Redis are not supported")),
         };
         stream.set_read_timeout(Some(timeout))?;
-        let mut ps = PubSub {
+        let mut con = Conn {
             stream,
             buf: vec![0; BUFFER],
             start: 0,
             end: 0,
         };
         if let Some(auth) = auth_command(info) {
-            ps.send(&auth)?;
-            match ps.next()? {
-                Some(Frame::Other(Value::Okay | Value::SimpleString(_))) => {}
-                Some(Frame::Other(Value::ServerError(e))) => {
-                    return Err(io::Error::other(format!("AUTH refused: {e:?}")));
-                }
-                Some(_) => return Err(io::Error::other("unexpected answer to AUTH")),
-                None => return Err(io::ErrorKind::TimedOut.into()),
-            }
+            con.command(&auth, "AUTH")?;
         }
-        Ok(ps)
+        let db = info.redis_settings().db();
+        if db != 0 {
+            con.command(&redis::cmd("SELECT").arg(db).get_packed_command(), "SELECT")?;
+        }
+        Ok(con)
+    }
+
+    /// Sends a packed command and waits for its answer; an error answer is an error.
+    pub(super) fn command(&mut self, packed: &[u8], what: &str) -> io::Result<Value> {
+        self.send(packed)?;
+        match self.value()? {
+            Value::ServerError(e) => Err(io::Error::other(format!("{what} refused: {e:?}"))),
+            v => Ok(v),
+        }
     }
 
     pub(super) fn set_read_timeout(&self, t: Duration) -> io::Result<()> {
         self.stream.set_read_timeout(Some(t))
     }
 
-    /// Writes a packed command.
+    /// Writes a packed command (or a pipeline of them).
     pub(super) fn send(&mut self, packed: &[u8]) -> io::Result<()> {
         self.stream.write_all(packed)
     }
 
-    /// The next thing Redis sent, waiting at most the read timeout for it (`None`: nothing
-    /// came). An error is the connection's end.
-    pub(super) fn next(&mut self) -> io::Result<Option<Frame<'_>>> {
+    /// The next value, waiting at most the read timeout for it (`TimedOut` when none came;
+    /// the connection is then of no further use for commands). Any other error is the
+    /// connection's end.
+    pub(super) fn value(&mut self) -> io::Result<Value> {
+        match self.next_whole()? {
+            Some((at, len)) => parse(&self.buf[at..at + len]),
+            None => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+
+    /// The next thing Redis sent on a Pub/Sub connection, waiting at most the read timeout
+    /// for it (`None`: nothing came). An error is the connection's end.
+    pub(super) fn frame(&mut self) -> io::Result<Option<Frame<'_>>> {
+        match self.next_whole()? {
+            Some((at, len)) => frame(&self.buf[at..at + len]).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Where the next whole value is in the buffer, reading until one is there or the read
+    /// timeout passes (`None`).
+    fn next_whole(&mut self) -> io::Result<Option<(usize, usize)>> {
         loop {
             if let Some(len) = value_len(&self.buf[self.start..self.end]) {
                 let at = self.start;
                 self.start += len;
-                return Ok(Some(frame(&self.buf[at..at + len])?));
+                return Ok(Some((at, len)));
             }
             match self.fill() {
                 Ok(()) => {}
@@ -173,7 +199,7 @@ pub(super) fn auth_command(info: &ConnectionInfo) -> Option<Vec<u8>> {
     Some(auth.get_packed_command())
 }
 
-/// One whole RESP2 value: a message as slices, anything else through redis-rs.
+/// One whole RESP2 value: a message as slices, anything else as a value.
 fn frame(v: &[u8]) -> io::Result<Frame<'_>> {
     const MESSAGE: &[u8] = b"*3\r\n$7\r\nmessage\r\n";
     if let Some(rest) = v.strip_prefix(MESSAGE) {
@@ -181,9 +207,56 @@ fn frame(v: &[u8]) -> io::Result<Frame<'_>> {
         let (payload, _) = bulk(rest).ok_or_else(malformed)?;
         return Ok(Frame::Message { channel, payload });
     }
-    redis::parse_redis_value(v)
-        .map(Frame::Other)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    parse(v).map(Frame::Other)
+}
+
+/// One whole RESP2 value (as framed by [`value_len`]) as the value redis-rs would give.
+fn parse(v: &[u8]) -> io::Result<Value> {
+    let mut at = 0;
+    match parse_at(v, &mut at) {
+        Some(value) if at == v.len() => Ok(value),
+        _ => {
+            redis::parse_redis_value(v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        }
+    }
+}
+
+/// The value at `b[*at..]`, moving `at` past it; `None` for anything this parser leaves to
+/// redis-rs (which then gives the error, or the value).
+fn parse_at(b: &[u8], at: &mut usize) -> Option<Value> {
+    let rest = b.get(*at..)?;
+    let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+    let line = &rest[1..line_end];
+    let next = *at + line_end + 2;
+    let number = || -> Option<i64> { std::str::from_utf8(line).ok()?.parse().ok() };
+    let v = match rest.first()? {
+        b'+' if line == b"OK" => Value::Okay,
+        b'+' => Value::SimpleString(std::str::from_utf8(line).ok()?.to_owned()),
+        b'-' => redis::parse_redis_value(&rest[..line_end + 2]).ok()?,
+        b':' => Value::Int(number()?),
+        b'$' => match usize::try_from(number()?) {
+            Err(_) => Value::Nil,
+            Ok(n) => {
+                let data = b.get(next..next.checked_add(n)?)?;
+                *at = next + n + 2;
+                return Some(Value::BulkString(data.to_vec()));
+            }
+        },
+        b'*' => match usize::try_from(number()?) {
+            Err(_) => Value::Nil,
+            Ok(n) => {
+                *at = next;
+                let mut items = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    items.push(parse_at(b, at)?);
+                }
+                return Some(Value::Array(items));
+            }
+        },
+        _ => return None,
+    };
+    *at = next;
+    Some(v)
 }
 
 fn malformed() -> io::Error {
@@ -275,6 +348,39 @@ mod tests {
         assert_eq!(value_len(wire), Some(wire.len()));
         assert_eq!(value_len(b"$-1\r\n"), Some(5));
         assert_eq!(value_len(b"*-1\r\n"), Some(5));
+    }
+
+    #[test]
+    fn values_are_the_ones_redis_rs_gives() {
+        let wires: [&[u8]; 13] = [
+            b"+OK\r\n",
+            b"+PONG\r\n",
+            b":-42\r\n",
+            b"$-1\r\n",
+            b"*-1\r\n",
+            b"$0\r\n\r\n",
+            b"$5\r\nhe\r\nl\r\n",
+            b"*2\r\n:7\r\n$10\r\nabcdefghij\r\n",
+            b"*0\r\n",
+            b"*2\r\n*1\r\n+x\r\n$-1\r\n",
+            b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n",
+            b"-NOSCRIPT No matching script. Please use EVAL.\r\n",
+            b"-ERR wrong number of arguments\r\n",
+        ];
+        for wire in wires {
+            assert_eq!(value_len(wire), Some(wire.len()));
+            assert_eq!(
+                parse(wire).unwrap(),
+                redis::parse_redis_value(wire).unwrap(),
+                "{}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+        // A NOSCRIPT answer keeps its kind (the publisher reloads the script on it).
+        let Value::ServerError(e) = parse(wires[11]).unwrap() else {
+            panic!("not an error")
+        };
+        assert_eq!(e.kind(), Some(redis::ServerErrorKind::NoScript));
     }
 
     #[test]
