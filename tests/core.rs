@@ -648,6 +648,39 @@ fn redis_behind_a_password_and_as_an_acl_user() {
     assert_eq!(ca.recv_text(WAIT).unwrap(), "from a");
 }
 
+/// A database number in the URL is where the history goes, from the publisher's own
+/// connection as from the others: a v1 client's stored messages are read back (by a second
+/// node, through its request connection) and are in that database, not in 0.
+#[test]
+fn redis_database_number_in_the_url_is_used() {
+    let redis = Redis::start();
+    let url = format!("{}/5", redis.url());
+    let (a, b) = (Node::start(&["--redis", &url]), Node::start(&["--redis", &url]));
+    let mut p = V1::connect(a.addr, None).unwrap();
+    let mut epoch = String::new();
+    for i in 0..3 {
+        let r = p.publish("numbered", &format!("m{i}")).unwrap();
+        assert_eq!(r["type"], "published", "{r}");
+        epoch = r["epoch"].as_str().unwrap().to_owned();
+    }
+    let mut s = V1::connect(b.addr, None).unwrap();
+    let r = s.subscribe("numbered", Some((0, &epoch))).unwrap();
+    assert_eq!(
+        (r["type"].as_str(), r["recovered"].as_bool()),
+        (Some("subscribed"), Some(true)),
+        "{r}"
+    );
+    for i in 0..3 {
+        assert_eq!(s.message(WAIT).unwrap()["data"], format!("m{i}"));
+    }
+    let mut con = redis.con();
+    let in_0: usize = redis::cmd("DBSIZE").query(&mut con).unwrap();
+    let _: () = redis::cmd("SELECT").arg(5).query(&mut con).unwrap();
+    let in_5: usize = redis::cmd("DBSIZE").query(&mut con).unwrap();
+    assert!(in_5 > 0, "nothing stored in database 5");
+    assert_eq!(in_0, 0, "stored in database 0");
+}
+
 #[test]
 fn redis_over_a_unix_socket() {
     let dir = std::env::temp_dir().join(format!("wsrelay-unix-{}", std::process::id()));
