@@ -278,7 +278,14 @@ impl Publisher {
     /// Reads one answer, for the oldest batch in flight; a complete batch is acknowledged.
     fn receive(&mut self) {
         let con = self.con.as_mut().expect("batches in flight have a connection");
-        match con.value() {
+        // A raw publish's answer is read only for an error (see `answered`).
+        let front = self.in_flight.front().expect("a batch is in flight");
+        let read = if front.publishes[front.answers.len()].ack.is_some() {
+            con.value()
+        } else {
+            con.value_unless_ok()
+        };
+        match read {
             Ok(v) => {
                 let front = self.in_flight.front_mut().expect("a batch is in flight");
                 front.answers.push(v);

@@ -133,6 +133,16 @@ impl Conn {
         }
     }
 
+    /// Like [`Conn::value`] for an answer whose content does not matter unless it is an
+    /// error: an error is parsed, anything else is `Value::Okay` without being built.
+    pub(super) fn value_unless_ok(&mut self) -> io::Result<Value> {
+        match self.next_whole()? {
+            Some((at, len)) if self.buf[at] == b'-' => parse(&self.buf[at..at + len]),
+            Some(_) => Ok(Value::Okay),
+            None => Err(io::ErrorKind::TimedOut.into()),
+        }
+    }
+
     /// The next thing Redis sent on a Pub/Sub connection, waiting at most the read timeout
     /// for it (`None`: nothing came). An error is the connection's end.
     pub(super) fn frame(&mut self) -> io::Result<Option<Frame<'_>>> {
@@ -381,6 +391,26 @@ mod tests {
             panic!("not an error")
         };
         assert_eq!(e.kind(), Some(redis::ServerErrorKind::NoScript));
+    }
+
+    #[test]
+    fn answers_read_for_errors_only_keep_their_errors_and_framing() {
+        let (ours, mut redis) = UnixStream::pair().unwrap();
+        let mut con = Conn {
+            stream: Stream::Unix(ours),
+            buf: vec![0; 16],
+            start: 0,
+            end: 0,
+        };
+        redis
+            .write_all(b"*2\r\n:1\r\n$10\r\nabcdefghij\r\n-NOSCRIPT No matching script\r\n:5\r\n")
+            .unwrap();
+        assert_eq!(con.value_unless_ok().unwrap(), Value::Okay);
+        let Value::ServerError(e) = con.value_unless_ok().unwrap() else {
+            panic!("not an error")
+        };
+        assert_eq!(e.kind(), Some(redis::ServerErrorKind::NoScript));
+        assert_eq!(con.value().unwrap(), Value::Int(5));
     }
 
     #[test]
