@@ -191,7 +191,7 @@ metrics! {
             /// Subscriptions that asked to recover from an offset (including session resumes).
             recoveries: AtomicU64 => counter Process "recoveries_total" "Subscriptions that asked to recover from an offset.";
             /// Recoveries answered `recovered: false` (history trimmed, expired, or epoch changed).
-            recovery_failed: AtomicU64 => counter Process "recovery_failed_total" "Recoveries answered recovered: false.";
+            recovery_failed: AtomicU64 => counter Process "recovery_failed_total" "recovered: false sent: asked-for recoveries that failed, and later losses the history could not fill (unsolicited notices).";
             /// Messages replayed from history.
             replayed: AtomicU64 => counter Process "replayed_total" "Messages replayed from history.";
             /// Subscribes and publishes outside the token's grant.

@@ -606,6 +606,55 @@ fn a_raw_client_that_joins_while_redis_is_stalled_receives_its_own() {
     redis.kill();
 }
 
+/// A recovery asked for while Redis is stalled is answered `recovered: false` without a
+/// position; once Redis is back, nothing is replayed after all (README: `recovered: false`
+/// means nothing is replayed), and live messages follow.
+#[test]
+fn a_recovery_refused_during_a_stall_replays_nothing_later() {
+    let mut redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let mut p = V1::connect(node.addr, None).unwrap();
+    let mut epoch = String::new();
+    for i in 1..=10 {
+        let r = p.publish("news", &format!("m{i}")).unwrap();
+        epoch = r["epoch"].as_str().unwrap().to_owned();
+    }
+    wait_for("subscriber up", WAIT, || {
+        (node.metric("wsrelay_redis_subscriber_up") == 1).then_some(())
+    });
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGSTOP) };
+    let mut c = V1::connect(node.addr, None).unwrap();
+    let reply = c.subscribe("news", Some((7, &epoch))).unwrap();
+    assert_eq!(
+        (reply["recovered"].as_bool(), reply.get("offset")),
+        (Some(false), None),
+        "{reply}"
+    );
+    wait_for("subscriber down", Duration::from_secs(20), || {
+        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
+    });
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    wait_for("subscriber back", Duration::from_secs(20), || {
+        (node.http_get("/healthz").0 == 200).then_some(())
+    });
+    let mut p = V1::connect(node.addr, None).unwrap();
+    assert_eq!(p.publish("news", "after").unwrap()["type"], "published");
+    // At most a notice that more may have been missed; then the live message, and no m8-m10.
+    loop {
+        let v = c.next(WAIT).unwrap();
+        match v["type"].as_str() {
+            Some("subscribed") => assert_eq!(v["recovered"], false, "{v}"),
+            Some("message") => {
+                assert_eq!(v["data"], "after", "replayed after recovered: false: {v}");
+                break;
+            }
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    redis.kill();
+}
+
 #[test]
 fn a_subscribe_sent_while_redis_is_stalled_is_answered() {
     let mut redis = Redis::start();

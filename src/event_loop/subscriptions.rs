@@ -302,6 +302,12 @@ impl EventLoop {
                 pending.recover.then_some(false),
             );
             frames.push(crate::frame::text(&reply));
+            // Told it has no position (and, if it asked, that nothing is replayed): it has
+            // none, so a later recovery does not replay from the one it had or asked for.
+            if let Some(sub) = self.conns[key].open_mut().and_then(|o| o.sub_mut(&channel)) {
+                sub.epoch = None;
+                sub.offset = 0;
+            }
         }
         if pending.recover {
             inc(&self.metrics().recovery_failed);
