@@ -530,6 +530,10 @@ pub struct Publish {
     pub data: Bytes,
     /// Where to acknowledge, for `wsrelay.v1` publishes.
     pub ack: Option<PublishAck>,
+    /// Numbered by the Redis publisher as it takes the publish (0 until then): with the
+    /// publisher's random id, the tag that tells a retry after a lost connection whether the
+    /// publish ran before it was lost (`publish.lua`).
+    pub seq: u64,
 }
 
 /// Subscription changes from a loop. Sent only on a channel's first join and last leave.

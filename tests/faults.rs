@@ -311,6 +311,40 @@ fn expect_in_order(sub: &mut V1, prefixes: &[(&str, usize)]) {
     }
 }
 
+/// The connection that runs the publishes is killed (`CLIENT KILL TYPE normal`) while
+/// batches are in flight, twenty times: the publishes that ran before it went are not run
+/// again on the next connection, so every message arrives once and in order (found by an
+/// outside probe: some arrived twice, under two offsets).
+#[test]
+fn publishes_in_flight_when_their_connection_is_killed_run_once() {
+    let redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let (mut sub, mut raw) = subscriber_and_publisher(&node, "ready");
+    let mut v1 = V1::connect(node.addr, None).unwrap();
+    let mut con = redis.con();
+    let (rounds, n) = (20, 500);
+    for round in 0..rounds {
+        let (mut frames, mut commands) = (Vec::new(), Vec::new());
+        for i in round * n..(round + 1) * n {
+            wire::encode_masked(&mut frames, wire::op::TEXT, format!("r{i}").as_bytes());
+            let cmd = serde_json::json!({"op":"publish","channel":"q","data":format!("v{i}")});
+            wire::encode_masked(&mut commands, wire::op::TEXT, cmd.to_string().as_bytes());
+        }
+        let before = node.metric("wsrelay_published_total");
+        std::io::Write::write_all(raw.inner().get_mut(), &frames).unwrap();
+        std::io::Write::write_all(v1.client.inner().get_mut(), &commands).unwrap();
+        // Killed while this round's publishes go through.
+        wait_for("publishing under way", WAIT, || {
+            (node.metric("wsrelay_published_total") >= before + n as u64 / 4).then_some(())
+        });
+        let _: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal"])
+            .query(&mut con)
+            .unwrap();
+    }
+    expect_in_order(&mut sub, &[("r", rounds * n), ("v", rounds * n)]);
+}
+
 /// Publishers whose reads are paused by a full publish queue, raw and `wsrelay.v1`, are
 /// reset by their peers (RST) with most of what they sent still in the server's socket
 /// buffer: what they sent before the reset is still published, in order.

@@ -141,6 +141,7 @@ impl MemoryBroker {
             kind,
             data,
             ack,
+            ..
         } = p;
         let d = match &mut self.history {
             Some(h) => {

@@ -520,6 +520,7 @@ impl EventLoop {
             kind,
             data,
             ack,
+            seq: 0,
         };
         match self.link.publish(p) {
             Ok(()) => Ok(()),
@@ -626,6 +627,7 @@ impl EventLoop {
                 kind,
                 data,
                 ack: None,
+                seq: 0,
             });
         }
     }

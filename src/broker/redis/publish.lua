@@ -1,11 +1,15 @@
 -- Publish one message with history, atomically (wsrelay, src/broker/redis/publisher.rs).
--- KEYS[1] meta hash {epoch, offset, bytes}; KEYS[2] stream of stored messages.
+-- KEYS[1] meta hash {epoch, offset, bytes}; KEYS[2] stream of stored messages; KEYS[3], on
+-- the last publish of a pipelined batch on one Redis only, the publisher's progress marker.
 -- ARGV: 1 stream max length, 2 ttl seconds, 3 Pub/Sub channel, 4 kind ("t"/"b"), 5 payload,
 --       6 this node's epoch prefix (random, chosen once per process),
 --       7 "1" to refresh both keys' time to live (the caller asks at most once a second per
---       channel; a new history always gets it),
+--       channel; a new history always gets it), "2" to refresh and first look for this
+--       publish's tag among the newest entries (a retry after a lost connection, see below),
 --       8 the byte budget of large messages, 9 the size above which a message is large,
---       10 unused (scripts/rooms-compare.sh passes its room name there),
+--       10 this publish's tag (one Redis: the publisher's random id and the publish's number;
+--       empty in a cluster), kept with the entry (scripts/rooms-compare.sh passes its room
+--       name there),
 --       in a Redis Cluster only: 11 the publish command ("SPUBLISH"), 12 and 13 the primary's
 --       replication ids (master_replid and master_replid2 of INFO replication).
 -- Returns {offset, epoch}.
@@ -44,9 +48,51 @@ if ARGV[12] then
     redis.call('HSET', meta, 'gen', ARGV[12])
   end
 end
+local tag = ARGV[10] or ''
+if ARGV[7] == '2' and tag ~= '' then
+  -- A retry after a lost connection: this publish may have run before the connection went
+  -- (Redis runs a connection's commands in order: what ran is the first of those sent). Found
+  -- stored, it is answered as it was then, and nothing is stored or published twice. Only
+  -- retries pay for this read.
+  -- The ID of the entry holding `tag` among the newest, or nil. A tag is the publisher's id
+  -- (8 characters) and the publish's number: an earlier number of the same publisher means this
+  -- one is not stored (it would be newer). At most 1024 entries are read, 16 at a time.
+  local function stored(tag)
+    local mine, seq = string.sub(tag, 1, 8), tonumber(string.sub(tag, 9)) or 0
+    local from, seen = '+', 0
+    while seen < 1024 do
+      local batch = redis.call('XREVRANGE', stream, from, '-', 'COUNT', 16)
+      for i = 1, #batch do
+        local f = batch[i][2]
+        for j = 1, #f - 1, 2 do
+          if f[j] == 'p' then
+            local t = f[j + 1]
+            if t == tag then
+              return batch[i][1]
+            end
+            if string.sub(t, 1, 8) == mine and (tonumber(string.sub(t, 9)) or 0) < seq then
+              return nil
+            end
+          end
+        end
+      end
+      if #batch < 16 then
+        return nil
+      end
+      seen = seen + #batch
+      from = '(' .. batch[#batch][1]
+    end
+    return nil
+  end
+  local epoch = redis.call('HGET', meta, 'epoch')
+  local id = epoch and stored(tag)
+  if id then
+    return {tonumber(string.match(id, '^%d+')), epoch}
+  end
+end
 local offset = redis.call('HINCRBY', meta, 'offset', 1)
 local epoch = redis.call('HGET', meta, 'epoch')
-local refresh = ARGV[7] == '1' or offset == 1
+local refresh = ARGV[7] ~= '0' or offset == 1
 if not epoch then
   -- New or lost history: a new epoch, and no stale entries under it. Microseconds of Redis's
   -- clock after a per-node prefix: it differs from every earlier epoch of this channel.
@@ -65,7 +111,11 @@ if size > large then
 elseif offset % 64 == 0 then
   held = tonumber(redis.call('HGET', meta, 'bytes')) or 0
 end
-redis.call('XADD', stream, id, 'k', ARGV[4], 'd', ARGV[5])
+if tag ~= '' then
+  redis.call('XADD', stream, id, 'k', ARGV[4], 'd', ARGV[5], 'p', tag)
+else
+  redis.call('XADD', stream, id, 'k', ARGV[4], 'd', ARGV[5])
+end
 local budget = tonumber(ARGV[8])
 if held > budget or (held > 0 and offset % 64 == 0) then
   -- Oldest first, while over the count or the budget; never this message. Reads at most the
@@ -112,4 +162,9 @@ if refresh then
   redis.call('EXPIRE', stream, ARGV[2])
 end
 redis.call(publish, ARGV[3], '\0wr1 ' .. ARGV[4] .. ' ' .. offset .. ' ' .. epoch .. '\n' .. ARGV[5])
+if KEYS[3] then
+  -- The last publish of a pipelined batch: the publisher's progress marker (one Redis). Set
+  -- last, so that it says this publish ran in full.
+  redis.call('SET', KEYS[3], string.sub(tag, 9), 'EX', 3600)
+end
 return {offset, epoch}

@@ -34,6 +34,8 @@ use crate::metrics::{add, inc};
 const PUBLISH_LUA: &str = include_str!("publish.lua");
 pub(super) static PUBLISH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(PUBLISH_LUA));
 
+/// Connections a batch is tried on after a lost one (with history: see [`Publisher::resend`]).
+const RESEND_ATTEMPTS: usize = 3;
 /// Most batches sent and not yet answered. Two keep Redis busy (it runs one while the next
 /// waits in its input buffer); more only help when batches are full.
 const MAX_IN_FLIGHT: usize = 8;
@@ -98,6 +100,13 @@ pub(super) struct Publisher {
     history: Option<History>,
     /// The publish script's arguments that are the same for every publish, packed once.
     script_args: ScriptArgs,
+    /// Publishes taken off the queue so far: the last one's [`Publish::seq`].
+    taken: u64,
+    /// One Redis with history: the key the last publish of each pipelined batch sets to its
+    /// number, in the same script run (`publish.lua`, KEYS[3]). Redis runs a connection's
+    /// commands in order, so after a lost connection it tells which of the publishes in
+    /// flight ran: those up to it did; the script looks for the others' tags.
+    marker: Option<Vec<u8>>,
     /// The pipeline being packed (kept: its capacity is reused).
     packed: Vec<u8>,
     /// Channels whose history expiry this node refreshed lately, and when.
@@ -137,13 +146,17 @@ impl Publisher {
         // Prefix of the epochs this node's publishes create (see `publish.lua`).
         let epoch_prefix: String = std::iter::repeat_with(fastrand::alphanumeric).take(4).collect();
         let script_args = ScriptArgs::new(history, &epoch_prefix, redis.keys.cluster);
+        let marker =
+            (script_args.tag.as_ref()).map(|tag| [redis.keys.prefix.as_bytes(), b"pub:", tag].concat());
         Publisher {
             redis,
             queue,
             queued,
             batch_max: config.publish_batch,
             history,
+            marker,
             script_args,
+            taken: 0,
             packed: Vec::new(),
             refreshed: HashMap::new(),
             next_prune: Instant::now(),
@@ -167,7 +180,7 @@ impl Publisher {
                 // Nothing to do but wait for the first publish (waking now and then while
                 // replies wait for room in a loop's inbox).
                 match self.queue.recv_timeout(self.outbox.idle_wait()) {
-                    Ok(p) => next.push(self.queued.taken(p)),
+                    Ok(p) => next.push(self.take(p)),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => return,
                 }
@@ -175,7 +188,7 @@ impl Publisher {
             // Whatever else is queued, up to a batch.
             while next.len() < self.batch_max {
                 match self.queue.try_recv() {
-                    Ok(p) => next.push(self.queued.taken(p)),
+                    Ok(p) => next.push(self.take(p)),
                     Err(_) => break,
                 }
             }
@@ -194,6 +207,14 @@ impl Publisher {
         }
     }
 
+    /// A publish taken off the queue, numbered (see [`Publish::seq`]).
+    fn take(&mut self, p: Publish) -> Publish {
+        let mut p = self.queued.taken(p);
+        self.taken += 1;
+        p.seq = self.taken;
+        p
+    }
+
     /// Whether a batch of `len` publishes goes out now (see [`EAGER_IN_FLIGHT`]).
     fn may_send(&self, len: usize) -> bool {
         let n = self.in_flight.len();
@@ -204,11 +225,18 @@ impl Publisher {
     /// The batch as one pipeline, packed straight into `out` (RESP; no allocation per
     /// argument: this runs for every publish). Errors come back per command, so one refused
     /// publish does not hide the outcome of the others. `rerun`: these publishes were not
-    /// applied before (their expiry refresh did not happen either).
+    /// applied before (their expiry refresh did not happen either), or may have been: a retry
+    /// after a lost connection has the script look for each publish's tag first.
     fn pack<'a>(&mut self, out: &mut Vec<u8>, batch: impl IntoIterator<Item = &'a Publish>, rerun: bool) {
         let now = Instant::now();
         let keys = &self.redis.keys;
-        for p in batch {
+        let mut batch = batch.into_iter().peekable();
+        while let Some(p) = batch.next() {
+            // A pipelined batch's last publish also sets the progress marker.
+            let marker = match (&self.marker, batch.peek()) {
+                (Some(key), None) if !rerun => Some(&key[..]),
+                _ => None,
+            };
             let refresh = match self.history {
                 None => false,
                 Some(h) => {
@@ -227,7 +255,12 @@ impl Publisher {
                 }
             };
             let script = self.history.is_some().then_some(&self.script_args);
-            pack_one(out, keys, script, p, refresh);
+            let flag = match (rerun, refresh) {
+                (true, _) => Flag::Retry,
+                (false, true) => Flag::Refresh,
+                (false, false) => Flag::Plain,
+            };
+            pack_one(out, keys, script, p, flag, marker);
         }
     }
 
@@ -300,12 +333,7 @@ impl Publisher {
                     self.answered(b.publishes, b.answers);
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-                ) =>
-            {
+            Err(e) if timed_out(&e) => {
                 // Connected but no answer (a stalled Redis): the commands may still run later,
                 // so neither retrying nor delivering them locally is safe.
                 let pending = self.abandon_connection();
@@ -397,61 +425,111 @@ impl Publisher {
     /// dead socket; so delivery is at-least-once across a restart, as the old server may have
     /// applied part of it), or without one once the reconnect backoff has passed. Until then,
     /// and when Redis cannot be reached, the batch is delivered to this node's clients only.
-    fn resend(&mut self, batch: Vec<Publish>, failed: bool) {
+    fn resend(&mut self, mut batch: Vec<Publish>, failed: bool) {
         if batch.is_empty() {
             return;
         }
         if failed {
             self.next_attempt = Instant::now();
         }
-        if Instant::now() < self.next_attempt {
-            return self.deliver_locally(batch);
-        }
-        let Backend::One(client) = &self.redis.backend else {
-            unreachable!("only the one-Redis publisher reconnects here")
-        };
-        // Connected means answering: a stalled Redis (the kernel still accepts connections)
-        // counts as unreachable, so nothing is sent that might run later unseen.
-        let ping = redis::cmd("PING").get_packed_command();
-        let opened = Conn::open(client.get_connection_info(), CONNECT_TIMEOUT, COMMAND_TIMEOUT)
-            .and_then(|mut con| con.command(&ping, "PING").map(|_| con));
-        let mut con = match opened {
-            Ok(con) => con,
-            Err(e) => {
-                self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
-                if self.outage.is_none() {
-                    warn!(
-                        "redis unreachable for publishing: {e}; publishes reach this node's clients only until it is back"
-                    );
-                    self.outage = Some((Instant::now(), 0));
-                }
+        let mut attempts = 0;
+        loop {
+            if Instant::now() < self.next_attempt {
                 return self.deliver_locally(batch);
             }
-        };
-        match self.query(&mut con, &batch, true) {
-            Ok(values) => {
-                self.con = Some(con);
-                self.redis.backoff.reset();
-                if let Some((since, n)) = self.outage.take() {
-                    info!(
-                        "redis publisher reconnected after {:.1}s; {n} publishes in that time reached this node's clients only",
-                        since.elapsed().as_secs_f64()
-                    );
+            let Backend::One(client) = &self.redis.backend else {
+                unreachable!("only the one-Redis publisher reconnects here")
+            };
+            // Connected means answering: a stalled Redis (the kernel still accepts
+            // connections) counts as unreachable, so nothing is sent that might run later
+            // unseen.
+            let ping = redis::cmd("PING").get_packed_command();
+            let opened = Conn::open(client.get_connection_info(), CONNECT_TIMEOUT, COMMAND_TIMEOUT)
+                .and_then(|mut con| con.command(&ping, "PING").map(|_| con));
+            let mut con = match opened {
+                Ok(con) => con,
+                Err(e) => {
+                    self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
+                    if self.outage.is_none() {
+                        warn!(
+                            "redis unreachable for publishing: {e}; publishes reach this node's clients only until it is back"
+                        );
+                        self.outage = Some((Instant::now(), 0));
+                    }
+                    return self.deliver_locally(batch);
                 }
-                self.answered(batch, values);
-            }
-            Err(e) => {
-                // Connected but no answer (a stalled Redis): the commands may still run later,
-                // so delivering them locally too could duplicate them.
-                self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
-                if self.redis_stalled_log.allow() {
-                    warn!(
-                        "redis did not answer a publish batch: {e}; outcome unknown, not delivered locally"
-                    );
+            };
+            attempts += 1;
+            let result = self
+                .settle_ran(&mut con, &mut batch)
+                .and_then(|()| self.query(&mut con, &batch, true));
+            match result {
+                Ok(values) => {
+                    self.con = Some(con);
+                    self.redis.backoff.reset();
+                    if let Some((since, n)) = self.outage.take() {
+                        info!(
+                            "redis publisher reconnected after {:.1}s; {n} publishes in that time reached this node's clients only",
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                    return self.answered(batch, values);
                 }
-                self.fail(batch, &e.to_string());
+                // This connection was lost too (closed, reset: not a stall, whose commands may
+                // still run later): with history a retry is safe (see `settle_ran`).
+                Err(e) if self.history.is_some() && !timed_out(&e) && attempts < RESEND_ATTEMPTS => {
+                    debug!("redis publish failed again: {e}; retrying on a new connection");
+                }
+                Err(e) => {
+                    // Connected but no answer (a stalled Redis): the commands may still run
+                    // later, so delivering them locally too could duplicate them.
+                    self.next_attempt = Instant::now() + self.redis.backoff.next_delay();
+                    if self.redis_stalled_log.allow() {
+                        warn!(
+                            "redis did not answer a publish batch: {e}; outcome unknown, not delivered locally"
+                        );
+                    }
+                    return self.fail(batch, &e.to_string());
+                }
             }
         }
+    }
+
+    /// Before publishes that were in flight on a lost connection run again: those up to the
+    /// last progress marker that ran (see [`Publisher::marker`]) ran, and are answered as
+    /// stored and taken out of `batch` (a `wsrelay.v1` publisher is told without a position:
+    /// its answer was lost with the connection). The others run again with the script looking
+    /// for their tags first, so one that ran in the last batch is not stored twice either.
+    fn settle_ran(&mut self, con: &mut Conn, batch: &mut Vec<Publish>) -> std::io::Result<()> {
+        let Some(key) = &self.marker else {
+            return Ok(());
+        };
+        let get = redis::cmd("GET").arg(&key[..]).get_packed_command();
+        let ran = match con.command(&get, "GET")? {
+            Value::BulkString(b) => std::str::from_utf8(&b).ok().and_then(|n| n.parse().ok()),
+            _ => None,
+        };
+        let Some(ran) = ran else { return Ok(()) };
+        let (done, rest): (Vec<Publish>, Vec<Publish>) =
+            std::mem::take(batch).into_iter().partition(|p| p.seq <= ran);
+        *batch = rest;
+        if done.is_empty() {
+            return Ok(());
+        }
+        let metrics = &self.redis.metrics.broker;
+        metrics.writes_accepted();
+        add(&metrics.published, done.len() as u64);
+        for p in done {
+            if let Some(ack) = p.ack {
+                let reply = Reply::Published {
+                    channel: p.channel,
+                    reference: ack.reference,
+                    result: Ok(None),
+                };
+                self.outbox.reply(&self.redis.loops, ack.to, reply);
+            }
+        }
+        Ok(())
     }
 
     /// Runs a pipeline and waits for it, on a connection with nothing in flight. Commands that
@@ -641,9 +719,25 @@ impl Publisher {
 #[derive(Default)]
 struct ScriptArgs {
     head: Vec<u8>,
+    /// One Redis: the head of a call that also sets the progress marker (three keys).
+    head_marked: Vec<u8>,
     limits: Vec<u8>,
     epoch_prefix: Vec<u8>,
     tail: Vec<u8>,
+    /// One Redis: the start of every publish's tag (ARGV 10), random per process; its
+    /// [`Publish::seq`] follows.
+    tag: Option<Vec<u8>>,
+}
+
+/// The script's ARGV 7 (see `publish.lua`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Flag {
+    Plain,
+    /// Refresh the keys' time to live.
+    Refresh,
+    /// Refresh, and look for the publish's tag among the newest entries first: it may have
+    /// run already (a retry after a lost connection).
+    Retry,
 }
 
 impl ScriptArgs {
@@ -652,10 +746,16 @@ impl ScriptArgs {
             return ScriptArgs::default();
         };
         let mut a = ScriptArgs::default();
-        resp::array(&mut a.head, if cluster { 18 } else { 14 });
+        resp::array(&mut a.head, if cluster { 18 } else { 15 });
         resp::bulk(&mut a.head, &[b"EVALSHA"]);
         resp::bulk(&mut a.head, &[PUBLISH_SCRIPT.get_hash().as_bytes()]);
         resp::bulk(&mut a.head, &[b"2"]);
+        if !cluster {
+            resp::array(&mut a.head_marked, 16);
+            resp::bulk(&mut a.head_marked, &[b"EVALSHA"]);
+            resp::bulk(&mut a.head_marked, &[PUBLISH_SCRIPT.get_hash().as_bytes()]);
+            resp::bulk(&mut a.head_marked, &[b"3"]);
+        }
         resp::bulk(&mut a.limits, &[h.maxlen.to_string().as_bytes()]);
         resp::bulk(&mut a.limits, &[h.ttl.to_string().as_bytes()]);
         resp::bulk(&mut a.epoch_prefix, &[epoch_prefix.as_bytes()]);
@@ -664,9 +764,18 @@ impl ScriptArgs {
         if cluster {
             // ARGV 10 is left to scripts/rooms-compare.sh; 11 the publish command, 12 and 13
             // the replication ids of the primary running it.
+            // No tag: a publish is not retried after a lost connection in a cluster (its
+            // outcome is unknown, see `run_cluster`).
             for arg in [&b""[..], b"SPUBLISH", REPLID, REPLID2] {
                 resp::bulk(&mut a.tail, &[arg]);
             }
+        } else {
+            a.tag = Some(
+                std::iter::repeat_with(fastrand::alphanumeric)
+                    .take(8)
+                    .map(|c| c as u8)
+                    .collect(),
+            );
         }
         a
     }
@@ -674,7 +783,16 @@ impl ScriptArgs {
 
 /// One publish, packed: the publish script with `script`'s fixed arguments (history on), or a
 /// plain PUBLISH of the wire-encoded payload.
-fn pack_one(out: &mut Vec<u8>, keys: &super::Keys, script: Option<&ScriptArgs>, p: &Publish, refresh: bool) {
+/// One publish, packed: the script with history (and, with `marker`, setting that key to the
+/// publish's number: see [`Publisher::marker`]), else a plain PUBLISH.
+fn pack_one(
+    out: &mut Vec<u8>,
+    keys: &super::Keys,
+    script: Option<&ScriptArgs>,
+    p: &Publish,
+    flag: Flag,
+    marker: Option<&[u8]>,
+) {
     let Some(fixed) = script else {
         let name = keys.channel(&p.channel);
         resp::array(out, 3);
@@ -683,7 +801,11 @@ fn pack_one(out: &mut Vec<u8>, keys: &super::Keys, script: Option<&ScriptArgs>, 
         resp::bulk(out, &[&wire::encode(p.kind, &p.data, None)]);
         return;
     };
-    out.extend_from_slice(&fixed.head);
+    out.extend_from_slice(if marker.is_some() {
+        &fixed.head_marked
+    } else {
+        &fixed.head
+    });
     if keys.cluster {
         resp::bulk(out, &[keys.meta(&p.channel).as_bytes()]);
         resp::bulk(out, &[keys.stream(&p.channel).as_bytes()]);
@@ -692,6 +814,9 @@ fn pack_one(out: &mut Vec<u8>, keys: &super::Keys, script: Option<&ScriptArgs>, 
     } else {
         resp::bulk(out, &keys.plain_key(&p.channel, "meta"));
         resp::bulk(out, &keys.plain_key(&p.channel, "stream"));
+        if let Some(key) = marker {
+            resp::bulk(out, &[key]);
+        }
         out.extend_from_slice(&fixed.limits);
         // The channel as `Keys::channel` spells it on one Redis.
         resp::bulk(out, &[keys.prefix.as_bytes(), p.channel.as_bytes()]);
@@ -699,8 +824,17 @@ fn pack_one(out: &mut Vec<u8>, keys: &super::Keys, script: Option<&ScriptArgs>, 
     resp::bulk(out, &[&[wire::kind_byte(p.kind)]]);
     resp::bulk(out, &[&p.data]);
     out.extend_from_slice(&fixed.epoch_prefix);
-    resp::bulk(out, &[if refresh { b"1" } else { b"0" }]);
+    let flag: &[u8] = match flag {
+        Flag::Plain => b"0",
+        Flag::Refresh => b"1",
+        Flag::Retry => b"2",
+    };
+    resp::bulk(out, &[flag]);
     out.extend_from_slice(&fixed.tail);
+    if let Some(tag) = &fixed.tag {
+        let mut digits = [0u8; 20];
+        resp::bulk(out, &[tag, resp::decimal_in(&mut digits, p.seq)]);
+    }
 }
 
 /// RESP, written straight into a buffer.
@@ -723,8 +857,13 @@ mod resp {
         out.extend_from_slice(b"\r\n");
     }
 
-    fn decimal(out: &mut Vec<u8>, mut n: usize) {
+    fn decimal(out: &mut Vec<u8>, n: usize) {
         let mut digits = [0u8; 20];
+        out.extend_from_slice(decimal_in(&mut digits, n as u64));
+    }
+
+    /// `n` in decimal, written at the end of `digits`.
+    pub(super) fn decimal_in(digits: &mut [u8; 20], mut n: u64) -> &[u8] {
         let mut at = digits.len();
         loop {
             at -= 1;
@@ -734,7 +873,7 @@ mod resp {
                 break;
             }
         }
-        out.extend_from_slice(&digits[at..]);
+        &digits[at..]
     }
 }
 
@@ -752,6 +891,14 @@ fn outcome(v: &Value, history: bool) -> Result<Option<Position>, PublishError> {
             .map(Some),
         _ => Ok(None),
     }
+}
+
+/// A read that waited out its timeout (Redis stalled), not a lost connection.
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    )
 }
 
 fn is_noscript(v: &Value) -> bool {
@@ -838,6 +985,7 @@ mod tests {
             kind: crate::frame::Kind::Binary,
             data: bytes::Bytes::from_static(b"\x00hello\r\n"),
             ack: None,
+            seq: 7,
         };
         for cluster in [false, true] {
             let keys = super::super::Keys {
@@ -862,16 +1010,44 @@ mod tests {
                 cmd.arg("").arg("SPUBLISH").arg(REPLID).arg(REPLID2);
             }
             let script = ScriptArgs::new(Some(history), "EP12", cluster);
+            if let Some(tag) = &script.tag {
+                cmd.arg([&tag[..], b"7"].concat());
+            }
             let mut out = Vec::new();
-            pack_one(&mut out, &keys, Some(&script), &p, true);
+            pack_one(&mut out, &keys, Some(&script), &p, Flag::Refresh, None);
             assert_eq!(out, cmd.get_packed_command(), "cluster {cluster}");
+            if !cluster {
+                // The last publish of a batch also names the progress marker (KEYS[3]).
+                let mut marked = redis::cmd("EVALSHA");
+                marked
+                    .arg(PUBLISH_SCRIPT.get_hash())
+                    .arg(3)
+                    .arg(keys.meta(&p.channel))
+                    .arg(keys.stream(&p.channel))
+                    .arg("app:pub:x");
+                for arg in cmd.args_iter().skip(5) {
+                    if let redis::Arg::Simple(a) = arg {
+                        marked.arg(a);
+                    }
+                }
+                let mut out = Vec::new();
+                pack_one(
+                    &mut out,
+                    &keys,
+                    Some(&script),
+                    &p,
+                    Flag::Refresh,
+                    Some(b"app:pub:x"),
+                );
+                assert_eq!(out, marked.get_packed_command());
+            }
 
             let mut plain = redis::cmd(keys.publish_command());
             plain
                 .arg(keys.channel(&p.channel))
                 .arg(wire::encode(p.kind, &p.data, None));
             let mut out = Vec::new();
-            pack_one(&mut out, &keys, None, &p, false);
+            pack_one(&mut out, &keys, None, &p, Flag::Plain, None);
             assert_eq!(out, plain.get_packed_command(), "cluster {cluster}");
         }
     }
