@@ -401,8 +401,12 @@ impl Config {
             return Err("--api-key must be at least 16 characters".into());
         }
         if let Some(url) = &self.redis {
-            redis::parse_redis_url(url)
-                .ok_or_else(|| format!("--redis {url:?} is not a redis:// or redis+unix:// URL"))?;
+            redis::parse_redis_url(url).ok_or_else(|| {
+                format!(
+                    "--redis {:?} is not a redis:// or redis+unix:// URL",
+                    redact_url(url)
+                )
+            })?;
         }
         if let Some(seeds) = &self.redis_cluster {
             if self.redis.is_some() {
@@ -423,7 +427,8 @@ impl Config {
                     Some(u) if u.scheme() == "redis" && u.host().is_some() => {}
                     _ => {
                         return Err(format!(
-                            "--redis-cluster seed {url:?} is not a redis://HOST:PORT URL"
+                            "--redis-cluster seed {:?} is not a redis://HOST:PORT URL",
+                            redact_url(url)
                         ));
                     }
                 }
@@ -433,9 +438,42 @@ impl Config {
     }
 }
 
+/// `url` with its password replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..authority_end].rfind('@').map(|i| start + i) else {
+        return url.to_owned();
+    };
+    match url[start..at].find(':').map(|i| start + i) {
+        Some(colon) => format!("{}:***{}", &url[..colon], &url[at..]),
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_left_out_of_urls_shown() {
+        assert_eq!(
+            redact_url("redis://:s3cret@10.0.0.1:6379/2"),
+            "redis://:***@10.0.0.1:6379/2"
+        );
+        assert_eq!(
+            redact_url("redis://relay:p%40ss@host:6379"),
+            "redis://relay:***@host:6379"
+        );
+        assert_eq!(redact_url("redis://host:6379/0"), "redis://host:6379/0");
+        assert_eq!(redact_url("redis://user@host"), "redis://user@host");
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock"),
+            "redis+unix:///run/redis.sock"
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

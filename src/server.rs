@@ -115,7 +115,7 @@ impl Server {
         let node = node_id();
         let broker = broker::start(&config, node.clone(), loops.clone(), metrics.clone())?;
         let backplane = match (&config.redis, &config.redis_cluster) {
-            (Some(url), _) => format!("redis {url}"),
+            (Some(url), _) => format!("redis {}", crate::config::redact_url(url)),
             (None, Some(seeds)) => format!(
                 "redis cluster ({} seed nodes)",
                 seeds.split(',').filter(|s| !s.trim().is_empty()).count()

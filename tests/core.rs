@@ -646,6 +646,12 @@ fn redis_behind_a_password_and_as_an_acl_user() {
     ca.send_text("from a").unwrap();
     assert_eq!(cb.recv_text(WAIT).unwrap(), "from a");
     assert_eq!(ca.recv_text(WAIT).unwrap(), "from a");
+    // The URL is logged at start, without its password.
+    for (node, secret) in [(&a, "default-secret-1"), (&b, "relay-secret-1")] {
+        let listening = node.wait_log("listening on");
+        assert!(listening.contains(":***@"), "{listening}");
+        assert!(node.log().iter().all(|l| !l.contains(secret)), "{:?}", node.log());
+    }
 }
 
 /// A database number in the URL is where the history goes, from the publisher's own

@@ -84,7 +84,10 @@ pub fn spawn(
     metrics: Arc<Metrics>,
 ) -> Result<Vec<JoinHandle<()>>, String> {
     let (backend, where_) = match target {
-        Target::One(url) => (Backend::One(client(url)?), format!("Redis at {url}")),
+        Target::One(url) => (
+            Backend::One(client(url)?),
+            format!("Redis at {}", crate::config::redact_url(url)),
+        ),
         Target::Cluster(seeds) => (
             Backend::Cluster(cluster::Seeds::parse(seeds)?),
             "the Redis Cluster".to_owned(),
@@ -313,7 +316,8 @@ fn prefix_conflict(prefix: &str, other: &str) -> String {
 /// write would wait for the acknowledgement of the previous one, adding a round trip (tens of
 /// milliseconds under load) to every batch.
 fn client(url: &str) -> Result<redis::Client, String> {
-    let invalid = |e: redis::RedisError| format!("invalid Redis URL {url:?}: {e}");
+    let invalid =
+        |e: redis::RedisError| format!("invalid Redis URL {:?}: {e}", crate::config::redact_url(url));
     let info = redis::IntoConnectionInfo::into_connection_info(url)
         .map_err(invalid)?
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
