@@ -23,9 +23,9 @@ use log::{debug, info, warn};
 use redis::Value;
 
 use super::cluster::{Outcome, REPLID, REPLID2, Router};
-use super::resp::Conn;
+use super::resp::{Conn, timed_out};
 use super::{Backend, COMMAND_TIMEOUT, CONNECT_TIMEOUT, Link, Shared, ttl_secs};
-use crate::bridge::{Channel, Delivery, Position, Publish, PublishError, PublishQueue, Reply};
+use crate::bridge::{Channel, Delivery, Position, Publish, PublishAck, PublishError, PublishQueue, Reply};
 use crate::broker::{Outbox, wire};
 use crate::config::Config;
 use crate::log_throttle::LogThrottle as RateLimit;
@@ -520,14 +520,7 @@ impl Publisher {
         metrics.writes_accepted();
         add(&metrics.published, done.len() as u64);
         for p in done {
-            if let Some(ack) = p.ack {
-                let reply = Reply::Published {
-                    channel: p.channel,
-                    reference: ack.reference,
-                    result: Ok(None),
-                };
-                self.outbox.reply(&self.redis.loops, ack.to, reply);
-            }
+            self.acknowledge(p.channel, p.ack, Ok(None));
         }
         Ok(())
     }
@@ -628,7 +621,8 @@ impl Publisher {
         if batch.is_empty() {
             return;
         }
-        let metrics = &self.redis.metrics.broker;
+        let all = self.redis.metrics.clone();
+        let metrics = &all.broker;
         // Before any answer goes out: whoever hears "published" finds /healthz agreeing.
         let stored = results
             .iter()
@@ -654,15 +648,26 @@ impl Publisher {
                 // Its expiry refresh was not applied either.
                 self.refreshed.remove(&p.channel);
             }
-            let Some(ack) = p.ack else { continue };
+            self.acknowledge(p.channel, p.ack, result);
+        }
+        add(&metrics.published, stored as u64);
+    }
+
+    /// Tells a `wsrelay.v1` publisher (one with `ack`) how its publish on `channel` went.
+    fn acknowledge(
+        &mut self,
+        channel: Channel,
+        ack: Option<PublishAck>,
+        result: Result<Option<Position>, PublishError>,
+    ) {
+        if let Some(ack) = ack {
             let reply = Reply::Published {
-                channel: p.channel,
+                channel,
                 reference: ack.reference,
                 result,
             };
             self.outbox.reply(&self.redis.loops, ack.to, reply);
         }
-        add(&metrics.published, stored as u64);
     }
 
     /// Answers a batch whose fate is unknown, and counts it.
@@ -670,14 +675,7 @@ impl Publisher {
         add(&self.redis.metrics.broker.publish_failed, batch.len() as u64);
         for p in batch {
             self.refreshed.remove(&p.channel);
-            if let Some(ack) = p.ack {
-                let reply = Reply::Published {
-                    channel: p.channel,
-                    reference: ack.reference,
-                    result: Err(PublishError::Unknown(why.to_owned())),
-                };
-                self.outbox.reply(&self.redis.loops, ack.to, reply);
-            }
+            self.acknowledge(p.channel, p.ack, Err(PublishError::Unknown(why.to_owned())));
         }
     }
 
@@ -688,14 +686,7 @@ impl Publisher {
         let n = batch.len() as u64;
         for p in batch {
             self.refreshed.remove(&p.channel);
-            if let Some(ack) = p.ack {
-                let reply = Reply::Published {
-                    channel: p.channel.clone(),
-                    reference: ack.reference,
-                    result: Err(PublishError::Unreachable),
-                };
-                self.outbox.reply(&self.redis.loops, ack.to, reply);
-            }
+            self.acknowledge(p.channel.clone(), p.ack, Err(PublishError::Unreachable));
             let d = Delivery::new(p.channel, p.kind, p.data, None);
             self.outbox.fan_out(
                 &self.redis.loops,
@@ -891,14 +882,6 @@ fn outcome(v: &Value, history: bool) -> Result<Option<Position>, PublishError> {
             .map(Some),
         _ => Ok(None),
     }
-}
-
-/// A read that waited out its timeout (Redis stalled), not a lost connection.
-fn timed_out(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-    )
 }
 
 fn is_noscript(v: &Value) -> bool {

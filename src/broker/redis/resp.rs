@@ -163,7 +163,7 @@ impl Conn {
             }
             match self.fill() {
                 Ok(()) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e) if timed_out(&e) => {
                     return Ok(None);
                 }
                 Err(e) => return Err(e),
@@ -194,6 +194,12 @@ impl Conn {
             }
         }
     }
+}
+
+/// Whether a read waited out its timeout (Redis stalled, or nothing to read yet), as opposed
+/// to a lost connection.
+pub(super) fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// The AUTH command the URL of `info` asks for (with its ACL user, if any), packed; none
