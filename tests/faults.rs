@@ -616,6 +616,17 @@ fn subscriber_cut_off_for_its_output_buffer_recovers_by_offset() {
 /// A raw client that connects while Redis is stalled, long enough for the subscriber to give
 /// its connection up, is read only once its channel's subscription is in effect in Redis
 /// again: it receives its own messages.
+/// Waits until the node's Redis subscriber has given up its connection to the stopped
+/// (SIGSTOP) `redis`, then resumes it.
+#[track_caller]
+fn resume_once_the_subscriber_gave_up(node: &Node, redis: &Redis) {
+    wait_for("subscriber down", Duration::from_secs(20), || {
+        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
+    });
+    // SAFETY: kill(2) on our own child process.
+    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+}
+
 #[test]
 fn a_raw_client_that_joins_while_redis_is_stalled_receives_its_own() {
     let mut redis = Redis::start();
@@ -628,10 +639,7 @@ fn a_raw_client_that_joins_while_redis_is_stalled_receives_its_own() {
     let mut raw = node.client("/stalled");
     send_burst(&mut raw, "m", 20);
     // The SUBSCRIBE waits out its timeout and the subscriber gives the connection up.
-    wait_for("subscriber down", Duration::from_secs(20), || {
-        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
-    });
-    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    resume_once_the_subscriber_gave_up(&node, &redis);
     for i in 0..20 {
         assert_eq!(raw.recv_text(Duration::from_secs(20)).unwrap(), format!("m{i}"));
     }
@@ -665,10 +673,7 @@ fn a_recovery_refused_during_a_stall_replays_nothing_later() {
         (Some(false), None),
         "{reply}"
     );
-    wait_for("subscriber down", Duration::from_secs(20), || {
-        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
-    });
-    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    resume_once_the_subscriber_gave_up(&node, &redis);
     wait_for("subscriber back", Duration::from_secs(20), || {
         (node.http_get("/healthz").0 == 200).then_some(())
     });
@@ -702,10 +707,7 @@ fn a_subscribe_sent_while_redis_is_stalled_is_answered() {
     c.send(&serde_json::json!({"op":"subscribe","channel":"stalled","ref":"s"}))
         .unwrap();
     // The SUBSCRIBE waits out its timeout (2 s) and the subscriber gives the connection up.
-    wait_for("subscriber down", Duration::from_secs(20), || {
-        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
-    });
-    unsafe { libc::kill(redis.pid() as i32, libc::SIGCONT) };
+    resume_once_the_subscriber_gave_up(&node, &redis);
     let reply = c.next(Duration::from_secs(20)).unwrap();
     assert_eq!(
         (reply["type"].as_str(), reply["ref"].as_str()),
