@@ -230,6 +230,9 @@ metrics! {
             published: AtomicU64 => counter Process "published_total" "Publishes handed to the broker.";
             /// Publishes that could not reach Redis; they were delivered to this node's clients only.
             publish_failed: AtomicU64 => counter Process "publish_failed_total" "Publishes that could not reach Redis (delivered on this node only).";
+            /// Times the publisher waited for this node's Redis subscriber to subscribe again
+            /// before publishing (one Redis).
+            publish_waits: AtomicU64 => counter Process "publish_subscriber_waits_total" "Times publishing waited for this node's Redis subscriber to subscribe again.";
             /// Publishes Redis answered with an error (out of memory, read-only, ...): not stored.
             publish_refused: AtomicU64 => counter Process "publish_refused_total" "Publishes Redis answered with an error (out of memory, read-only): not stored.";
             /// Deliveries dropped because a loop's inbox was full.

@@ -723,3 +723,96 @@ fn a_subscribe_sent_while_redis_is_stalled_is_answered() {
     assert_eq!(m["data"], "after", "{m}");
     redis.kill();
 }
+
+/// Publishes made while the node's Redis subscriber is away (its connection lost, Redis
+/// answering the publisher) wait for it to subscribe again, a while, instead of going out to
+/// a Redis nobody on this node listens to: without history nobody would ever get them, the
+/// sender's own echo included. Redis ACLs keep the subscriber out (it also subscribes the
+/// control channel, which the new rule forbids) while publishes to the room still run.
+#[test]
+fn publishes_wait_for_the_subscriber_to_be_back() {
+    let mut redis = Redis::start();
+    let flags = [
+        "--threads",
+        "1",
+        "--history-size",
+        "0",
+        "--redis-backoff-max",
+        "200ms",
+    ];
+    let node = Node::start(&[&flags[..], &["--redis", &redis.url()]].concat());
+    let mut sub = node.client("/room1");
+    let mut publisher = node.client("/room1");
+    wait_for("subscriber up", WAIT, || {
+        (node.metric("wsrelay_redis_subscriber_up") == 1).then_some(())
+    });
+    send_burst(&mut publisher, "warm", 1);
+    assert_eq!(sub.recv_text(WAIT).unwrap(), "warm0");
+    assert_eq!(publisher.recv_text(WAIT).unwrap(), "warm0");
+    let mut con = redis.con();
+    let acl = |rule: &str, con: &mut redis::Connection| {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg("resetchannels")
+            .arg(rule)
+            .query(con)
+            .unwrap();
+    };
+    // Redis closes the subscriber's connection (its control channel is no longer allowed),
+    // and refuses its SUBSCRIBE until the rule is lifted.
+    acl("&room*", &mut con);
+    wait_for("subscriber down", WAIT, || {
+        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
+    });
+    let published = node.metric("wsrelay_published_total");
+    send_burst(&mut publisher, "m", 20);
+    // Either they went out (the subscriber away) or the publisher holds them.
+    wait_for("publishes taken", WAIT, || {
+        (node.metric("wsrelay_published_total") >= published + 20
+            || node.metric("wsrelay_publish_subscriber_waits_total") > 0)
+            .then_some(())
+    });
+    acl("allchannels", &mut con);
+    for client in [&mut sub, &mut publisher] {
+        for i in 0..20 {
+            assert_eq!(client.recv_text(WAIT).unwrap(), format!("m{i}"));
+        }
+    }
+    assert_eq!(node.metric("wsrelay_publish_failed_total"), 0);
+    redis.kill();
+}
+
+/// A subscriber Redis keeps refusing is waited for 2 s, not for ever: then publishes go out
+/// without it (logged), and the next ones do not wait again until it is back.
+#[test]
+fn publishes_wait_for_a_refused_subscriber_a_bounded_time() {
+    let mut redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let mut publisher = V1::connect(node.addr, None).unwrap();
+    assert_eq!(publisher.publish("room1", "warm").unwrap()["type"], "published");
+    let mut con = redis.con();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("resetchannels")
+        .arg("&room*")
+        .query(&mut con)
+        .unwrap();
+    wait_for("subscriber down", WAIT, || {
+        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
+    });
+    let started = Instant::now();
+    assert_eq!(publisher.publish("room1", "a").unwrap()["type"], "published");
+    assert!(started.elapsed() >= Duration::from_secs(2), "did not wait");
+    assert!(node.log().iter().any(|l| l.contains("still away")));
+    for i in 0..20 {
+        assert_eq!(
+            publisher.publish("room1", &format!("b{i}")).unwrap()["type"],
+            "published"
+        );
+    }
+    assert_eq!(node.metric("wsrelay_publish_subscriber_waits_total"), 1);
+    assert_eq!(node.metric("wsrelay_redis_subscriber_up"), 0);
+    redis.kill();
+}

@@ -42,6 +42,7 @@
 //! registry shares the slot of `{nodes}`.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -131,6 +132,7 @@ pub fn spawn(
         loops,
         metrics,
         backoff: Backoff::new(config.redis_backoff_min, config.redis_backoff_max),
+        wake_subscriber: Arc::default(),
         entry_size: config.presence_entry_size,
     };
     let sub: Box<dyn FnOnce() + Send> = match &shared.backend {
@@ -271,6 +273,9 @@ struct Shared {
     loops: Vec<LoopHandle>,
     metrics: Arc<Metrics>,
     backoff: Backoff,
+    /// Set by the publisher when Redis answers it while the subscriber is away: the subscriber
+    /// tries to connect at once instead of waiting out its backoff.
+    wake_subscriber: Arc<AtomicBool>,
     /// `--presence-entry-size`: entries and events read back are checked against it.
     entry_size: usize,
 }

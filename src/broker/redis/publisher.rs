@@ -16,6 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::LazyLock;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -36,6 +37,9 @@ pub(super) static PUBLISH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| red
 
 /// Connections a batch is tried on after a lost one (with history: see [`Publisher::resend`]).
 const RESEND_ATTEMPTS: usize = 3;
+/// Longest wait, with Redis answering, for this node's subscriber to subscribe again before
+/// publishing anyway (see [`Publisher::await_subscriber`]).
+const SUBSCRIBER_WAIT: Duration = Duration::from_secs(2);
 /// Most batches sent and not yet answered. Two keep Redis busy (it runs one while the next
 /// waits in its input buffer); more only help when batches are full.
 const MAX_IN_FLIGHT: usize = 8;
@@ -126,6 +130,9 @@ pub(super) struct Publisher {
     drop_log: RateLimit,
     redis_stalled_log: RateLimit,
     refused_log: RateLimit,
+    /// The subscriber stayed away longer than [`SUBSCRIBER_WAIT`]: publishes go out without
+    /// waiting until it is back.
+    waited_out: bool,
 }
 
 impl Publisher {
@@ -170,6 +177,7 @@ impl Publisher {
             drop_log: RateLimit::default(),
             redis_stalled_log: RateLimit::default(),
             refused_log: RateLimit::default(),
+            waited_out: false,
         }
     }
 
@@ -283,6 +291,7 @@ impl Publisher {
         if self.con.is_none() {
             return self.resend(batch, false);
         }
+        self.await_subscriber();
         let mut packed = std::mem::take(&mut self.packed);
         packed.clear();
         self.pack(&mut packed, &batch, false);
@@ -460,6 +469,7 @@ impl Publisher {
                 }
             };
             attempts += 1;
+            self.await_subscriber();
             let result = self
                 .settle_ran(&mut con, &mut batch)
                 .and_then(|()| self.query(&mut con, &batch, true));
@@ -493,6 +503,39 @@ impl Publisher {
                 }
             }
         }
+    }
+
+    /// One Redis, about to send publishes: if this node's subscriber is away (its connection
+    /// lost while Redis answers the publisher, e.g. just after a Redis restart), waits for it
+    /// to subscribe again, up to [`SUBSCRIBER_WAIT`], waking it from its backoff. Published
+    /// meanwhile, a message would reach no client of this node (the sender included), and
+    /// without history no client anywhere whose node's subscriber is away too. The publish
+    /// queue fills meanwhile and the loops pause their publishers. A subscriber that stays
+    /// away longer (Redis refusing its SUBSCRIBE) is not waited for again until it is back.
+    fn await_subscriber(&mut self) {
+        let up = |s: &Self| s.redis.metrics.broker.subscriber_up.load(Ordering::Relaxed);
+        if self.router.is_some() || up(self) {
+            self.waited_out = false;
+            return;
+        }
+        if self.waited_out {
+            return;
+        }
+        inc(&self.redis.metrics.broker.publish_waits);
+        self.redis.wake_subscriber.store(true, Ordering::Relaxed);
+        let until = Instant::now() + SUBSCRIBER_WAIT;
+        while !up(self) {
+            if Instant::now() >= until {
+                warn!(
+                    "the redis subscriber is still away after {SUBSCRIBER_WAIT:?}; publishing without it until it is back (this node's clients miss those messages)"
+                );
+                self.waited_out = true;
+                return;
+            }
+            self.outbox.retry(&self.redis.loops);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        debug!("the redis subscriber is back; publishing");
     }
 
     /// Before publishes that were in flight on a lost connection run again: those up to the

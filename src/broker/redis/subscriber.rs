@@ -31,6 +31,9 @@ use crate::metrics::inc;
 const READ_TIMEOUT: Duration = Duration::from_millis(10);
 /// How often the Pub/Sub connection is probed with PING.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How often a subscriber waiting out its backoff checks whether the publisher found Redis
+/// back (see `Shared::wake_subscriber`).
+const WAKE_POLL: Duration = Duration::from_millis(10);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 1000;
 
@@ -104,7 +107,11 @@ impl Subscriber {
                 if left.is_zero() {
                     break;
                 }
-                match self.control.recv_timeout(left) {
+                // Redis answers the publisher: it is back, try now.
+                if self.redis.wake_subscriber.swap(false, Ordering::Relaxed) {
+                    break;
+                }
+                match self.control.recv_timeout(left.min(WAKE_POLL)) {
                     Ok(c) => {
                         // Offline, a route is live as soon as it is in the table.
                         if let (channel, Some((loop_id, generation))) = self.routes.apply(c) {
@@ -164,6 +171,7 @@ impl Subscriber {
         ps.set_read_timeout(READ_TIMEOUT)?;
         let broker = &self.redis.metrics.broker;
         broker.subscriber_up.store(true, Ordering::Relaxed);
+        self.redis.wake_subscriber.store(false, Ordering::Relaxed);
         broker.channels.store(upstream.len() as u64, Ordering::Relaxed);
         self.redis.backoff.reset();
         // Whatever was published while the subscriber was away never reached the loops, and
