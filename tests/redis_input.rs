@@ -243,3 +243,53 @@ fn a_payload_claiming_a_future_offset_of_the_channel_loops_nothing() {
     assert_eq!(raw.recv_text(WAIT).unwrap(), "after two");
     assert_eq!(calls(&redis, "evalsha"), before + 1);
 }
+
+/// A channel whose keys someone else overwrote (a meta that is not a hash): its publishes are
+/// refused with Redis's reason, and the other channels' publishes sent with them, several to
+/// one script call, are stored and delivered as usual, in order.
+#[test]
+fn a_channel_with_broken_keys_refuses_only_its_own_publishes() {
+    let redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let mut con = redis.con();
+    let _: () = redis::cmd("SET")
+        .arg("wsrelay:{broken}:meta")
+        .arg("x")
+        .query(&mut con)
+        .unwrap();
+    let mut sub = V1::connect(node.addr, None).unwrap();
+    sub.subscribe("fine", None).unwrap();
+    let mut p = V1::connect(node.addr, None).unwrap();
+    // Sent without waiting, so they are queued, and packed, together.
+    for i in 0..40 {
+        let channel = if i % 2 == 0 { "fine" } else { "broken" };
+        let cmd = serde_json::json!({"op": "publish", "channel": channel, "data": format!("m{i}"), "ref": i});
+        p.send(&cmd).unwrap();
+    }
+    let mut replies = std::collections::HashMap::new();
+    while replies.len() < 40 {
+        let v = p.next(WAIT).unwrap();
+        replies.insert(v["ref"].as_u64().unwrap(), v);
+    }
+    for i in 0..40u64 {
+        let v = &replies[&i];
+        if i % 2 == 0 {
+            assert_eq!(
+                (v["type"].as_str(), v["offset"].as_u64()),
+                (Some("published"), Some(i / 2 + 1)),
+                "{v}"
+            );
+        } else {
+            assert_eq!(v["code"], "refused", "{v}");
+            assert!(
+                v["message"].as_str().unwrap_or_default().contains("WRONGTYPE"),
+                "{v}"
+            );
+        }
+    }
+    for i in 0..20 {
+        let m = sub.message(WAIT).unwrap();
+        assert_eq!(m["data"], format!("m{}", 2 * i));
+    }
+    assert_eq!(node.metric("wsrelay_publish_refused_total"), 20);
+}

@@ -43,6 +43,11 @@ const SUBSCRIBER_WAIT: Duration = Duration::from_secs(2);
 /// Most batches sent and not yet answered. Two keep Redis busy (it runs one while the next
 /// waits in its input buffer); more only help when batches are full.
 const MAX_IN_FLIGHT: usize = 8;
+/// Publishes per call of the publish script on one Redis (history on): what Redis spends on a
+/// call itself (parsing it, running the script's setup, its reply) is paid once for these
+/// (tuning.md, "Several publishes per script call"). A call runs at most this many publishes
+/// at once, some tens of microseconds of Redis's time.
+const CALL_MAX: usize = 16;
 /// Below this many batches in flight a batch is sent whatever its size; above, only full ones
 /// (`--publish-batch`): under load batches grow instead of multiplying, so the cost per
 /// publish of a write here and a read in Redis falls as the rate rises.
@@ -237,39 +242,49 @@ impl Publisher {
     /// after a lost connection has the script look for each publish's tag first.
     fn pack<'a>(&mut self, out: &mut Vec<u8>, batch: impl IntoIterator<Item = &'a Publish>, rerun: bool) {
         let now = Instant::now();
-        let keys = &self.redis.keys;
+        let per_call = self.per_call();
+        let mut call: Vec<(&Publish, Flag)> = Vec::with_capacity(per_call);
         let mut batch = batch.into_iter().peekable();
         while let Some(p) = batch.next() {
-            // A pipelined batch's last publish also sets the progress marker.
-            let marker = match (&self.marker, batch.peek()) {
-                (Some(key), None) if !rerun => Some(&key[..]),
-                _ => None,
+            let Some(h) = self.history else {
+                pack_plain(out, &self.redis.keys, p);
+                continue;
             };
-            let refresh = match self.history {
-                None => false,
-                Some(h) => {
-                    rerun
-                        || match self.refreshed.get_mut(&p.channel) {
-                            Some(at) if now.duration_since(*at) < h.refresh_every => false,
-                            Some(at) => {
-                                *at = now;
-                                true
-                            }
-                            None => {
-                                self.refreshed.insert(p.channel.clone(), now);
-                                true
-                            }
-                        }
-                }
-            };
-            let script = self.history.is_some().then_some(&self.script_args);
+            let refresh = rerun
+                || match self.refreshed.get_mut(&p.channel) {
+                    Some(at) if now.duration_since(*at) < h.refresh_every => false,
+                    Some(at) => {
+                        *at = now;
+                        true
+                    }
+                    None => {
+                        self.refreshed.insert(p.channel.clone(), now);
+                        true
+                    }
+                };
             let flag = match (rerun, refresh) {
                 (true, _) => Flag::Retry,
                 (false, true) => Flag::Refresh,
                 (false, false) => Flag::Plain,
             };
-            pack_one(out, keys, script, p, flag, marker);
+            call.push((p, flag));
+            let last = batch.peek().is_none();
+            if call.len() == per_call || last {
+                // A pipelined batch's last call also sets the progress marker.
+                let marker = match &self.marker {
+                    Some(key) if last && !rerun => Some(&key[..]),
+                    _ => None,
+                };
+                pack_call(out, &self.redis.keys, &self.script_args, &call, marker);
+                call.clear();
+            }
         }
+    }
+
+    /// Publishes per script call: [`CALL_MAX`] on one Redis, one in a cluster (where each is
+    /// routed to its channel's primary).
+    fn per_call(&self) -> usize {
+        if self.router.is_some() { 1 } else { CALL_MAX }
     }
 
     /// Forgets refreshes older than the refresh interval: the map holds only the channels
@@ -319,18 +334,12 @@ impl Publisher {
 
     /// Reads one answer, for the oldest batch in flight; a complete batch is acknowledged.
     fn receive(&mut self) {
+        let (history, per_call) = (self.history.is_some(), self.per_call());
         let con = self.con.as_mut().expect("batches in flight have a connection");
-        // A raw publish's answer is read only for an error (see `answered`).
-        let front = self.in_flight.front().expect("a batch is in flight");
-        let read = if front.publishes[front.answers.len()].ack.is_some() {
-            con.value()
-        } else {
-            con.value_unless_ok()
-        };
-        match read {
-            Ok(v) => {
-                let front = self.in_flight.front_mut().expect("a batch is in flight");
-                front.answers.push(v);
+        let front = self.in_flight.front_mut().expect("a batch is in flight");
+        let remaining = &front.publishes[front.answers.len()..];
+        match read_answer(con, history, per_call, remaining, &mut front.answers) {
+            Ok(()) => {
                 if front.answers.len() < front.publishes.len() {
                     return;
                 }
@@ -399,10 +408,12 @@ impl Publisher {
         let mut batches = vec![first];
         while let Some(mut b) = self.in_flight.pop_front() {
             self.in_flight_bytes -= b.bytes;
+            let (history, per_call) = (self.history.is_some(), self.per_call());
             while b.answers.len() < b.publishes.len() {
                 let con = self.con.as_mut().expect("batches in flight have a connection");
-                match con.value() {
-                    Ok(v) => b.answers.push(v),
+                let remaining = &b.publishes[b.answers.len()..];
+                match read_answer(con, history, per_call, remaining, &mut b.answers) {
+                    Ok(()) => {}
                     Err(e) => {
                         debug!("redis publish failed: {e}; retrying on a new connection");
                         batches.push(b);
@@ -602,7 +613,12 @@ impl Publisher {
         let batch: Vec<&Publish> = batch.into_iter().collect();
         self.pack(&mut packed, batch.iter().copied(), rerun);
         con.send(&packed)?;
-        batch.iter().map(|_| con.value()).collect()
+        let (history, per_call) = (self.history.is_some(), self.per_call());
+        let mut answers = Vec::with_capacity(batch.len());
+        while answers.len() < batch.len() {
+            read_answer(con, history, per_call, &batch[answers.len()..], &mut answers)?;
+        }
+        Ok(answers)
     }
 
     /// Runs a batch on a cluster and waits for it: each publish on the primary of its channel's
@@ -634,7 +650,12 @@ impl Publisher {
             match o {
                 Outcome::Answer(v) => {
                     answered.0.push(p);
-                    answered.1.push(v);
+                    if self.history.is_some() {
+                        // A script call of one publish.
+                        spread(v, 1, &mut answered.1);
+                    } else {
+                        answered.1.push(v);
+                    }
                 }
                 Outcome::Unknown(e) => {
                     if self.redis_stalled_log.allow() {
@@ -746,24 +767,17 @@ impl Publisher {
     }
 }
 
-/// The publish script's arguments that do not change between publishes, packed (RESP) once,
-/// in the order `publish.lua` reads them: the head (EVALSHA, the script, 2 keys) before the
-/// keys; the limits (ARGV 1-2) between the keys and the channel; the epoch prefix (ARGV 6)
-/// after the payload; the byte caps (ARGV 8-9, and in a cluster 10-13) last.
+/// The publish script's arguments that are the same for every call (ARGV 1-8 of
+/// `publish.lua`), packed (RESP) once, and the start of every publish's tag.
 #[derive(Default)]
 struct ScriptArgs {
-    head: Vec<u8>,
-    /// One Redis: the head of a call that also sets the progress marker (three keys).
-    head_marked: Vec<u8>,
-    limits: Vec<u8>,
-    epoch_prefix: Vec<u8>,
-    tail: Vec<u8>,
-    /// One Redis: the start of every publish's tag (ARGV 10), random per process; its
-    /// [`Publish::seq`] follows.
+    fixed: Vec<u8>,
+    /// One Redis: the start of every publish's tag (its last argument), random per process;
+    /// its [`Publish::seq`] follows.
     tag: Option<Vec<u8>>,
 }
 
-/// The script's ARGV 7 (see `publish.lua`).
+/// A publish's flag in the script call (see `publish.lua`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Flag {
     Plain,
@@ -780,30 +794,22 @@ impl ScriptArgs {
             return ScriptArgs::default();
         };
         let mut a = ScriptArgs::default();
-        resp::array(&mut a.head, if cluster { 18 } else { 15 });
-        resp::bulk(&mut a.head, &[b"EVALSHA"]);
-        resp::bulk(&mut a.head, &[PUBLISH_SCRIPT.get_hash().as_bytes()]);
-        resp::bulk(&mut a.head, &[b"2"]);
-        if !cluster {
-            resp::array(&mut a.head_marked, 16);
-            resp::bulk(&mut a.head_marked, &[b"EVALSHA"]);
-            resp::bulk(&mut a.head_marked, &[PUBLISH_SCRIPT.get_hash().as_bytes()]);
-            resp::bulk(&mut a.head_marked, &[b"3"]);
-        }
-        resp::bulk(&mut a.limits, &[h.maxlen.to_string().as_bytes()]);
-        resp::bulk(&mut a.limits, &[h.ttl.to_string().as_bytes()]);
-        resp::bulk(&mut a.epoch_prefix, &[epoch_prefix.as_bytes()]);
-        resp::bulk(&mut a.tail, &[h.large_budget.to_string().as_bytes()]);
-        resp::bulk(&mut a.tail, &[h.large.to_string().as_bytes()]);
+        resp::bulk(&mut a.fixed, &[h.maxlen.to_string().as_bytes()]);
+        resp::bulk(&mut a.fixed, &[h.ttl.to_string().as_bytes()]);
+        resp::bulk(&mut a.fixed, &[epoch_prefix.as_bytes()]);
+        resp::bulk(&mut a.fixed, &[h.large_budget.to_string().as_bytes()]);
+        resp::bulk(&mut a.fixed, &[h.large.to_string().as_bytes()]);
         if cluster {
-            // ARGV 10 is left to scripts/rooms-compare.sh; 11 the publish command, 12 and 13
-            // the replication ids of the primary running it.
+            // The replication ids of the primary running it (the router puts them in).
             // No tag: a publish is not retried after a lost connection in a cluster (its
             // outcome is unknown, see `run_cluster`).
-            for arg in [&b""[..], b"SPUBLISH", REPLID, REPLID2] {
-                resp::bulk(&mut a.tail, &[arg]);
+            for arg in [&b"SPUBLISH"[..], REPLID, REPLID2] {
+                resp::bulk(&mut a.fixed, &[arg]);
             }
         } else {
+            for arg in [&b"PUBLISH"[..], b"", b""] {
+                resp::bulk(&mut a.fixed, &[arg]);
+            }
             a.tag = Some(
                 std::iter::repeat_with(fastrand::alphanumeric)
                     .take(8)
@@ -815,59 +821,102 @@ impl ScriptArgs {
     }
 }
 
-/// One publish, packed: the publish script with `script`'s fixed arguments (history on), or a
-/// plain PUBLISH of the wire-encoded payload.
-/// One publish, packed: the script with history (and, with `marker`, setting that key to the
-/// publish's number: see [`Publisher::marker`]), else a plain PUBLISH.
-fn pack_one(
+/// A plain PUBLISH of the wire-encoded payload (history off).
+fn pack_plain(out: &mut Vec<u8>, keys: &super::Keys, p: &Publish) {
+    let name = keys.channel(&p.channel);
+    resp::array(out, 3);
+    resp::bulk(out, &[keys.publish_command().as_bytes()]);
+    resp::bulk(out, &[name.as_bytes()]);
+    resp::bulk(out, &[&wire::encode(p.kind, &p.data, None)]);
+}
+
+/// One call of the publish script for `call`'s publishes, in order (and, with `marker`,
+/// setting that key to the last one's number: see [`Publisher::marker`]).
+fn pack_call(
     out: &mut Vec<u8>,
     keys: &super::Keys,
-    script: Option<&ScriptArgs>,
-    p: &Publish,
-    flag: Flag,
+    fixed: &ScriptArgs,
+    call: &[(&Publish, Flag)],
     marker: Option<&[u8]>,
 ) {
-    let Some(fixed) = script else {
-        let name = keys.channel(&p.channel);
-        resp::array(out, 3);
-        resp::bulk(out, &[keys.publish_command().as_bytes()]);
-        resp::bulk(out, &[name.as_bytes()]);
-        resp::bulk(out, &[&wire::encode(p.kind, &p.data, None)]);
-        return;
-    };
-    out.extend_from_slice(if marker.is_some() {
-        &fixed.head_marked
-    } else {
-        &fixed.head
-    });
-    if keys.cluster {
-        resp::bulk(out, &[keys.meta(&p.channel).as_bytes()]);
-        resp::bulk(out, &[keys.stream(&p.channel).as_bytes()]);
-        out.extend_from_slice(&fixed.limits);
-        resp::bulk(out, &[keys.channel(&p.channel).as_bytes()]);
-    } else {
-        resp::bulk(out, &keys.plain_key(&p.channel, "meta"));
-        resp::bulk(out, &keys.plain_key(&p.channel, "stream"));
-        if let Some(key) = marker {
-            resp::bulk(out, &[key]);
+    let keys_n = 2 * call.len() + usize::from(marker.is_some());
+    resp::array(out, 3 + keys_n + 8 + 5 * call.len());
+    resp::bulk(out, &[b"EVALSHA"]);
+    resp::bulk(out, &[PUBLISH_SCRIPT.get_hash().as_bytes()]);
+    let mut digits = [0u8; 20];
+    resp::bulk(out, &[resp::decimal_in(&mut digits, keys_n as u64)]);
+    for (p, _) in call {
+        if keys.cluster {
+            resp::bulk(out, &[keys.meta(&p.channel).as_bytes()]);
+            resp::bulk(out, &[keys.stream(&p.channel).as_bytes()]);
+        } else {
+            resp::bulk(out, &keys.plain_key(&p.channel, "meta"));
+            resp::bulk(out, &keys.plain_key(&p.channel, "stream"));
         }
-        out.extend_from_slice(&fixed.limits);
-        // The channel as `Keys::channel` spells it on one Redis.
-        resp::bulk(out, &[keys.prefix.as_bytes(), p.channel.as_bytes()]);
     }
-    resp::bulk(out, &[&[wire::kind_byte(p.kind)]]);
-    resp::bulk(out, &[&p.data]);
-    out.extend_from_slice(&fixed.epoch_prefix);
-    let flag: &[u8] = match flag {
-        Flag::Plain => b"0",
-        Flag::Refresh => b"1",
-        Flag::Retry => b"2",
+    if let Some(key) = marker {
+        resp::bulk(out, &[key]);
+    }
+    out.extend_from_slice(&fixed.fixed);
+    for &(p, flag) in call {
+        if keys.cluster {
+            resp::bulk(out, &[keys.channel(&p.channel).as_bytes()]);
+        } else {
+            // The channel as `Keys::channel` spells it on one Redis.
+            resp::bulk(out, &[keys.prefix.as_bytes(), p.channel.as_bytes()]);
+        }
+        resp::bulk(out, &[&[wire::kind_byte(p.kind)]]);
+        resp::bulk(out, &[&p.data]);
+        let flag: &[u8] = match flag {
+            Flag::Plain => b"0",
+            Flag::Refresh => b"1",
+            Flag::Retry => b"2",
+        };
+        resp::bulk(out, &[flag]);
+        match &fixed.tag {
+            Some(tag) => resp::bulk(out, &[tag, resp::decimal_in(&mut digits, p.seq)]),
+            None => resp::bulk(out, &[b""]),
+        }
+    }
+}
+
+/// Reads the answer of the next command for a batch's first `remaining` unanswered publishes
+/// and adds one answer per publish it covered to `answers`: a plain PUBLISH covers one, a
+/// script call up to `per_call`. `raw`: whether none of those publishes wants its position
+/// (the answer is then parsed only if it holds an error).
+fn read_answer<P: std::borrow::Borrow<Publish>>(
+    con: &mut Conn,
+    history: bool,
+    per_call: usize,
+    remaining: &[P],
+    answers: &mut Vec<Value>,
+) -> std::io::Result<()> {
+    let n = if history { per_call.min(remaining.len()) } else { 1 };
+    let v = if remaining[..n].iter().all(|p| p.borrow().ack.is_none()) {
+        con.value_unless_ok()?
+    } else {
+        con.value()?
     };
-    resp::bulk(out, &[flag]);
-    out.extend_from_slice(&fixed.tail);
-    if let Some(tag) = &fixed.tag {
-        let mut digits = [0u8; 20];
-        resp::bulk(out, &[tag, resp::decimal_in(&mut digits, p.seq)]);
+    if history {
+        spread(v, n, answers);
+    } else {
+        answers.push(v);
+    }
+    Ok(())
+}
+
+/// A script call's answer as one answer per publish of the call (`n`): its elements; an error
+/// refused the whole call (NOSCRIPT, OOM, READONLY), so each of them; `Okay` (read for errors
+/// only, and none) each stored.
+fn spread(v: Value, n: usize, answers: &mut Vec<Value>) {
+    match v {
+        Value::Array(items) if items.len() == n => answers.extend(items),
+        Value::Okay | Value::ServerError(_) => answers.extend(std::iter::repeat_n(v, n)),
+        _ => answers.extend(std::iter::repeat_n(
+            redis::parse_redis_value(b"-ERR unexpected reply from the publish script\r\n")
+                .expect("a valid error line"),
+            n,
+        )),
     }
 }
 
@@ -994,8 +1043,9 @@ mod tests {
         assert!(is_noscript(&server_error("NOSCRIPT No matching script.")));
     }
 
-    /// The packed publish is, byte for byte, what redis-rs packs for the same command, with
-    /// the keys `Keys` names: on one Redis and in a cluster, history on and off.
+    /// The packed call is, byte for byte, what redis-rs packs for the same command, with the
+    /// keys `Keys` names: on one Redis (two publishes in one call, with and without the
+    /// progress marker) and in a cluster (one), history on and off.
     #[test]
     fn a_packed_publish_is_the_command_redis_rs_would_send() {
         let history = History {
@@ -1005,67 +1055,62 @@ mod tests {
             large_budget: 8 << 20,
             large: 7206,
         };
-        let p = Publish {
+        let publish = |channel: &str, seq| Publish {
             origin: None,
-            channel: std::sync::Arc::from("room {7}"),
+            channel: std::sync::Arc::from(channel),
             kind: crate::frame::Kind::Binary,
             data: bytes::Bytes::from_static(b"\x00hello\r\n"),
             ack: None,
-            seq: 7,
+            seq,
         };
+        let (p, q) = (publish("room {7}", 7), publish("other", 8));
         for cluster in [false, true] {
             let keys = super::super::Keys {
                 prefix: "app:".into(),
                 cluster,
             };
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(PUBLISH_SCRIPT.get_hash())
-                .arg(2)
-                .arg(keys.meta(&p.channel))
-                .arg(keys.stream(&p.channel))
-                .arg(1000)
-                .arg(600)
-                .arg(keys.channel(&p.channel))
-                .arg("b")
-                .arg(&p.data[..])
-                .arg("EP12")
-                .arg("1")
-                .arg(8 << 20)
-                .arg(7206);
-            if cluster {
-                cmd.arg("").arg("SPUBLISH").arg(REPLID).arg(REPLID2);
-            }
             let script = ScriptArgs::new(Some(history), "EP12", cluster);
-            if let Some(tag) = &script.tag {
-                cmd.arg([&tag[..], b"7"].concat());
-            }
-            let mut out = Vec::new();
-            pack_one(&mut out, &keys, Some(&script), &p, Flag::Refresh, None);
-            assert_eq!(out, cmd.get_packed_command(), "cluster {cluster}");
-            if !cluster {
-                // The last publish of a batch also names the progress marker (KEYS[3]).
-                let mut marked = redis::cmd("EVALSHA");
-                marked
-                    .arg(PUBLISH_SCRIPT.get_hash())
-                    .arg(3)
-                    .arg(keys.meta(&p.channel))
-                    .arg(keys.stream(&p.channel))
-                    .arg("app:pub:x");
-                for arg in cmd.args_iter().skip(5) {
-                    if let redis::Arg::Simple(a) = arg {
-                        marked.arg(a);
-                    }
+            let call: Vec<(&Publish, Flag)> = if cluster {
+                vec![(&p, Flag::Refresh)]
+            } else {
+                vec![(&p, Flag::Refresh), (&q, Flag::Retry)]
+            };
+            for marker in [None, Some(&b"app:pub:x"[..])]
+                .into_iter()
+                .take(2 - usize::from(cluster))
+            {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(PUBLISH_SCRIPT.get_hash())
+                    .arg(2 * call.len() + usize::from(marker.is_some()));
+                for (p, _) in &call {
+                    cmd.arg(keys.meta(&p.channel)).arg(keys.stream(&p.channel));
+                }
+                if let Some(m) = marker {
+                    cmd.arg(m);
+                }
+                cmd.arg(1000).arg(600).arg("EP12").arg(8 << 20).arg(7206);
+                if cluster {
+                    cmd.arg("SPUBLISH").arg(REPLID).arg(REPLID2);
+                } else {
+                    cmd.arg("PUBLISH").arg("").arg("");
+                }
+                for (p, flag) in &call {
+                    cmd.arg(keys.channel(&p.channel))
+                        .arg("b")
+                        .arg(&p.data[..])
+                        .arg(if *flag == Flag::Refresh { "1" } else { "2" });
+                    match &script.tag {
+                        Some(tag) => cmd.arg([&tag[..], p.seq.to_string().as_bytes()].concat()),
+                        None => cmd.arg(""),
+                    };
                 }
                 let mut out = Vec::new();
-                pack_one(
-                    &mut out,
-                    &keys,
-                    Some(&script),
-                    &p,
-                    Flag::Refresh,
-                    Some(b"app:pub:x"),
+                pack_call(&mut out, &keys, &script, &call, marker);
+                assert_eq!(
+                    out,
+                    cmd.get_packed_command(),
+                    "cluster {cluster}, marker {marker:?}"
                 );
-                assert_eq!(out, marked.get_packed_command());
             }
 
             let mut plain = redis::cmd(keys.publish_command());
@@ -1073,9 +1118,33 @@ mod tests {
                 .arg(keys.channel(&p.channel))
                 .arg(wire::encode(p.kind, &p.data, None));
             let mut out = Vec::new();
-            pack_one(&mut out, &keys, None, &p, Flag::Plain, None);
+            pack_plain(&mut out, &keys, &p);
             assert_eq!(out, plain.get_packed_command(), "cluster {cluster}");
         }
+    }
+
+    /// A call's answer is one answer per publish of it, whatever Redis answered.
+    #[test]
+    fn a_call_answer_is_spread_over_its_publishes() {
+        let stored = |o| Value::Array(vec![Value::Int(o), Value::BulkString(b"ep".to_vec())]);
+        let refused = server_error("WRONGTYPE Operation against a key");
+        let mut answers = Vec::new();
+        spread(Value::Array(vec![stored(1), refused.clone()]), 2, &mut answers);
+        assert_eq!(answers, vec![stored(1), refused]);
+        let mut answers = Vec::new();
+        spread(server_error("NOSCRIPT No matching script."), 3, &mut answers);
+        assert_eq!(answers.len(), 3);
+        assert!(answers.iter().all(is_noscript));
+        let mut answers = Vec::new();
+        spread(Value::Okay, 2, &mut answers);
+        assert_eq!(answers, vec![Value::Okay, Value::Okay]);
+        // An answer of the wrong shape (not the script's) refuses each publish it covered.
+        let mut answers = Vec::new();
+        spread(Value::Array(vec![stored(1)]), 2, &mut answers);
+        assert!(matches!(
+            &answers[..],
+            [Value::ServerError(_), Value::ServerError(_)]
+        ));
     }
 
     #[test]

@@ -133,11 +133,12 @@ impl Conn {
         }
     }
 
-    /// Like [`Conn::value`] for an answer whose content does not matter unless it is an
-    /// error: an error is parsed, anything else is `Value::Okay` without being built.
+    /// Like [`Conn::value`] for an answer whose content does not matter unless it is or holds
+    /// an error (an array's element): such an answer is parsed, anything else is `Value::Okay`
+    /// without being built. (A bulk string holding `\r\n-` is parsed too, harmlessly.)
     pub(super) fn value_unless_ok(&mut self) -> io::Result<Value> {
         match self.next_whole()? {
-            Some((at, len)) if self.buf[at] == b'-' => parse(&self.buf[at..at + len]),
+            Some((at, len)) if has_error(&self.buf[at..at + len]) => parse(&self.buf[at..at + len]),
             Some(_) => Ok(Value::Okay),
             None => Err(io::ErrorKind::TimedOut.into()),
         }
@@ -194,6 +195,12 @@ impl Conn {
             }
         }
     }
+}
+
+/// Whether a whole RESP2 value may be or hold an error: an error line starts the value or a
+/// line of it.
+fn has_error(v: &[u8]) -> bool {
+    v.first() == Some(&b'-') || v.windows(3).any(|w| w == b"\r\n-")
 }
 
 /// Whether a read waited out its timeout (Redis stalled, or nothing to read yet), as opposed
@@ -417,6 +424,14 @@ mod tests {
         };
         assert_eq!(e.kind(), Some(redis::ServerErrorKind::NoScript));
         assert_eq!(con.value().unwrap(), Value::Int(5));
+        // An error among an array's elements (one publish of a script call refused) is kept.
+        redis
+            .write_all(b"*2\r\n*2\r\n:1\r\n$2\r\nep\r\n-WRONGTYPE Operation\r\n")
+            .unwrap();
+        let Value::Array(items) = con.value_unless_ok().unwrap() else {
+            panic!("not parsed")
+        };
+        assert!(matches!(&items[1], Value::ServerError(e) if e.code() == "WRONGTYPE"));
     }
 
     #[test]
