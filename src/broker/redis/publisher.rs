@@ -3,7 +3,8 @@
 //! is already in its input buffer, so Redis never waits for this thread's round trip. Redis
 //! runs the commands of one connection in the order they were sent, so the order of messages
 //! (within a channel, and overall) is the order the loops queued them. With history on, every
-//! publish is the atomic `publish.lua` script (offset, stream append, expiry, PUBLISH);
+//! publish runs atomically in the `publish.lua` script (offset, stream append, expiry,
+//! PUBLISH), up to [`CALL_MAX`] publishes per call on one Redis;
 //! otherwise a plain PUBLISH of the wire-encoded payload. Acknowledgements with offsets go back
 //! to the publishing connection. What cannot reach Redis is delivered to this node's loops
 //! only, counted and logged: nothing queues up without bound while Redis is away. What Redis
@@ -236,7 +237,8 @@ impl Publisher {
     }
 
     /// The batch as one pipeline, packed straight into `out` (RESP; no allocation per
-    /// argument: this runs for every publish). Errors come back per command, so one refused
+    /// argument: this runs for every publish): with history, calls of the publish script of up
+    /// to [`Publisher::per_call`] publishes each. Errors come back per publish, so one refused
     /// publish does not hide the outcome of the others. `rerun`: these publishes were not
     /// applied before (their expiry refresh did not happen either), or may have been: a retry
     /// after a lost connection has the script look for each publish's tag first.
