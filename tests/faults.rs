@@ -788,7 +788,8 @@ fn publishes_wait_for_the_subscriber_to_be_back() {
 #[test]
 fn publishes_wait_for_a_refused_subscriber_a_bounded_time() {
     let mut redis = Redis::start();
-    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let flags = ["--threads", "1", "--redis-backoff-max", "100ms"];
+    let node = Node::start(&[&flags[..], &["--redis", &redis.url()]].concat());
     let mut publisher = V1::connect(node.addr, None).unwrap();
     assert_eq!(publisher.publish("room1", "warm").unwrap()["type"], "published");
     // (The first publish may have waited for the subscriber's first connection.)
@@ -804,6 +805,7 @@ fn publishes_wait_for_a_refused_subscriber_a_bounded_time() {
     wait_for("subscriber down", WAIT, || {
         (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
     });
+    let refused_since = Instant::now();
     let started = Instant::now();
     assert_eq!(publisher.publish("room1", "a").unwrap()["type"], "published");
     assert!(started.elapsed() >= Duration::from_secs(2), "did not wait");
@@ -816,5 +818,95 @@ fn publishes_wait_for_a_refused_subscriber_a_bounded_time() {
     }
     assert_eq!(node.metric("wsrelay_publish_subscriber_waits_total"), waits + 1);
     assert_eq!(node.metric("wsrelay_redis_subscriber_up"), 0);
+    // Refused every 50-100 ms, and logged at most once a second.
+    let lost = node
+        .log()
+        .iter()
+        .filter(|l| l.contains("redis subscriber connection lost"))
+        .count() as u64;
+    assert!(
+        lost <= refused_since.elapsed().as_secs() + 1,
+        "{lost} lines in {:?}",
+        refused_since.elapsed()
+    );
+    redis.kill();
+}
+
+/// Redis restarted while the node publishes: publishes made after it is back wait for the
+/// node's subscriber, however long Redis was away (the wait is counted from Redis answering
+/// the publisher, not from the subscriber's loss). The restarted Redis refuses the subscriber
+/// (an ACL rule forbids the control channel) until the test lifts the rule, so without the
+/// wait those publishes would reach no client of the node.
+#[test]
+fn publishes_after_a_redis_restart_wait_for_the_subscriber() {
+    let mut redis = Redis::start();
+    let flags = [
+        "--threads",
+        "1",
+        "--history-size",
+        "0",
+        "--redis-backoff-max",
+        "200ms",
+    ];
+    let node = Node::start(&[&flags[..], &["--redis", &redis.url()]].concat());
+    let mut sub = node.client("/room1");
+    let mut publisher = node.client("/room1");
+    wait_for("subscriber up", WAIT, || {
+        (node.metric("wsrelay_redis_subscriber_up") == 1).then_some(())
+    });
+    send_burst(&mut publisher, "warm", 1);
+    assert_eq!(sub.recv_text(WAIT).unwrap(), "warm0");
+    redis.kill();
+    wait_for("subscriber down", WAIT, || {
+        (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
+    });
+    // While Redis is away: delivered on this node only.
+    send_burst(&mut publisher, "a", 10);
+    for i in 0..10 {
+        assert_eq!(sub.recv_text(WAIT).unwrap(), format!("a{i}"));
+    }
+    let user = ["--user", "default", "on", "nopass", "~*", "&room*", "+@all"];
+    redis.restart_with(&user);
+    // One message at a time, until one goes the way of Redis (within the publisher's reconnect
+    // backoff they are still delivered on this node only).
+    let metric = |name| node.metric(name);
+    let mut sent = 0;
+    loop {
+        let failed = metric("wsrelay_publish_failed_total");
+        let published = metric("wsrelay_published_total");
+        let waits = metric("wsrelay_publish_subscriber_waits_total");
+        send_burst(&mut publisher, &format!("b{sent}-"), 1);
+        sent += 1;
+        let to_redis = wait_for("the publish taken", WAIT, || {
+            if metric("wsrelay_publish_subscriber_waits_total") > waits
+                || metric("wsrelay_published_total") > published
+            {
+                Some(true)
+            } else {
+                (metric("wsrelay_publish_failed_total") > failed).then_some(false)
+            }
+        });
+        if to_redis {
+            break;
+        }
+    }
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("allchannels")
+        .query(&mut redis.con())
+        .unwrap();
+    for client in [&mut sub, &mut publisher] {
+        for i in 0..sent {
+            // (The sender also has its own warm0 and a0-a9 to read first.)
+            let text = loop {
+                let t = client.recv_text(WAIT).unwrap();
+                if !t.starts_with('a') && !t.starts_with("warm") {
+                    break t;
+                }
+            };
+            assert_eq!(text, format!("b{i}-0"));
+        }
+    }
     redis.kill();
 }

@@ -293,3 +293,37 @@ fn a_channel_with_broken_keys_refuses_only_its_own_publishes() {
     }
     assert_eq!(node.metric("wsrelay_publish_refused_total"), 20);
 }
+
+/// A channel's epoch removed by someone else while its offset stays: the next publish starts a
+/// new epoch, from offset 1, and a live subscriber gets every message of it (after a
+/// `recovered: false` notice), none skipped.
+#[test]
+fn a_new_epoch_after_a_removed_one_starts_at_offset_one() {
+    let redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let mut p = V1::connect(node.addr, None).unwrap();
+    for i in 0..3 {
+        assert_eq!(p.publish("eg", &format!("pre{i}")).unwrap()["offset"], i + 1);
+    }
+    let mut sub = V1::connect(node.addr, None).unwrap();
+    sub.subscribe("eg", None).unwrap();
+    let _: () = redis::cmd("HDEL")
+        .arg("wsrelay:{eg}:meta")
+        .arg("epoch")
+        .query(&mut redis.con())
+        .unwrap();
+    for i in 0..6u64 {
+        let r = p.publish("eg", &format!("post{i}")).unwrap();
+        assert_eq!(r["offset"], i + 1, "{r}");
+    }
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        let v = sub.next(WAIT).unwrap();
+        match v["type"].as_str() {
+            Some("subscribed") => assert_eq!(v["recovered"], false, "{v}"),
+            Some("message") => got.push(v["data"].as_str().unwrap().to_owned()),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    assert_eq!(got, (0..6).map(|i| format!("post{i}")).collect::<Vec<_>>());
+}

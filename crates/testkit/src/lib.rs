@@ -191,7 +191,7 @@ impl Redis {
                 cpu,
                 child: None,
             };
-            match r.launch() {
+            match r.launch(&[]) {
                 Ok(()) => return r,
                 Err(e) => failures.push(format!("port {}: {e}", r.port)),
             }
@@ -207,17 +207,25 @@ impl Redis {
     /// Starts (again) on the same port and waits until it answers.
     #[track_caller]
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// Like [`Redis::restart`], with more `redis-server` arguments (configuration directives,
+    /// e.g. `["--user", "default", "on", "nopass", "~*", "&room*", "+@all"]`).
+    #[track_caller]
+    pub fn restart_with(&mut self, args: &[&str]) {
         assert!(self.child.is_none(), "redis already running");
-        if let Err(e) = self.launch() {
+        if let Err(e) = self.launch(args) {
             panic!("redis-server did not restart on port {}: {e}", self.port);
         }
     }
 
     /// Spawns redis-server on `self.port` and waits until it answers as itself, or exits.
-    fn launch(&mut self) -> Result<(), String> {
+    fn launch(&mut self, args: &[&str]) -> Result<(), String> {
         let mut child = command("redis-server", self.cpu)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -104,7 +104,10 @@ local function one(meta, stream, channel, kind, payload, flag, tag)
     epoch = prefix .. string.format('%x', t[1] * 1000000 + t[2])
     redis.call('DEL', stream)
     redis.call('HDEL', meta, 'bytes')
-    redis.call('HSET', meta, 'epoch', epoch)
+    -- A new epoch starts at offset 1, also when someone else removed only the epoch (the
+    -- offset HINCRBY just bumped is then the old one's).
+    offset = 1
+    redis.call('HSET', meta, 'epoch', epoch, 'offset', 1)
     refresh = true
   end
   local id = offset .. '-0'

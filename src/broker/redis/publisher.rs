@@ -308,7 +308,9 @@ impl Publisher {
         if self.con.is_none() {
             return self.resend(batch, false);
         }
-        self.await_subscriber();
+        let con = self.con.take().expect("checked above");
+        self.await_subscriber(&con);
+        self.con = Some(con);
         let mut packed = std::mem::take(&mut self.packed);
         packed.clear();
         self.pack(&mut packed, &batch, false);
@@ -482,7 +484,9 @@ impl Publisher {
                 }
             };
             attempts += 1;
-            self.await_subscriber();
+            // Redis answers again: a subscriber still away is waited for anew.
+            self.waited_out = false;
+            self.await_subscriber(&con);
             let result = self
                 .settle_ran(&mut con, &mut batch)
                 .and_then(|()| self.query(&mut con, &batch, true));
@@ -518,31 +522,38 @@ impl Publisher {
         }
     }
 
-    /// One Redis, about to send publishes: if this node's subscriber is away (its connection
-    /// lost while Redis answers the publisher, e.g. just after a Redis restart), waits for it
-    /// to subscribe again, up to [`SUBSCRIBER_WAIT`], waking it from its backoff. Published
-    /// meanwhile, a message would reach no client of this node (the sender included), and
-    /// without history no client anywhere whose node's subscriber is away too. The publish
-    /// queue fills meanwhile and the loops pause their publishers. A subscriber that stays
-    /// away longer (Redis refusing its SUBSCRIBE) is not waited for again until it is back.
-    fn await_subscriber(&mut self) {
+    /// One Redis, about to send publishes on `con`: if this node's subscriber is away (its
+    /// connection lost while Redis answers the publisher, e.g. just after a Redis restart),
+    /// waits for it to subscribe again, up to [`SUBSCRIBER_WAIT`], waking it from its backoff.
+    /// Published meanwhile, a message would reach no client of this node (the sender
+    /// included), and without history no client anywhere whose node's subscriber is away too.
+    /// The publish queue fills meanwhile and the loops pause their publishers. No wait when
+    /// `con` is closed (Redis went away: the send fails, and the next connection, once Redis
+    /// answers, waits). A subscriber that stays away longer (Redis refusing its SUBSCRIBE) is
+    /// not waited for again until it is back or the publisher connects anew.
+    fn await_subscriber(&mut self, con: &Conn) {
         let up = |s: &Self| s.redis.metrics.broker.subscriber_up.load(Ordering::Relaxed);
         if self.router.is_some() || up(self) {
             self.waited_out = false;
             return;
         }
-        if self.waited_out {
+        if self.waited_out || con.closed() {
             return;
         }
         inc(&self.redis.metrics.broker.publish_waits);
         self.redis.wake_subscriber.store(true, Ordering::Relaxed);
         let until = Instant::now() + SUBSCRIBER_WAIT;
+        let mut polls = 0u32;
         while !up(self) {
             if Instant::now() >= until {
                 warn!(
-                    "the redis subscriber is still away after {SUBSCRIBER_WAIT:?}; publishing without it until it is back (this node's clients miss those messages)"
+                    "the redis subscriber is still away after {SUBSCRIBER_WAIT:?} with Redis answering; publishing without it until it is back (this node's clients miss those messages)"
                 );
                 self.waited_out = true;
+                return;
+            }
+            polls += 1;
+            if polls % 10 == 0 && con.closed() {
                 return;
             }
             self.outbox.retry(&self.redis.loops);

@@ -11,6 +11,9 @@
 -- so a client that subscribed before the first publish can still recover from offset 0.
 local meta, stream = KEYS[1], KEYS[2]
 if redis.call('HSETNX', meta, 'epoch', ARGV[3]) == 1 then
+  -- A new epoch starts at offset 0 (nothing published), also when someone else removed only
+  -- the epoch and left an offset.
+  redis.call('HDEL', meta, 'offset', 'bytes')
   redis.call('DEL', stream)
   redis.call('EXPIRE', meta, ARGV[4])
 end

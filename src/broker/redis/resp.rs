@@ -41,6 +41,13 @@ impl Stream {
             Stream::Unix(s) => s.write_all(buf),
         }
     }
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
 }
 
 /// What Redis sent on a Pub/Sub connection: a message on a subscribed channel, or anything
@@ -112,6 +119,23 @@ impl Conn {
             Value::ServerError(e) => Err(io::Error::other(format!("{what} refused: {e:?}"))),
             v => Ok(v),
         }
+    }
+
+    /// Whether the other end has closed or reset the connection, without waiting (a peek at
+    /// the socket; answers waiting to be read do not count).
+    pub(super) fn closed(&self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: recv(2) into one byte we own, on our own open socket; MSG_PEEK leaves the
+        // data where it is and MSG_DONTWAIT keeps the call from blocking.
+        let n = unsafe {
+            libc::recv(
+                self.stream.fd(),
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n == 0 || (n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock)
     }
 
     pub(super) fn set_read_timeout(&self, t: Duration) -> io::Result<()> {
@@ -432,6 +456,32 @@ mod tests {
             panic!("not parsed")
         };
         assert!(matches!(&items[1], Value::ServerError(e) if e.code() == "WRONGTYPE"));
+    }
+
+    #[test]
+    fn a_connection_the_other_end_closed_is_seen_closed_without_waiting() {
+        let (ours, mut redis) = UnixStream::pair().unwrap();
+        let con = Conn {
+            stream: Stream::Unix(ours),
+            buf: vec![0; 16],
+            start: 0,
+            end: 0,
+        };
+        assert!(!con.closed());
+        // An answer waiting to be read is not the end.
+        redis.write_all(b"+OK\r\n").unwrap();
+        assert!(!con.closed());
+        drop(redis);
+        assert!(!con.closed(), "answers still to read");
+        let (ours, redis) = UnixStream::pair().unwrap();
+        let con = Conn {
+            stream: Stream::Unix(ours),
+            buf: vec![0; 16],
+            start: 0,
+            end: 0,
+        };
+        drop(redis);
+        assert!(con.closed());
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub(super) struct Subscriber {
     outbox: Outbox,
     control: Receiver<Control>,
     drop_log: LogThrottle,
+    /// "Connection lost", at most once a second (Redis refusing every SUBSCRIBE would log it
+    /// on every attempt).
+    lost_log: LogThrottle,
     connected_before: bool,
     /// Loops waiting for a subscription to take effect: confirmed once Redis has answered the
     /// SUBSCRIBE, or at once if the connection is lost first (offline, a route is live as soon
@@ -70,6 +73,7 @@ impl Subscriber {
             outbox: Outbox::default(),
             control,
             drop_log: LogThrottle::default(),
+            lost_log: LogThrottle::default(),
             connected_before: false,
             awaiting: Vec::new(),
         }
@@ -84,9 +88,11 @@ impl Subscriber {
                 Ok(mut ps) => match self.serve(&mut ps) {
                     Exit::Stop => return,
                     Exit::Lost(e) => {
-                        warn!(
-                            "redis subscriber connection lost: {e}; local delivery continues, reconnecting, and offset-tracking clients recover what it missed (if Redis closed it for its output buffer, raise client-output-buffer-limit pubsub)"
-                        );
+                        if self.lost_log.allow() {
+                            warn!(
+                                "redis subscriber connection lost: {e}; local delivery continues, reconnecting, and offset-tracking clients recover what it missed (if Redis closed it for its output buffer, raise client-output-buffer-limit pubsub)"
+                            );
+                        }
                         for (loop_id, channel, generation) in self.awaiting.drain(..) {
                             self.outbox
                                 .confirm(&self.redis.loops, loop_id, channel, generation, true);
