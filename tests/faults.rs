@@ -724,14 +724,9 @@ fn a_subscribe_sent_while_redis_is_stalled_is_answered() {
     redis.kill();
 }
 
-/// Publishes made while the node's Redis subscriber is away (its connection lost, Redis
-/// answering the publisher) wait for it to subscribe again, a while, instead of going out to
-/// a Redis nobody on this node listens to: without history nobody would ever get them, the
-/// sender's own echo included. Redis ACLs keep the subscriber out (it also subscribes the
-/// control channel, which the new rule forbids) while publishes to the room still run.
-#[test]
-fn publishes_wait_for_the_subscriber_to_be_back() {
-    let mut redis = Redis::start();
+/// A node without history on `redis` (fast reconnects), a raw subscriber and a raw publisher
+/// on its channel `room1`, once the subscriber is up and a first message went round.
+fn room_without_history(redis: &Redis) -> (Node, Client, Client) {
     let flags = [
         "--threads",
         "1",
@@ -749,6 +744,18 @@ fn publishes_wait_for_the_subscriber_to_be_back() {
     send_burst(&mut publisher, "warm", 1);
     assert_eq!(sub.recv_text(WAIT).unwrap(), "warm0");
     assert_eq!(publisher.recv_text(WAIT).unwrap(), "warm0");
+    (node, sub, publisher)
+}
+
+/// Publishes made while the node's Redis subscriber is away (its connection lost, Redis
+/// answering the publisher) wait for it to subscribe again, a while, instead of going out to
+/// a Redis nobody on this node listens to: without history nobody would ever get them, the
+/// sender's own echo included. Redis ACLs keep the subscriber out (it also subscribes the
+/// control channel, which the new rule forbids) while publishes to the room still run.
+#[test]
+fn publishes_wait_for_the_subscriber_to_be_back() {
+    let mut redis = Redis::start();
+    let (node, mut sub, mut publisher) = room_without_history(&redis);
     let mut con = redis.con();
     let acl = |rule: &str, con: &mut redis::Connection| {
         let _: () = redis::cmd("ACL")
@@ -840,22 +847,7 @@ fn publishes_wait_for_a_refused_subscriber_a_bounded_time() {
 #[test]
 fn publishes_after_a_redis_restart_wait_for_the_subscriber() {
     let mut redis = Redis::start();
-    let flags = [
-        "--threads",
-        "1",
-        "--history-size",
-        "0",
-        "--redis-backoff-max",
-        "200ms",
-    ];
-    let node = Node::start(&[&flags[..], &["--redis", &redis.url()]].concat());
-    let mut sub = node.client("/room1");
-    let mut publisher = node.client("/room1");
-    wait_for("subscriber up", WAIT, || {
-        (node.metric("wsrelay_redis_subscriber_up") == 1).then_some(())
-    });
-    send_burst(&mut publisher, "warm", 1);
-    assert_eq!(sub.recv_text(WAIT).unwrap(), "warm0");
+    let (node, mut sub, mut publisher) = room_without_history(&redis);
     redis.kill();
     wait_for("subscriber down", WAIT, || {
         (node.metric("wsrelay_redis_subscriber_up") == 0).then_some(())
@@ -898,7 +890,7 @@ fn publishes_after_a_redis_restart_wait_for_the_subscriber() {
         .unwrap();
     for client in [&mut sub, &mut publisher] {
         for i in 0..sent {
-            // (The sender also has its own warm0 and a0-a9 to read first.)
+            // (The sender also has its own a0-a9 to read first.)
             let text = loop {
                 let t = client.recv_text(WAIT).unwrap();
                 if !t.starts_with('a') && !t.starts_with("warm") {
