@@ -316,8 +316,53 @@ fn a_new_epoch_after_a_removed_one_starts_at_offset_one() {
         let r = p.publish("eg", &format!("post{i}")).unwrap();
         assert_eq!(r["offset"], i + 1, "{r}");
     }
+    assert_eq!(
+        messages_after_new_epoch_notices(&mut sub, 6),
+        (0..6).map(|i| format!("post{i}")).collect::<Vec<_>>()
+    );
+}
+
+/// A channel's offset set back by someone else, below its stream's newest entry: the next
+/// publish cannot be stored under it, so the history starts again under a new epoch, from
+/// offset 1 (not refused, no offset skipped), and a live subscriber gets every message.
+#[test]
+fn an_offset_set_back_starts_a_new_epoch() {
+    let redis = Redis::start();
+    let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
+    let mut p = V1::connect(node.addr, None).unwrap();
+    let mut epoch = serde_json::Value::Null;
+    for i in 0..3 {
+        epoch = p.publish("ob", &format!("pre{i}")).unwrap()["epoch"].clone();
+    }
+    let mut sub = V1::connect(node.addr, None).unwrap();
+    sub.subscribe("ob", None).unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg("wsrelay:{ob}:meta")
+        .arg("offset")
+        .arg(1)
+        .query(&mut redis.con())
+        .unwrap();
+    for i in 0..4u64 {
+        let r = p.publish("ob", &format!("post{i}")).unwrap();
+        assert_eq!(
+            (r["type"].as_str(), r["offset"].as_u64()),
+            (Some("published"), Some(i + 1)),
+            "{r}"
+        );
+        assert_ne!(r["epoch"], epoch, "{r}");
+    }
+    assert_eq!(
+        messages_after_new_epoch_notices(&mut sub, 4),
+        (0..4).map(|i| format!("post{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(node.metric("wsrelay_publish_refused_total"), 0);
+}
+
+/// The data of the next `n` messages, allowing `recovered: false` notices among them (a
+/// history that started again under a live subscription).
+fn messages_after_new_epoch_notices(sub: &mut V1, n: usize) -> Vec<String> {
     let mut got = Vec::new();
-    while got.len() < 6 {
+    while got.len() < n {
         let v = sub.next(WAIT).unwrap();
         match v["type"].as_str() {
             Some("subscribed") => assert_eq!(v["recovered"], false, "{v}"),
@@ -325,5 +370,5 @@ fn a_new_epoch_after_a_removed_one_starts_at_offset_one() {
             _ => panic!("unexpected {v}"),
         }
     }
-    assert_eq!(got, (0..6).map(|i| format!("post{i}")).collect::<Vec<_>>());
+    got
 }

@@ -36,6 +36,19 @@
 local maxlen, ttl, prefix, budget, large = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 local publish, replid, replid2 = ARGV[6], ARGV[7], ARGV[8]
 
+-- New or lost history: a new epoch, and no stale entries under it; it starts at offset 1, also
+-- when someone else removed only the epoch (the offset HINCRBY just bumped is then the old
+-- one's). Microseconds of Redis's clock after a per-node prefix: it differs from every earlier
+-- epoch of this channel.
+local function new_epoch(meta, stream)
+  local t = redis.call('TIME')
+  local epoch = prefix .. string.format('%x', t[1] * 1000000 + t[2])
+  redis.call('DEL', stream)
+  redis.call('HDEL', meta, 'bytes')
+  redis.call('HSET', meta, 'epoch', epoch, 'offset', 1)
+  return epoch
+end
+
 local function one(meta, stream, channel, kind, payload, flag, tag)
   if replid ~= '' then
     -- Failover (cluster): the meta's `gen` names the replication id of the primary that wrote it
@@ -98,30 +111,38 @@ local function one(meta, stream, channel, kind, payload, flag, tag)
   local epoch = redis.call('HGET', meta, 'epoch')
   local refresh = flag ~= '0' or offset == 1
   if not epoch then
-    -- New or lost history: a new epoch, and no stale entries under it. Microseconds of Redis's
-    -- clock after a per-node prefix: it differs from every earlier epoch of this channel.
-    local t = redis.call('TIME')
-    epoch = prefix .. string.format('%x', t[1] * 1000000 + t[2])
-    redis.call('DEL', stream)
-    redis.call('HDEL', meta, 'bytes')
-    -- A new epoch starts at offset 1, also when someone else removed only the epoch (the
-    -- offset HINCRBY just bumped is then the old one's).
-    offset = 1
-    redis.call('HSET', meta, 'epoch', epoch, 'offset', 1)
+    epoch, offset = new_epoch(meta, stream), 1
     refresh = true
   end
   local id = offset .. '-0'
+  local added
+  if tag ~= '' then
+    added = redis.pcall('XADD', stream, id, 'k', kind, 'd', payload, 'p', tag)
+  else
+    added = redis.pcall('XADD', stream, id, 'k', kind, 'd', payload)
+  end
+  if type(added) == 'table' and added.err then
+    if not string.find(added.err, 'equal or smaller', 1, true) then
+      error(added)
+    end
+    -- The stream holds an entry at or past this offset: someone else wrote the meta's offset
+    -- or the stream. Offsets must not be skipped or reused: the history starts again, under a
+    -- new epoch (clients are told recovered: false).
+    epoch, offset = new_epoch(meta, stream), 1
+    refresh = true
+    id = '1-0'
+    if tag ~= '' then
+      redis.call('XADD', stream, id, 'k', kind, 'd', payload, 'p', tag)
+    else
+      redis.call('XADD', stream, id, 'k', kind, 'd', payload)
+    end
+  end
   local size = #payload
   local held = 0
   if size > large then
     held = redis.call('HINCRBY', meta, 'bytes', size)
   elseif offset % 64 == 0 then
     held = tonumber(redis.call('HGET', meta, 'bytes')) or 0
-  end
-  if tag ~= '' then
-    redis.call('XADD', stream, id, 'k', kind, 'd', payload, 'p', tag)
-  else
-    redis.call('XADD', stream, id, 'k', kind, 'd', payload)
   end
   if held > budget or (held > 0 and offset % 64 == 0) then
     -- Oldest first, while over the count or the budget; never this message. Reads at most the
