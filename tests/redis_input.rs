@@ -327,23 +327,36 @@ fn a_new_epoch_after_a_removed_one_starts_at_offset_one() {
 /// offset 1 (not refused, no offset skipped), and a live subscriber gets every message.
 #[test]
 fn an_offset_set_back_starts_a_new_epoch() {
+    let (node, _redis) = tampered_history_starts_again("ob", |con| {
+        let _: () = redis::cmd("HSET")
+            .arg("wsrelay:{ob}:meta")
+            .arg("offset")
+            .arg(1)
+            .query(con)
+            .unwrap();
+    });
+    assert_eq!(node.metric("wsrelay_publish_refused_total"), 0);
+}
+
+/// A node and a channel with 3 messages and a live v1 subscriber; then `tamper` changes the
+/// channel's keys in Redis, and 4 publishes must be stored under a new epoch from offset 1 and
+/// reach the subscriber (after its `recovered: false` notice).
+fn tampered_history_starts_again(
+    channel: &str,
+    tamper: impl FnOnce(&mut redis::Connection),
+) -> (Node, Redis) {
     let redis = Redis::start();
     let node = Node::start(&["--threads", "1", "--redis", &redis.url()]);
     let mut p = V1::connect(node.addr, None).unwrap();
     let mut epoch = serde_json::Value::Null;
     for i in 0..3 {
-        epoch = p.publish("ob", &format!("pre{i}")).unwrap()["epoch"].clone();
+        epoch = p.publish(channel, &format!("pre{i}")).unwrap()["epoch"].clone();
     }
     let mut sub = V1::connect(node.addr, None).unwrap();
-    sub.subscribe("ob", None).unwrap();
-    let _: () = redis::cmd("HSET")
-        .arg("wsrelay:{ob}:meta")
-        .arg("offset")
-        .arg(1)
-        .query(&mut redis.con())
-        .unwrap();
+    sub.subscribe(channel, None).unwrap();
+    tamper(&mut redis.con());
     for i in 0..4u64 {
-        let r = p.publish("ob", &format!("post{i}")).unwrap();
+        let r = p.publish(channel, &format!("post{i}")).unwrap();
         assert_eq!(
             (r["type"].as_str(), r["offset"].as_u64()),
             (Some("published"), Some(i + 1)),
@@ -355,7 +368,7 @@ fn an_offset_set_back_starts_a_new_epoch() {
         messages_after_new_epoch_notices(&mut sub, 4),
         (0..4).map(|i| format!("post{i}")).collect::<Vec<_>>()
     );
-    assert_eq!(node.metric("wsrelay_publish_refused_total"), 0);
+    (node, redis)
 }
 
 /// The data of the next `n` messages, allowing `recovered: false` notices among them (a
@@ -371,4 +384,19 @@ fn messages_after_new_epoch_notices(sub: &mut V1, n: usize) -> Vec<String> {
         }
     }
     got
+}
+
+/// A channel's stream deleted by someone else (or evicted apart from its meta) while its meta
+/// stays: what it held is gone, so the next publish starts a new epoch from offset 1, which a
+/// live subscriber is told of and replays, and the new stream expires like the meta.
+#[test]
+fn a_lost_stream_starts_a_new_epoch_with_its_expiry() {
+    let (_node, redis) = tampered_history_starts_again("z", |con| {
+        let _: () = redis::cmd("DEL").arg("wsrelay:{z}:stream").query(con).unwrap();
+    });
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("wsrelay:{z}:stream")
+        .query(&mut redis.con())
+        .unwrap();
+    assert!(ttl > 0, "the new stream has no expiry: {ttl}");
 }

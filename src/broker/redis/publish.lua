@@ -49,6 +49,21 @@ local function new_epoch(meta, stream)
   return epoch
 end
 
+-- XADD of one message (with its tag, if any); with `existing`, only to a stream that exists
+-- (false when it does not). An error is returned, not raised.
+local function append(stream, id, kind, payload, tag, existing)
+  if existing then
+    if tag ~= '' then
+      return redis.pcall('XADD', stream, 'NOMKSTREAM', id, 'k', kind, 'd', payload, 'p', tag)
+    end
+    return redis.pcall('XADD', stream, 'NOMKSTREAM', id, 'k', kind, 'd', payload)
+  end
+  if tag ~= '' then
+    return redis.pcall('XADD', stream, id, 'k', kind, 'd', payload, 'p', tag)
+  end
+  return redis.pcall('XADD', stream, id, 'k', kind, 'd', payload)
+end
+
 local function one(meta, stream, channel, kind, payload, flag, tag)
   if replid ~= '' then
     -- Failover (cluster): the meta's `gen` names the replication id of the primary that wrote it
@@ -115,27 +130,20 @@ local function one(meta, stream, channel, kind, payload, flag, tag)
     refresh = true
   end
   local id = offset .. '-0'
-  local added
-  if tag ~= '' then
-    added = redis.pcall('XADD', stream, id, 'k', kind, 'd', payload, 'p', tag)
-  else
-    added = redis.pcall('XADD', stream, id, 'k', kind, 'd', payload)
-  end
-  if type(added) == 'table' and added.err then
-    if not string.find(added.err, 'equal or smaller', 1, true) then
+  -- Past its first offset an epoch's stream exists: appended to only if it does.
+  local added = append(stream, id, kind, payload, tag, offset > 1)
+  if not added or (type(added) == 'table' and added.err) then
+    if added and not string.find(added.err, 'equal or smaller', 1, true) then
       error(added)
     end
-    -- The stream holds an entry at or past this offset: someone else wrote the meta's offset
-    -- or the stream. Offsets must not be skipped or reused: the history starts again, under a
-    -- new epoch (clients are told recovered: false).
+    -- The stream is gone (deleted, or evicted apart from its meta) or holds an entry at or
+    -- past this offset (someone else wrote the meta's offset or the stream). Messages must not
+    -- be lost under a live epoch, nor offsets skipped or reused: the history starts again,
+    -- under a new epoch (clients are told recovered: false), with both keys' time to live.
     epoch, offset = new_epoch(meta, stream), 1
     refresh = true
     id = '1-0'
-    if tag ~= '' then
-      redis.call('XADD', stream, id, 'k', kind, 'd', payload, 'p', tag)
-    else
-      redis.call('XADD', stream, id, 'k', kind, 'd', payload)
-    end
+    append(stream, id, kind, payload, tag, false)
   end
   local size = #payload
   local held = 0
