@@ -216,28 +216,19 @@ impl Seeds {
     pub fn parse(urls: &str) -> Result<Seeds, String> {
         let mut infos = Vec::new();
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            let invalid = |e: redis::RedisError| {
-                format!(
-                    "invalid Redis Cluster seed URL {:?}: {e}",
-                    crate::config::redact_url(url)
-                )
-            };
+            // As errors show it (without its password).
+            let shown = crate::config::redact_url(url);
+            let invalid = |e: redis::RedisError| format!("invalid Redis Cluster seed URL {shown:?}: {e}");
             let info = redis::IntoConnectionInfo::into_connection_info(url)
                 .map_err(invalid)?
                 .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
             match info.addr() {
                 ConnectionAddr::Tcp(..) => {}
-                _ => {
-                    return Err(format!(
-                        "Redis Cluster seed {:?} must be redis://host:port",
-                        crate::config::redact_url(url)
-                    ));
-                }
+                _ => return Err(format!("Redis Cluster seed {shown:?} must be redis://host:port")),
             }
             if info.redis_settings().db() != 0 {
                 return Err(format!(
-                    "Redis Cluster seed {:?} names a database: a cluster has only 0",
-                    crate::config::redact_url(url)
+                    "Redis Cluster seed {shown:?} names a database: a cluster has only 0"
                 ));
             }
             infos.push(info);

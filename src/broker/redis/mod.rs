@@ -5,11 +5,11 @@
 //!   need it, reconnects with jittered backoff and resubscribes everything. Its connection
 //!   (`resp.rs`) parses each message in place, without redis-rs's value tree.
 //! - `publisher.rs`: drains the loops' bounded publish queue in batches and pipelines them,
-//!   several batches in flight on one connection (so order is kept). With history on, each publish runs atomically in a Lua
-//!   script (`publish.lua`; up to 16 publishes per call on one Redis): offset, stream append,
-//!   expiry and PUBLISH together. Publishes wait (a while) for the subscriber when it is away
-//!   and Redis is not. What cannot reach
-//!   Redis is delivered to this node's clients only, counted and logged.
+//!   several batches in flight on one connection (so order is kept). With history on, each
+//!   publish runs atomically in a Lua script (`publish.lua`; up to 16 publishes per call on
+//!   one Redis): offset, stream append, expiry and PUBLISH together. Publishes wait (a while)
+//!   for the subscriber when it is away and Redis is not. What cannot reach Redis is
+//!   delivered to this node's clients only, counted and logged.
 //! - `requests.rs`: request/response work off the loops: history reads for recovery
 //!   (`read.lua`) and session reads and writes.
 //! - `nodes.rs`: presence (this node's entries, refreshed so that they outlive nothing but

@@ -33,7 +33,8 @@
 -- max length + 164 of them, fill at most the other half of the channel's byte cap (the caller
 -- picks ARGV[5] so). A count that has gone wrong (someone else removed entries) is set right
 -- when trimming reaches the newest message without meeting the budget.
-local maxlen, ttl, prefix, budget, large = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local maxlen, ttl, prefix = ARGV[1], ARGV[2], ARGV[3]
+local budget, large = tonumber(ARGV[4]), tonumber(ARGV[5])
 local publish, replid, replid2 = ARGV[6], ARGV[7], ARGV[8]
 
 -- New or lost history: a new epoch, and no stale entries under it; it starts at offset 1, also
@@ -64,6 +65,38 @@ local function append(stream, id, kind, payload, tag, existing)
   return redis.pcall('XADD', stream, id, 'k', kind, 'd', payload)
 end
 
+-- The ID of the entry of `stream` holding `tag` among the newest, or nil (a retry's search, see
+-- `one`). A tag is the publisher's id (8 characters) and the publish's number: an earlier
+-- number of the same publisher means this one is not stored (it would be newer). At most 1024
+-- entries are read, 16 at a time.
+local function stored(stream, tag)
+  local mine, seq = string.sub(tag, 1, 8), tonumber(string.sub(tag, 9)) or 0
+  local from, seen = '+', 0
+  while seen < 1024 do
+    local batch = redis.call('XREVRANGE', stream, from, '-', 'COUNT', 16)
+    for i = 1, #batch do
+      local f = batch[i][2]
+      for j = 1, #f - 1, 2 do
+        if f[j] == 'p' then
+          local t = f[j + 1]
+          if t == tag then
+            return batch[i][1]
+          end
+          if string.sub(t, 1, 8) == mine and (tonumber(string.sub(t, 9)) or 0) < seq then
+            return nil
+          end
+        end
+      end
+    end
+    if #batch < 16 then
+      return nil
+    end
+    seen = seen + #batch
+    from = '(' .. batch[#batch][1]
+  end
+  return nil
+end
+
 local function one(meta, stream, channel, kind, payload, flag, tag)
   if replid ~= '' then
     -- Failover (cluster): the meta's `gen` names the replication id of the primary that wrote it
@@ -86,38 +119,8 @@ local function one(meta, stream, channel, kind, payload, flag, tag)
     -- (Redis runs a connection's commands in order: what ran is the first of those sent). Found
     -- stored, it is answered as it was then, and nothing is stored or published twice. Only
     -- retries pay for this read.
-    -- The ID of the entry holding `tag` among the newest, or nil. A tag is the publisher's id
-    -- (8 characters) and the publish's number: an earlier number of the same publisher means this
-    -- one is not stored (it would be newer). At most 1024 entries are read, 16 at a time.
-    local function stored(tag)
-      local mine, seq = string.sub(tag, 1, 8), tonumber(string.sub(tag, 9)) or 0
-      local from, seen = '+', 0
-      while seen < 1024 do
-        local batch = redis.call('XREVRANGE', stream, from, '-', 'COUNT', 16)
-        for i = 1, #batch do
-          local f = batch[i][2]
-          for j = 1, #f - 1, 2 do
-            if f[j] == 'p' then
-              local t = f[j + 1]
-              if t == tag then
-                return batch[i][1]
-              end
-              if string.sub(t, 1, 8) == mine and (tonumber(string.sub(t, 9)) or 0) < seq then
-                return nil
-              end
-            end
-          end
-        end
-        if #batch < 16 then
-          return nil
-        end
-        seen = seen + #batch
-        from = '(' .. batch[#batch][1]
-      end
-      return nil
-    end
     local epoch = redis.call('HGET', meta, 'epoch')
-    local id = epoch and stored(tag)
+    local id = epoch and stored(stream, tag)
     if id then
       return {tonumber(string.match(id, '^%d+')), epoch}
     end

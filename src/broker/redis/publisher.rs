@@ -895,8 +895,8 @@ fn pack_call(
 
 /// Reads the answer of the next command for a batch's first `remaining` unanswered publishes
 /// and adds one answer per publish it covered to `answers`: a plain PUBLISH covers one, a
-/// script call up to `per_call`. `raw`: whether none of those publishes wants its position
-/// (the answer is then parsed only if it holds an error).
+/// script call up to `per_call`. When none of those publishes wants its position (raw
+/// publishes), the answer is parsed only if it holds an error.
 fn read_answer<P: std::borrow::Borrow<Publish>>(
     con: &mut Conn,
     history: bool,
